@@ -1,0 +1,315 @@
+// CPU kernels of max_sim: a BLAS GEMM per cache-sized block with a fused scale-and-max epilogue
+// (the Nq*Ng*Lq*Lg score tensor never exists), and a backward that reads only the saved argmax.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../max_sim.h"
+
+namespace transmatcher_fast {
+namespace {
+
+// One score block (rows = query locations, cols = gallery locations) of about 1 MiB in float32
+// stays in a core's L2 between the GEMM that writes it and the epilogue that reads it.
+constexpr int64_t kBlockElems = int64_t{1} << 18;
+constexpr int64_t kBlockCols = 512;    // gallery locations per block (whole gallery images)
+constexpr int64_t kMinBlockRows = 16;  // GEMMs thinner than this waste the BLAS kernel
+// d score_embed is summed over per-block partial buffers. Their count depends on Nq only, so the
+// summation order, and the result, do not depend on the number of threads.
+constexpr int64_t kMaxScorePartials = 32;
+
+// The max update rule of every backend: strictly greater wins, so the lowest index is kept among
+// equal maxima; a NaN wins once and then stays (torch.max propagates the first NaN).
+template <typename T>
+inline bool beats(T value, T best) {
+  return value > best || (value != value && best == best);
+}
+
+template <typename T>
+inline void axpy(int64_t n, T alpha, const T* __restrict x, T* __restrict y) {
+  for (int64_t k = 0; k < n; ++k) y[k] += alpha * x[k];
+}
+
+struct Shape {
+  int64_t nq, lq, ng, lg, d;
+};
+
+Shape shape_of(const at::Tensor& query, const at::Tensor& gallery) {
+  return {query.size(0), query.size(1), gallery.size(0), gallery.size(1), query.size(2)};
+}
+
+// The scale-and-max epilogue for one score row: query image i, location t, against gallery
+// images [j0, j1). `scores` holds (j1 - j0) * lg values and is scaled in place.
+template <typename T>
+void reduce_row(const Shape& sh, int64_t i, int64_t t, int64_t j0, int64_t j1, T* scores,
+                const T* gate_row, T* q_best, int32_t* q_index, T* g_best, int32_t* g_index) {
+  const int32_t t32 = static_cast<int32_t>(t);
+  for (int64_t j = j0; j < j1; ++j) {
+    T* v = scores + (j - j0) * sh.lg;
+    if (gate_row != nullptr) {
+      for (int64_t s = 0; s < sh.lg; ++s) v[s] *= gate_row[s];
+    }
+    const int64_t pair = i * sh.ng + j;
+    T* gb = g_best + pair * sh.lg;
+    int32_t* gi = g_index + pair * sh.lg;
+    if (t == 0) {
+      for (int64_t s = 0; s < sh.lg; ++s) {
+        gb[s] = v[s];
+        gi[s] = 0;
+      }
+    } else {
+      for (int64_t s = 0; s < sh.lg; ++s) {
+        const bool wins = beats(v[s], gb[s]);
+        gb[s] = wins ? v[s] : gb[s];
+        gi[s] = wins ? t32 : gi[s];
+      }
+    }
+    T best = v[0];
+    int32_t best_s = 0;
+    for (int64_t s = 1; s < sh.lg; ++s) {
+      if (beats(v[s], best)) {
+        best = v[s];
+        best_s = static_cast<int32_t>(s);
+      }
+    }
+    q_best[pair * sh.lq + t] = best;
+    q_index[pair * sh.lq + t] = best_s;
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& query, const at::Tensor& gallery, const T* gate_t,
+                  T* q_best, int32_t* q_index, T* g_best, int32_t* g_index) {
+  const Shape sh = shape_of(query, gallery);
+  if (sh.nq == 0 || sh.ng == 0) return;
+  const T* q = query.const_data_ptr<T>();
+  const T* g = gallery.const_data_ptr<T>();
+  const auto options = query.options();
+
+  // Block geometry: whole gallery images along columns; whole query images along rows, or, when
+  // one image has more locations than a block holds, consecutive row ranges of that image.
+  const int64_t imgs_per_col_block = std::max<int64_t>(1, kBlockCols / sh.lg);
+  const int64_t block_cols = imgs_per_col_block * sh.lg;
+  const int64_t max_rows = std::max(kMinBlockRows, kBlockElems / block_cols);
+  const int64_t imgs_per_row_block = std::max<int64_t>(1, max_rows / sh.lq);
+  const int64_t step_rows = sh.lq <= max_rows ? imgs_per_row_block * sh.lq : max_rows;
+  const int64_t row_blocks = (sh.nq + imgs_per_row_block - 1) / imgs_per_row_block;
+  const int64_t col_blocks = (sh.ng + imgs_per_col_block - 1) / imgs_per_col_block;
+
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    // One score buffer per worker, reused for all of its blocks.
+    at::Tensor buffer = at::empty({step_rows * block_cols}, options);
+    T* scores = buffer.mutable_data_ptr<T>();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = (task / col_blocks) * imgs_per_row_block;
+      const int64_t i1 = std::min(sh.nq, i0 + imgs_per_row_block);
+      const int64_t j0 = (task % col_blocks) * imgs_per_col_block;
+      const int64_t j1 = std::min(sh.ng, j0 + imgs_per_col_block);
+      const int64_t ncols = (j1 - j0) * sh.lg;
+      const at::Tensor g_block =
+          at::from_blob(const_cast<T*>(g + j0 * sh.lg * sh.d), {ncols, sh.d}, options);
+      // Rows of the block in the flattened [nq*lq] query, processed in GEMM steps. Row ranges of
+      // one pair are visited in increasing t, which the running g_best update relies on.
+      for (int64_t r0 = i0 * sh.lq; r0 < i1 * sh.lq; r0 += step_rows) {
+        const int64_t r1 = std::min(i1 * sh.lq, r0 + step_rows);
+        const at::Tensor q_rows =
+            at::from_blob(const_cast<T*>(q + r0 * sh.d), {r1 - r0, sh.d}, options);
+        at::Tensor out = at::from_blob(scores, {r1 - r0, ncols}, options);
+        at::mm_out(out, q_rows, g_block.t());
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t i = r / sh.lq, t = r % sh.lq;
+          reduce_row(sh, i, t, j0, j1, scores + (r - r0) * ncols,
+                     gate_t == nullptr ? nullptr : gate_t + t * sh.lg, q_best, q_index, g_best,
+                     g_index);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Shape& sh, const T* q, const T* g, const T* gate /* [lg, lq] */,
+                   const T* grad_qb, const T* grad_gb, const T* q_best, const T* g_best,
+                   const int32_t* q_index, const int32_t* g_index, T* grad_q, T* grad_g,
+                   T* grad_e, const at::TensorOptions& options) {
+  const int64_t lq = sh.lq, lg = sh.lg, d = sh.d;
+  // Every output element routes its gradient to one location pair (s, t):
+  //   d query[i,t]   += w * sig[s,t] * gallery[j,s]
+  //   d gallery[j,s] += w * sig[s,t] * query[i,t]
+  //   d E[s,t]       += w * best * (1 - sig[s,t])     (best = S[s,t], no recomputation)
+  // Pass 1 owns query images (d query, partial d E); pass 2 owns gallery images (d gallery).
+  if (grad_q != nullptr || grad_e != nullptr) {
+    const int64_t parts = std::min(sh.nq, kMaxScorePartials);
+    at::Tensor partials;
+    T* part_base = nullptr;
+    if (grad_e != nullptr && parts > 0) {
+      partials = at::zeros({parts, lg * lq}, options);
+      part_base = partials.mutable_data_ptr<T>();
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        T* part = part_base == nullptr ? nullptr : part_base + p * lg * lq;
+        for (int64_t i = p * sh.nq / parts; i < (p + 1) * sh.nq / parts; ++i) {
+          T* dq = grad_q == nullptr ? nullptr : grad_q + i * lq * d;
+          if (dq != nullptr) std::fill(dq, dq + lq * d, T(0));
+          for (int64_t j = 0; j < sh.ng; ++j) {
+            const int64_t pair = i * sh.ng + j;
+            const T* g_img = g + j * lg * d;
+            if (grad_qb != nullptr) {
+              for (int64_t t = 0; t < lq; ++t) {
+                const int64_t s = q_index[pair * lq + t];
+                const T w = grad_qb[pair * lq + t];
+                const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
+                if (dq != nullptr) axpy(d, w * sig, g_img + s * d, dq + t * d);
+                if (part != nullptr) part[s * lq + t] += w * q_best[pair * lq + t] * (T(1) - sig);
+              }
+            }
+            if (grad_gb != nullptr) {
+              for (int64_t s = 0; s < lg; ++s) {
+                const int64_t t = g_index[pair * lg + s];
+                const T w = grad_gb[pair * lg + s];
+                const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
+                if (dq != nullptr) axpy(d, w * sig, g_img + s * d, dq + t * d);
+                if (part != nullptr) part[s * lq + t] += w * g_best[pair * lg + s] * (T(1) - sig);
+              }
+            }
+          }
+        }
+      }
+    });
+    if (grad_e != nullptr) {
+      at::parallel_for(0, lg * lq, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          T sum = 0;
+          for (int64_t p = 0; p < parts; ++p) sum += part_base[p * lg * lq + k];
+          grad_e[k] = sum;
+        }
+      });
+    }
+  }
+  if (grad_g != nullptr) {
+    at::parallel_for(0, sh.ng, 1, [&](int64_t j_begin, int64_t j_end) {
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        T* dg = grad_g + j * lg * d;
+        std::fill(dg, dg + lg * d, T(0));
+        for (int64_t i = 0; i < sh.nq; ++i) {
+          const int64_t pair = i * sh.ng + j;
+          const T* q_img = q + i * lq * d;
+          if (grad_qb != nullptr) {
+            for (int64_t t = 0; t < lq; ++t) {
+              const int64_t s = q_index[pair * lq + t];
+              const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
+              axpy(d, grad_qb[pair * lq + t] * sig, q_img + t * d, dg + s * d);
+            }
+          }
+          if (grad_gb != nullptr) {
+            for (int64_t s = 0; s < lg; ++s) {
+              const int64_t t = g_index[pair * lg + s];
+              const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
+              axpy(d, grad_gb[pair * lg + s] * sig, q_img + t * d, dg + s * d);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+// sigmoid(E) once per call, in the compute dtype.
+std::optional<at::Tensor> gate_of(const std::optional<at::Tensor>& score_embed,
+                                  at::ScalarType dtype) {
+  if (!score_embed.has_value()) return std::nullopt;
+  return at::sigmoid(score_embed->to(dtype)).contiguous();
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "max_sim cpu kernel: ", name, " must be a CPU tensor");
+}
+
+void max_sim_forward_cpu(const at::Tensor& query, const at::Tensor& gallery,
+                         const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
+                         at::Tensor g_best, at::Tensor q_index, at::Tensor g_index) {
+  check_kernel_inputs(query, gallery, score_embed);
+  check_cpu(query, "query");
+  check_cpu(gallery, "gallery");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "max_sim cpu kernel: float32 or float64 inputs expected, got ", dtype);
+  const Shape sh = shape_of(query, gallery);
+  check_output(q_best, {sh.nq, sh.ng, sh.lq}, dtype, "q_best");
+  check_output(g_best, {sh.nq, sh.ng, sh.lg}, dtype, "g_best");
+  check_output(q_index, {sh.nq, sh.ng, sh.lq}, at::kInt, "q_index");
+  check_output(g_index, {sh.nq, sh.ng, sh.lg}, at::kInt, "g_index");
+  TORCH_CHECK(sh.lq > 0 && sh.lg > 0, "max_sim cpu kernel: images need at least one location");
+  // The epilogue walks gallery locations for each query location: gate transposed to [lq, lg].
+  const auto gate = gate_of(score_embed, dtype);
+  const auto gate_t =
+      gate.has_value() ? std::optional<at::Tensor>(gate->t().contiguous()) : std::nullopt;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "max_sim_forward_cpu", [&] {
+    forward_impl<scalar_t>(query, gallery, ptr_or_null<scalar_t>(gate_t),
+                           q_best.mutable_data_ptr<scalar_t>(), q_index.mutable_data_ptr<int32_t>(),
+                           g_best.mutable_data_ptr<scalar_t>(), g_index.mutable_data_ptr<int32_t>());
+  });
+}
+
+void max_sim_backward_cpu(const std::optional<at::Tensor>& grad_q_best,
+                          const std::optional<at::Tensor>& grad_g_best, const at::Tensor& query,
+                          const at::Tensor& gallery, const std::optional<at::Tensor>& score_embed,
+                          const at::Tensor& q_best, const at::Tensor& g_best,
+                          const at::Tensor& q_index, const at::Tensor& g_index,
+                          const std::optional<at::Tensor>& grad_query,
+                          const std::optional<at::Tensor>& grad_gallery,
+                          const std::optional<at::Tensor>& grad_score_embed) {
+  check_kernel_inputs(query, gallery, score_embed);
+  check_cpu(query, "query");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "max_sim cpu kernel: float32 or float64 inputs expected, got ", dtype);
+  const Shape sh = shape_of(query, gallery);
+  check_output(q_best, {sh.nq, sh.ng, sh.lq}, dtype, "q_best");
+  check_output(g_best, {sh.nq, sh.ng, sh.lg}, dtype, "g_best");
+  check_output(q_index, {sh.nq, sh.ng, sh.lq}, at::kInt, "q_index");
+  check_output(g_index, {sh.nq, sh.ng, sh.lg}, at::kInt, "g_index");
+  if (grad_q_best.has_value()) check_output(*grad_q_best, q_best.sizes(), dtype, "grad_q_best");
+  if (grad_g_best.has_value()) check_output(*grad_g_best, g_best.sizes(), dtype, "grad_g_best");
+  if (grad_query.has_value()) check_output(*grad_query, query.sizes(), dtype, "grad_query");
+  if (grad_gallery.has_value())
+    check_output(*grad_gallery, gallery.sizes(), dtype, "grad_gallery");
+  if (grad_score_embed.has_value()) {
+    TORCH_CHECK(score_embed.has_value(),
+                "max_sim cpu kernel: grad_score_embed given without score_embed");
+    check_output(*grad_score_embed, {sh.lg, sh.lq}, dtype, "grad_score_embed");
+  }
+  const auto gate = gate_of(score_embed, dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "max_sim_backward_cpu", [&] {
+    backward_impl<scalar_t>(
+        sh, query.const_data_ptr<scalar_t>(), gallery.const_data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(gate), ptr_or_null<scalar_t>(grad_q_best),
+        ptr_or_null<scalar_t>(grad_g_best), q_best.const_data_ptr<scalar_t>(),
+        g_best.const_data_ptr<scalar_t>(), q_index.const_data_ptr<int32_t>(),
+        g_index.const_data_ptr<int32_t>(), mutable_ptr_or_null<scalar_t>(grad_query),
+        mutable_ptr_or_null<scalar_t>(grad_gallery), mutable_ptr_or_null<scalar_t>(grad_score_embed),
+        query.options());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(transmatcher_fast_C, CPU, m) {
+  m.impl("max_sim_forward", &max_sim_forward_cpu);
+  m.impl("max_sim_backward", &max_sim_backward_cpu);
+}
+
+}  // namespace transmatcher_fast

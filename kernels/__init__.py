@@ -1,0 +1,1 @@
+"""Triton kernels of transmatcher_fast, installed as ``transmatcher_fast.kernels``."""

@@ -1,0 +1,22 @@
+"""transmatcher_fast: fused, memory-light TransMatcher / QAConv matching.
+
+    q_best, g_best = transmatcher_fast.max_sim(query, gallery, score_embed)
+
+See README.md and DESIGN.md for the op's contract and the backends.
+"""
+
+from . import _extension, reference
+from .ops import available_backends, get_backend, max_sim, set_backend, use_backend
+
+__version__ = "0.1.0"
+__all__ = [
+    "max_sim",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "available_backends",
+    "reference",
+    "__version__",
+]
+
+_extension.warn_if_missing(available_backends())

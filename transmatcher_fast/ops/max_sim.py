@@ -1,0 +1,294 @@
+"""``max_sim``: the fused query x gallery similarity with global max pooling, and its autograd.
+
+For query images ``i`` and gallery images ``j``::
+
+    S[i,j,s,t] = <gallery[j,s], query[i,t]> * sigmoid(score_embed[s,t])
+    q_best[i,j,t] = max_s S        g_best[i,j,s] = max_t S
+
+without ever materialising ``S``. The op is registered with ``torch.library`` as
+``transmatcher_fast::max_sim`` (fake implementation and autograd included), so it runs under
+``torch.compile`` and ``torch.autocast``; each call runs on the backend that ``dispatch.select``
+picks for its device. The backward reads only the saved argmax indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _extension, reference
+from . import dispatch
+
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation: errors name the argument and the shapes involved.
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _validate(query, gallery, score_embed) -> None:
+    for name, value in (("query", query), ("gallery", gallery)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"max_sim: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if query.dim() != 3:
+        raise ValueError(f"max_sim: query must be [Nq, Lq, D], got shape {_shape(query)}")
+    if gallery.dim() != 3:
+        raise ValueError(f"max_sim: gallery must be [Ng, Lg, D], got shape {_shape(gallery)}")
+    if query.dtype not in _INPUT_DTYPES:
+        raise TypeError(
+            f"max_sim: query dtype must be one of float32/float16/bfloat16/float64, got "
+            f"{query.dtype} (query shape {_shape(query)})"
+        )
+    if gallery.dtype != query.dtype:
+        raise TypeError(
+            f"max_sim: gallery dtype {gallery.dtype} differs from query dtype {query.dtype} "
+            f"(query shape {_shape(query)}, gallery shape {_shape(gallery)})"
+        )
+    if gallery.device != query.device:
+        raise ValueError(
+            f"max_sim: gallery is on {gallery.device} but query is on {query.device} "
+            f"(query shape {_shape(query)}, gallery shape {_shape(gallery)})"
+        )
+    if gallery.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"max_sim: feature size D differs: query shape {_shape(query)} has D={query.shape[2]}, "
+            f"gallery shape {_shape(gallery)} has D={gallery.shape[2]}"
+        )
+    if query.shape[1] == 0 or gallery.shape[1] == 0:
+        raise ValueError(
+            f"max_sim: images need at least one location: query shape {_shape(query)}, "
+            f"gallery shape {_shape(gallery)}"
+        )
+    if score_embed is None:
+        return
+    if not isinstance(score_embed, Tensor):
+        raise TypeError(
+            f"max_sim: score_embed must be a torch.Tensor or None, got {type(score_embed).__name__}"
+        )
+    expected = (gallery.shape[1], query.shape[1])
+    if _shape(score_embed) != expected:
+        raise ValueError(
+            f"max_sim: score_embed must be [Lg, Lq] = {expected} for query shape {_shape(query)} "
+            f"and gallery shape {_shape(gallery)}, got shape {_shape(score_embed)}"
+        )
+    if not score_embed.dtype.is_floating_point:
+        raise TypeError(f"max_sim: score_embed must be floating point, got {score_embed.dtype}")
+    if score_embed.device != query.device:
+        raise ValueError(
+            f"max_sim: score_embed is on {score_embed.device} but query is on {query.device} "
+            f"(score_embed shape {_shape(score_embed)}, query shape {_shape(query)})"
+        )
+
+
+def _autocast(query: Tensor, gallery: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast, the inputs take the autocast dtype, as torch.matmul's do (float64 is left
+    alone, as autocast leaves it); the score_embed gate stays in its own precision."""
+    kind = query.device.type
+    if query.dtype == torch.float64 or not torch.is_autocast_enabled(kind):
+        return query, gallery
+    dtype = torch.get_autocast_dtype(kind)
+    same = gallery is query
+    query = query.to(dtype)
+    return query, (query if same else gallery.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: forward(query, gallery, score_embed) -> (q_best, g_best, q_index, g_index);
+# backward(grads..., saved..., needs) -> (grad_query, grad_gallery, grad_score_embed) or None each.
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return reference.output_dtype(dtype)  # 16-bit inputs are computed in float32
+
+
+def _as_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).contiguous()
+
+
+def _cpu_forward(query, gallery, score_embed):
+    dtype = _compute_dtype(query.dtype)
+    q = _as_compute(query, dtype)
+    g = q if gallery is query else _as_compute(gallery, dtype)
+    nq, lq, _ = q.shape
+    ng, lg, _ = g.shape
+    outs = (
+        dispatch.new_output((nq, ng, lq), dtype, q.device),
+        dispatch.new_output((nq, ng, lg), dtype, q.device),
+        dispatch.new_output((nq, ng, lq), torch.int32, q.device),
+        dispatch.new_output((nq, ng, lg), torch.int32, q.device),
+    )
+    torch.ops.transmatcher_fast_C.max_sim_forward(q, g, score_embed, *outs)
+    return outs
+
+
+def _cpu_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
+                  q_index, g_index, need_query, need_gallery, need_score_embed):
+    dtype = q_best.dtype
+    q = _as_compute(query, dtype)
+    g = q if gallery is query else _as_compute(gallery, dtype)
+    grads = [None if grad is None else _as_compute(grad, dtype) for grad in (grad_q_best, grad_g_best)]
+    dq = dispatch.new_output(q.shape, dtype, q.device) if need_query else None
+    dg = dispatch.new_output(g.shape, dtype, q.device) if need_gallery else None
+    de = dispatch.new_output(score_embed.shape, dtype, q.device) if need_score_embed else None
+    torch.ops.transmatcher_fast_C.max_sim_backward(
+        *grads, q, g, score_embed, q_best, g_best, q_index, g_index, dq, dg, de
+    )
+    return dq, dg, de
+
+
+def _reference_forward(query, gallery, score_embed):
+    dtype = _compute_dtype(query.dtype)
+    return reference.max_sim_chunked(
+        query.to(dtype), gallery.to(dtype), score_embed, return_indices=True
+    )
+
+
+def _reference_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
+                        q_index, g_index, need_query, need_gallery, need_score_embed):
+    dtype = q_best.dtype
+    dq, dg, de = reference.max_sim_chunked_backward(
+        grad_q_best, grad_g_best, query.to(dtype), gallery.to(dtype), score_embed
+    )
+    return (dq if need_query else None, dg if need_gallery else None,
+            de if need_score_embed else None)
+
+
+dispatch.register_backend(
+    dispatch.Backend("reference", None, _reference_forward, _reference_backward)
+)
+dispatch.register_backend(
+    dispatch.Backend("cpu", frozenset({"cpu"}), _cpu_forward, _cpu_backward,
+                     _extension.has_cpu_kernels)
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The torch.library ops.
+
+
+def _no_autocast(device: torch.device):
+    """Kernels run in the dtypes they are given: autocast stays off inside them."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@torch.library.custom_op("transmatcher_fast::max_sim", mutates_args=())
+def _max_sim_op(
+    query: Tensor, gallery: Tensor, score_embed: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _no_autocast(query.device):
+        return tuple(dispatch.select(query.device).forward(query, gallery, score_embed))
+
+
+@_max_sim_op.register_fake
+def _max_sim_fake(query, gallery, score_embed):
+    nq, lq, _ = query.shape
+    ng, lg, _ = gallery.shape
+    dtype = reference.output_dtype(query.dtype)
+    return (
+        query.new_empty((nq, ng, lq), dtype=dtype),
+        query.new_empty((nq, ng, lg), dtype=dtype),
+        query.new_empty((nq, ng, lq), dtype=torch.int32),
+        query.new_empty((nq, ng, lg), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("transmatcher_fast::max_sim_backward", mutates_args=())
+def _max_sim_backward_op(
+    grad_q_best: Optional[Tensor],
+    grad_g_best: Optional[Tensor],
+    query: Tensor,
+    gallery: Tensor,
+    score_embed: Optional[Tensor],
+    q_best: Tensor,
+    g_best: Tensor,
+    q_index: Tensor,
+    g_index: Tensor,
+    need_query: bool,
+    need_gallery: bool,
+    need_score_embed: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns the three gradients in their inputs' dtypes; one not needed is an empty tensor."""
+    with _no_autocast(query.device):
+        grads = dispatch.select(query.device).backward(
+            grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
+            q_index, g_index, need_query, need_gallery, need_score_embed and score_embed is not None,
+        )
+    like = (query, gallery, score_embed)
+    return tuple(
+        grad.to(x.dtype) if grad is not None else query.new_empty(0)
+        for grad, x in zip(grads, like)
+    )
+
+
+@_max_sim_backward_op.register_fake
+def _max_sim_backward_fake(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
+                           q_index, g_index, need_query, need_gallery, need_score_embed):
+    need_score_embed = need_score_embed and score_embed is not None
+    return (
+        torch.empty_like(query) if need_query else query.new_empty(0),
+        torch.empty_like(gallery) if need_gallery else query.new_empty(0),
+        torch.empty_like(score_embed) if need_score_embed else query.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    query, gallery, score_embed = inputs
+    q_best, g_best, q_index, g_index = output
+    ctx.mark_non_differentiable(q_index, g_index)
+    ctx.save_for_backward(query, gallery, score_embed, q_best, g_best, q_index, g_index)
+
+
+def _backward(ctx, grad_q_best, grad_g_best, _grad_q_index, _grad_g_index):
+    query, gallery, score_embed, q_best, g_best, q_index, g_index = ctx.saved_tensors
+    need_query, need_gallery, need_score_embed = ctx.needs_input_grad
+    grads = _max_sim_backward_op(
+        grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best, q_index, g_index,
+        need_query, need_gallery, need_score_embed and score_embed is not None,
+    )
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+_max_sim_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def max_sim(
+    query: Tensor,
+    gallery: Tensor,
+    score_embed: Optional[Tensor] = None,
+    *,
+    return_indices: bool = False,
+):
+    """Fused dot product, score-embedding gate, sigmoid and global max pooling.
+
+    Args:
+        query: ``[Nq, Lq, D]`` features (float32, float16, bfloat16; float64 too).
+        gallery: ``[Ng, Lg, D]``, same dtype and device; may be the same tensor as ``query``.
+        score_embed: ``[Lg, Lq]`` pre-sigmoid logits ``E`` (upstream's ``score_embed``, indexed
+            [gallery location, query location]), or None for no gate (QAConv).
+        return_indices: also return the int32 argmax locations.
+
+    Returns:
+        ``q_best [Nq, Ng, Lq]`` (best gallery location per query location) and
+        ``g_best [Nq, Ng, Lg]`` (best query location per gallery location), float32 (float64 for
+        float64 inputs); with ``return_indices``, also ``q_index`` and ``g_index`` of the same
+        shapes. Among equal maxima the lowest index wins; NaN propagates.
+    """
+    _validate(query, gallery, score_embed)
+    query, gallery = _autocast(query, gallery)
+    q_best, g_best, q_index, g_index = _max_sim_op(query, gallery, score_embed)
+    if return_indices:
+        return q_best, g_best, q_index, g_index
+    return q_best, g_best

@@ -1,0 +1,180 @@
+"""Pure-PyTorch reference of ``max_sim``: the one copy that tests, benchmarks and the ``reference``
+backend share.
+
+``max_sim`` is upstream TransMatcher's computation as written there: it materialises the
+``[Nq, Ng, Lg, Lq]`` score tensor, gates it with ``sigmoid(E)`` and takes the two maxima.
+``max_sim_chunked`` does the same block by block of (query, gallery) images, which bounds memory;
+pairs are independent, so its results equal the one-shot ones. ``max_sim_chunked_backward``
+differentiates those blocks with autograd, and ``max_sim_grads`` is the gradient formula of the
+fused kernels (every output element routes its gradient through its saved argmax), written
+densely so that backends can be checked against it with their own indices.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+# Score elements materialised at once by the chunked variants (256 MiB in float32).
+DEFAULT_MAX_ELEMENTS = 1 << 26
+
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Outputs are float64 for float64 inputs and float32 otherwise (16-bit inputs included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def max_sim(
+    query: Tensor,
+    gallery: Tensor,
+    score_embed: Optional[Tensor] = None,
+    *,
+    return_indices: bool = False,
+):
+    """Upstream's materialised computation.
+
+    ``query [Nq, Lq, D]``, ``gallery [Ng, Lg, D]``, ``score_embed [Lg, Lq]`` (pre-sigmoid logits) or
+    None. Returns ``q_best [Nq, Ng, Lq]`` (max over gallery locations) and ``g_best [Nq, Ng, Lg]``
+    (max over query locations), plus their int32 argmax when ``return_indices``. Computed in the
+    input dtype, as upstream does; outputs follow :func:`output_dtype`.
+    """
+    # S[i, j, s, t] = <gallery[j, s], query[i, t]> * sigmoid(E[s, t])
+    scores = torch.einsum("itd,jsd->ijst", query, gallery)
+    if score_embed is not None:
+        scores = scores * torch.sigmoid(score_embed)
+    q_best, q_index = scores.max(dim=2)
+    g_best, g_index = scores.max(dim=3)
+    out = output_dtype(query.dtype)
+    q_best, g_best = q_best.to(out), g_best.to(out)
+    if return_indices:
+        return q_best, g_best, q_index.to(torch.int32), g_index.to(torch.int32)
+    return q_best, g_best
+
+
+def iter_blocks(
+    nq: int, ng: int, pair_elements: int, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> Iterator[tuple[slice, slice]]:
+    """(query slice, gallery slice) blocks whose score tensors hold at most ``max_elements``
+    (at least one pair per block)."""
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
+    per_pair = max(1, pair_elements)
+    if ng * per_pair <= max_elements:
+        cq, cg = max(1, max_elements // (ng * per_pair)), ng
+    else:
+        cq, cg = 1, max(1, max_elements // per_pair)
+    for q0 in range(0, nq, cq):
+        for g0 in range(0, ng, cg):
+            yield slice(q0, min(nq, q0 + cq)), slice(g0, min(ng, g0 + cg))
+
+
+def max_sim_chunked(
+    query: Tensor,
+    gallery: Tensor,
+    score_embed: Optional[Tensor] = None,
+    *,
+    return_indices: bool = False,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+):
+    """:func:`max_sim` computed in blocks of at most ``max_elements`` score values."""
+    nq, lq, _ = query.shape
+    ng, lg, _ = gallery.shape
+    out = output_dtype(query.dtype)
+    q_best = query.new_empty((nq, ng, lq), dtype=out)
+    g_best = query.new_empty((nq, ng, lg), dtype=out)
+    q_index = query.new_empty((nq, ng, lq), dtype=torch.int32)
+    g_index = query.new_empty((nq, ng, lg), dtype=torch.int32)
+    for qs, gs in iter_blocks(nq, ng, lq * lg, max_elements):
+        block = max_sim(query[qs], gallery[gs], score_embed, return_indices=True)
+        q_best[qs, gs], g_best[qs, gs], q_index[qs, gs], g_index[qs, gs] = block
+    if return_indices:
+        return q_best, g_best, q_index, g_index
+    return q_best, g_best
+
+
+def max_sim_chunked_backward(
+    grad_q_best: Optional[Tensor],
+    grad_g_best: Optional[Tensor],
+    query: Tensor,
+    gallery: Tensor,
+    score_embed: Optional[Tensor] = None,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of :func:`max_sim_chunked` with respect to query, gallery and score_embed, by
+    autograd through the same blocks (so the same argmax routes each gradient)."""
+    nq, lq, _ = query.shape
+    ng, lg, _ = gallery.shape
+    grad_query = torch.zeros_like(query)
+    grad_gallery = torch.zeros_like(gallery)
+    grad_embed = None if score_embed is None else torch.zeros_like(score_embed)
+    with torch.enable_grad():
+        embed = None if score_embed is None else score_embed.detach().requires_grad_()
+        for qs, gs in iter_blocks(nq, ng, lq * lg, max_elements):
+            q = query[qs].detach().requires_grad_()
+            g = gallery[gs].detach().requires_grad_()
+            outputs, grads = [], []
+            q_best, g_best = max_sim(q, g, embed)
+            for value, grad in ((q_best, grad_q_best), (g_best, grad_g_best)):
+                if grad is not None:
+                    outputs.append(value)
+                    grads.append(grad[qs, gs].to(value.dtype))
+            if not outputs:
+                continue
+            inputs = (q, g) if embed is None else (q, g, embed)
+            found = torch.autograd.grad(outputs, inputs, grads)
+            grad_query[qs] += found[0]
+            grad_gallery[gs] += found[1]
+            if embed is not None:
+                grad_embed += found[2]
+    return grad_query, grad_gallery, grad_embed
+
+
+def max_sim_grads(
+    grad_q_best: Tensor,
+    grad_g_best: Tensor,
+    query: Tensor,
+    gallery: Tensor,
+    score_embed: Optional[Tensor],
+    q_index: Tensor,
+    g_index: Tensor,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The fused kernels' backward formula, densely, for given argmax indices.
+
+    Every output element routes its gradient ``w`` to one location pair ``(s, t)``:
+    ``dq[i,t] += w sig[s,t] g[j,s]``, ``dg[j,s] += w sig[s,t] q[i,t]`` and
+    ``dE[s,t] += w S[s,t] (1 - sig[s,t])``. Memory is O(Nq*Ng*L*D): for tests on small shapes.
+    """
+    nq, lq, d = query.shape
+    ng, lg, _ = gallery.shape
+    sig = (
+        torch.sigmoid(score_embed.to(query.dtype))
+        if score_embed is not None
+        else query.new_ones((lg, lq))
+    )
+    i = torch.arange(nq, device=query.device).view(nq, 1, 1)
+    j = torch.arange(ng, device=query.device).view(1, ng, 1)
+    t_of_q = torch.arange(lq, device=query.device).view(1, 1, lq).expand(nq, ng, lq)
+    s_of_g = torch.arange(lg, device=query.device).view(1, 1, lg).expand(nq, ng, lg)
+    # Both directions as one list of routed elements: (i, j, s, t, w).
+    s_all = torch.cat([q_index.long(), s_of_g], dim=2)
+    t_all = torch.cat([t_of_q, g_index.long()], dim=2)
+    w_all = torch.cat([grad_q_best, grad_g_best], dim=2).to(query.dtype)
+    i_all, j_all = i.expand_as(s_all), j.expand_as(s_all)
+    q_rows = query[i_all, t_all]  # [nq, ng, lq+lg, d]
+    g_rows = gallery[j_all, s_all]
+    gate = sig[s_all, t_all]
+    coef = (w_all * gate).unsqueeze(-1)
+    grad_query = torch.zeros_like(query).view(nq * lq, d)
+    grad_query.index_add_(0, (i_all * lq + t_all).flatten(), (coef * g_rows).flatten(0, 2))
+    grad_gallery = torch.zeros_like(gallery).view(ng * lg, d)
+    grad_gallery.index_add_(0, (j_all * lg + s_all).flatten(), (coef * q_rows).flatten(0, 2))
+    grad_embed = None
+    if score_embed is not None:
+        best = (q_rows * g_rows).sum(-1) * gate  # S at the routed pair
+        grad_embed = torch.zeros_like(sig).view(-1)
+        grad_embed.index_add_(0, (s_all * lq + t_all).flatten(), (w_all * best * (1 - gate)).flatten())
+        grad_embed = grad_embed.view(lg, lq)
+    return grad_query.view(nq, lq, d), grad_gallery.view(ng, lg, d), grad_embed
