@@ -10,6 +10,8 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 
 def _load() -> tuple[Optional[ModuleType], str]:
     try:

@@ -5,7 +5,7 @@ backend share.
 ``[Nq, Ng, Lg, Lq]`` score tensor, gates it with ``sigmoid(E)`` and takes the two maxima.
 ``max_sim_chunked`` does the same block by block of (query, gallery) images, which bounds memory;
 pairs are independent, so its results equal the one-shot ones. ``max_sim_chunked_backward``
-differentiates those blocks with autograd, and ``max_sim_grads`` is the gradient formula of the
+is autograd's backward of those blocks written out, and ``max_sim_grads`` is the gradient formula of the
 fused kernels (every output element routes its gradient through its saved argmax), written
 densely so that backends can be checked against it with their own indices.
 """
@@ -54,12 +54,16 @@ def max_sim(
 
 
 def iter_blocks(
-    nq: int, ng: int, pair_elements: int, max_elements: int = DEFAULT_MAX_ELEMENTS
+    nq: int, ng: int, pair_elements: int, max_elements: Optional[int] = None
 ) -> Iterator[tuple[slice, slice]]:
     """(query slice, gallery slice) blocks whose score tensors hold at most ``max_elements``
-    (at least one pair per block)."""
+    (default ``DEFAULT_MAX_ELEMENTS``; at least one pair per block)."""
+    if max_elements is None:
+        max_elements = DEFAULT_MAX_ELEMENTS
     if max_elements < 1:
         raise ValueError(f"max_elements must be positive, got {max_elements}")
+    if nq == 0 or ng == 0:
+        return
     per_pair = max(1, pair_elements)
     if ng * per_pair <= max_elements:
         cq, cg = max(1, max_elements // (ng * per_pair)), ng
@@ -76,7 +80,7 @@ def max_sim_chunked(
     score_embed: Optional[Tensor] = None,
     *,
     return_indices: bool = False,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: Optional[int] = None,
 ):
     """:func:`max_sim` computed in blocks of at most ``max_elements`` score values."""
     nq, lq, _ = query.shape
@@ -101,34 +105,38 @@ def max_sim_chunked_backward(
     gallery: Tensor,
     score_embed: Optional[Tensor] = None,
     *,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Gradients of :func:`max_sim_chunked` with respect to query, gallery and score_embed, by
-    autograd through the same blocks (so the same argmax routes each gradient)."""
+    """Gradients of :func:`max_sim_chunked` with respect to query, gallery and score_embed.
+
+    This is the backward that autograd derives for :func:`max_sim`, written out per block (each
+    block's scores are recomputed, so the same argmax routes each gradient); written out because
+    it also runs inside the custom op, where autograd does not record.
+    """
     nq, lq, _ = query.shape
     ng, lg, _ = gallery.shape
     grad_query = torch.zeros_like(query)
     grad_gallery = torch.zeros_like(gallery)
     grad_embed = None if score_embed is None else torch.zeros_like(score_embed)
-    with torch.enable_grad():
-        embed = None if score_embed is None else score_embed.detach().requires_grad_()
-        for qs, gs in iter_blocks(nq, ng, lq * lg, max_elements):
-            q = query[qs].detach().requires_grad_()
-            g = gallery[gs].detach().requires_grad_()
-            outputs, grads = [], []
-            q_best, g_best = max_sim(q, g, embed)
-            for value, grad in ((q_best, grad_q_best), (g_best, grad_g_best)):
-                if grad is not None:
-                    outputs.append(value)
-                    grads.append(grad[qs, gs].to(value.dtype))
-            if not outputs:
-                continue
-            inputs = (q, g) if embed is None else (q, g, embed)
-            found = torch.autograd.grad(outputs, inputs, grads)
-            grad_query[qs] += found[0]
-            grad_gallery[gs] += found[1]
-            if embed is not None:
-                grad_embed += found[2]
+    gate = None if score_embed is None else torch.sigmoid(score_embed)
+    for qs, gs in iter_blocks(nq, ng, lq * lg, max_elements):
+        q, g = query[qs], gallery[gs]
+        dots = torch.einsum("itd,jsd->ijst", q, g)
+        scores = dots if gate is None else dots * gate
+        # d scores: max backward puts each output's gradient at its argmax.
+        d_scores = torch.zeros_like(scores)
+        if grad_q_best is not None:
+            index = scores.max(dim=2).indices.unsqueeze(2)
+            d_scores.scatter_add_(2, index, grad_q_best[qs, gs].unsqueeze(2).to(scores.dtype))
+        if grad_g_best is not None:
+            index = scores.max(dim=3).indices.unsqueeze(3)
+            d_scores.scatter_add_(3, index, grad_g_best[qs, gs].unsqueeze(3).to(scores.dtype))
+        d_dots = d_scores if gate is None else d_scores * gate
+        grad_query[qs] += torch.einsum("ijst,jsd->itd", d_dots, g).to(query.dtype)
+        grad_gallery[gs] += torch.einsum("ijst,itd->jsd", d_dots, q).to(gallery.dtype)
+        if grad_embed is not None:
+            # d sigmoid(E) / dE = sig (1 - sig), and dots * sig = scores
+            grad_embed += (d_scores * scores * (1 - gate)).sum((0, 1)).to(grad_embed.dtype)
     return grad_query, grad_gallery, grad_embed
 
 

@@ -87,11 +87,18 @@ def _validate(query, gallery, score_embed) -> None:
         )
 
 
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type)
+
+
 def _autocast(query: Tensor, gallery: Tensor) -> tuple[Tensor, Tensor]:
     """Under autocast, the inputs take the autocast dtype, as torch.matmul's do (float64 is left
     alone, as autocast leaves it); the score_embed gate stays in its own precision."""
     kind = query.device.type
-    if query.dtype == torch.float64 or not torch.is_autocast_enabled(kind):
+    if query.dtype == torch.float64 or not _autocast_enabled(query.device):
         return query, gallery
     dtype = torch.get_autocast_dtype(kind)
     same = gallery is query
@@ -175,7 +182,7 @@ dispatch.register_backend(
 
 def _no_autocast(device: torch.device):
     """Kernels run in the dtypes they are given: autocast stays off inside them."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+    if _autocast_enabled(device):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -1,0 +1,33 @@
+# Every target installs what it needs first, so each works on a fresh clone.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch used where no NVIDIA GPU is present (a GPU box keeps its own CUDA torch).
+TORCH_CPU_VERSION ?= 2.13.0
+
+.PHONY: install install-torch test demo bench clean
+
+install-torch:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install "torch>=2.6"; \
+	else \
+		$(PIP) install "torch==$(TORCH_CPU_VERSION)"; \
+	fi
+
+# --no-build-isolation: the extension must compile against the torch installed above.
+install: install-torch
+	$(PIP) install "setuptools>=64" wheel ninja numpy
+	$(PIP) install --no-build-isolation -e ".[test,bench]"
+
+test: install
+	$(PYTHON) -m pytest tests
+
+demo: install
+	$(PYTHON) -m transmatcher_fast.cli demo
+
+bench: install
+	$(PYTHON) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf build *.egg-info transmatcher_fast/_C*.so .pytest_cache

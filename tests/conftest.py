@@ -1,0 +1,36 @@
+import os
+
+# Kernels receive NaN / -1 filled outputs, so an element a kernel does not write fails a test.
+os.environ["TRANSMATCHER_FAST_POISON"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import transmatcher_fast  # noqa: E402
+from transmatcher_fast.ops import dispatch  # noqa: E402
+
+# Backends that run on CPU tensors. "cpu" is the C++ kernel; its absence fails test_extension.
+CPU_BACKENDS = ["cpu", "reference"]
+
+
+@pytest.fixture
+def rng(request):
+    """A generator with a fresh seed per test; the seed is printed so a failure can be replayed
+    with TRANSMATCHER_FAST_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("TRANSMATCHER_FAST_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed} (TRANSMATCHER_FAST_TEST_SEED={seed} replays it)")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    if request.param not in dispatch.available_backends("cpu"):
+        pytest.skip(f"backend {request.param} unavailable (see test_extension)")
+    with transmatcher_fast.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    transmatcher_fast.set_backend(None)
