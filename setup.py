@@ -7,7 +7,6 @@ Environment:
     TRANSMATCHER_FAST_SKIP_EXT=1     build no extension (pure Python; the `reference` backend)
     TRANSMATCHER_FAST_FORCE_CUDA=1   build the CUDA sources even where no GPU build is detected
     TRANSMATCHER_FAST_CUDA_ARCH      gencode list, default "80;90a" (sm_80 and sm_90a)
-    TRANSMATCHER_FAST_NATIVE=0       do not tune the C++ kernels for this machine's CPU
 
 Build against the installed torch: `pip install --no-build-isolation .`
 """
@@ -45,8 +44,6 @@ def _extensions():
     with_cuda = with_cuda and bool(cuda_sources)
     sources = ["csrc/max_sim.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP
-    if _flag("TRANSMATCHER_FAST_NATIVE", "1"):
-        cxx.append("-march=native")
     define_macros = []
     if with_cuda:
         define_macros.append(("TRANSMATCHER_FAST_WITH_CUDA", None))

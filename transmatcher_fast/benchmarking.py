@@ -22,20 +22,23 @@ def _sync(device: torch.device) -> None:
 
 
 def median_seconds(
-    fn: Callable[[], Any], *, device: torch.device = torch.device("cpu"), warmup: int = 1,
-    repeat: int = 5,
-) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
+    fns: dict[str, Callable[[], Any]], *, device: torch.device = torch.device("cpu"),
+    warmup: int = 1, repeat: int = 5,
+) -> dict[str, float]:
+    """Median wall time of each ``fn()``, measured in interleaved rounds (every function once per
+    round) so that ratios between them are not skewed by drift in machine speed."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: dict[str, list] = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _status_kib(field: str) -> int:

@@ -40,18 +40,18 @@ def run_demo(args: argparse.Namespace) -> int:
     ours = fused()
     print(f"  q_best {tuple(ours[0].shape)}  g_best {tuple(ours[1].shape)}  "
           f"indices {ours[2].dtype}")
-    rows = [("fused max_sim", fused)]
+    fns = {"fused max_sim": fused}
     score_bytes = 2 * 4 * args.queries * args.gallery * args.locations**2
     if args.skip_reference:
         print(f"  reference skipped (it would materialise about {_mib(score_bytes)})")
     else:
-        rows.append(("reference (materialised)", materialised))
+        fns["reference (materialised)"] = materialised
+    seconds = benchmarking.median_seconds(fns, device=device, warmup=1, repeat=args.repeat)
     results = {}
-    for name, fn in rows:
-        seconds = benchmarking.median_seconds(fn, device=device, warmup=1, repeat=args.repeat)
+    for name, fn in fns.items():
         peak = benchmarking.peak_extra_bytes(fn, device)
-        results[name] = (seconds, peak)
-        print(f"  {name:<26} {seconds * 1e3:9.1f} ms   peak extra memory {_mib(peak)}")
+        results[name] = (seconds[name], peak)
+        print(f"  {name:<26} {seconds[name] * 1e3:9.1f} ms   peak extra memory {_mib(peak)}")
     if not args.skip_reference:
         expected = materialised()
         diff = max((a - b).abs().max().item() for a, b in zip(ours[:2], expected[:2]))

@@ -1,0 +1,224 @@
+"""CPU benchmark of max_sim: the C++ kernel against upstream's materialised reference,
+torch.compile(reference) and a plain GEMM of the same FLOPs.
+
+    python benchmarks/bench_cpu.py                      # (32,32,192,512) and (64,64,192,512)
+    python benchmarks/bench_cpu.py --shapes 8,8,192,512 --repeat 3
+
+FLOPs = 2 * Nq * Ng * Lq * Lg * D (the dot products; the gate and the max are O(Nq*Ng*L^2)).
+The GEMM is [Nq*Lq, D] @ [D, Ng*Lg]: what any implementation must at least compute. Times are
+medians of interleaved rounds, so ratios come from one run. Peak memory is the extra resident
+memory of one call after a warm-up call, each measured in a fresh process.
+Writes results/bench_cpu.json (with CPU model, threads, versions, date) and results/bench_cpu.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from transmatcher_fast import benchmarking, max_sim, reference, use_backend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SHAPES = ["32,32,192,512", "64,64,192,512"]
+METHODS = ("ours", "reference", "compiled_reference", "gemm")
+TRAINING_METHODS = ("ours", "reference", "compiled_reference")  # the GEMM has no max to train
+
+
+def make_inputs(nq, ng, length, dim, requires_grad, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(nq, length, dim, generator=generator)
+    gallery = torch.randn(ng, length, dim, generator=generator)
+    embed = 0.01 * torch.randn(length, length, generator=generator)
+    return [t.requires_grad_(requires_grad) for t in (query, gallery, embed)]
+
+
+_compiled_reference = None
+
+
+def _op(method):
+    global _compiled_reference
+    if method == "ours":
+        return max_sim
+    if method == "reference":
+        return reference.max_sim
+    if method == "compiled_reference":
+        if _compiled_reference is None:
+            _compiled_reference = torch.compile(reference.max_sim)
+        return _compiled_reference
+    raise ValueError(method)
+
+
+def make_call(method, mode, inputs):
+    """A no-argument callable running `method` once in `mode` ("forward" or "training")."""
+    query, gallery, embed = inputs
+    if method == "gemm":
+        q2, g2 = query.detach().flatten(0, 1), gallery.detach().flatten(0, 1)
+        return lambda: q2 @ g2.T
+    op = _op(method)
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                return op(query, gallery, embed)
+        return forward
+
+    def training():
+        q_best, g_best = op(query, gallery, embed)
+        (q_best.sum() + g_best.sum()).backward()
+        for t in inputs:
+            t.grad = None
+    return training
+
+
+def measure_memory_in_child(method, mode, shape):
+    """Run one call in a fresh interpreter and return its extra peak resident memory in bytes."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", method, mode,
+           ",".join(map(str, shape))]
+    # Every allocation above 64 KiB gets its own mapping, returned to the system when freed: the
+    # warm-up call's memory cannot be silently reused by the measured call.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def child_memory(method, mode, shape):
+    inputs = make_inputs(*shape, requires_grad=(mode == "training"))
+    call = make_call(method, mode, inputs)
+    call()  # warm-up: lazy initialisation and compilation are not the op's memory
+    print(json.dumps({"peak_extra_bytes": benchmarking.peak_extra_bytes(call, torch.device("cpu"))}))
+
+
+def run_shape(shape, repeat, memory):
+    nq, ng, length, dim = shape
+    flops = 2 * nq * ng * length * length * dim
+    rows = []
+    for mode, methods in (("forward", METHODS), ("training", TRAINING_METHODS)):
+        inputs = make_inputs(*shape, requires_grad=(mode == "training"))
+        calls = {m: make_call(m, mode, inputs) for m in methods}
+        seconds = benchmarking.median_seconds(calls, warmup=1, repeat=repeat)
+        for method in methods:
+            row = {"nq": nq, "ng": ng, "l": length, "d": dim, "mode": mode, "method": method,
+                   "seconds": seconds[method], "gflops": flops / seconds[method] / 1e9}
+            if memory:
+                row["peak_extra_bytes"] = measure_memory_in_child(method, mode, shape)
+            rows.append(row)
+    return rows
+
+
+def summarise(rows):
+    """The figures the foundation issue targets, per shape."""
+    by = {(r["nq"], r["ng"], r["l"], r["d"], r["mode"], r["method"]): r for r in rows}
+    summary = []
+    for key in sorted({k[:4] for k in by}):
+        ours_f, gemm, ref_f = (by[key + ("forward", m)] for m in ("ours", "gemm", "reference"))
+        ours_t, ref_t = by[key + ("training", "ours")], by[key + ("training", "reference")]
+        item = {
+            "shape": "x".join(map(str, key)),
+            "forward_ours_over_gemm": ours_f["seconds"] / gemm["seconds"],
+            "forward_speedup_vs_reference": ref_f["seconds"] / ours_f["seconds"],
+            "training_speedup_vs_reference": ref_t["seconds"] / ours_t["seconds"],
+        }
+        if "peak_extra_bytes" in ours_f:
+            item["forward_memory_ours_over_reference"] = (
+                ours_f["peak_extra_bytes"] / max(1, ref_f["peak_extra_bytes"]))
+            item["training_memory_ours_over_reference"] = (
+                ours_t["peak_extra_bytes"] / max(1, ref_t["peak_extra_bytes"]))
+        summary.append(item)
+    return summary
+
+
+def print_table(rows, summary):
+    print(f"{'shape (Nq,Ng,L,D)':<20}{'mode':<10}{'method':<20}{'ms':>10}{'GFLOP/s':>10}"
+          f"{'peak MiB':>11}")
+    for r in rows:
+        peak = r.get("peak_extra_bytes")
+        print(f"{'%d,%d,%d,%d' % (r['nq'], r['ng'], r['l'], r['d']):<20}{r['mode']:<10}"
+              f"{r['method']:<20}{r['seconds'] * 1e3:10.1f}{r['gflops']:10.1f}"
+              f"{'' if peak is None else '%.1f' % (peak / 2**20):>11}")
+    for s in summary:
+        print(f"{s['shape']}: forward = {s['forward_ours_over_gemm']:.2f}x GEMM time, "
+              f"{s['forward_speedup_vs_reference']:.2f}x faster than reference; forward+backward "
+              f"{s['training_speedup_vs_reference']:.2f}x faster than reference"
+              + ("" if "forward_memory_ours_over_reference" not in s else
+                 f"; extra peak memory {100 * s['forward_memory_ours_over_reference']:.2f}% "
+                 f"(forward) and {100 * s['training_memory_ours_over_reference']:.2f}% "
+                 "(forward+backward) of the reference's"))
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    shapes = sorted({(r["nq"], r["ng"], r["l"], r["d"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("forward", "training")):
+        methods = [m for m in METHODS if any(r["method"] == m and r["mode"] == mode for r in rows)]
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
+            values = [next(r["gflops"] for r in rows if r["mode"] == mode and r["method"] == method
+                           and (r["nq"], r["ng"], r["l"], r["d"]) == s) for s in shapes]
+            ax.bar([x + k * width for x in range(len(shapes))], values, width, label=method)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
+        ax.set_xticklabels(["%d,%d,%d,%d" % s for s in shapes])
+        ax.set_xlabel("Nq, Ng, L, D")
+        ax.set_ylabel("GFLOP/s (2·Nq·Ng·L²·D / time)")
+        ax.set_title(f"max_sim {'forward' if mode == 'forward' else 'forward + backward'}, CPU fp32")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parse_shape(text):
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be Nq,Ng,L,D with positive values, got {text}")
+    return values
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                        default=[parse_shape(s) for s in DEFAULT_SHAPES])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--child-memory", nargs=3, metavar=("METHOD", "MODE", "SHAPE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_memory:
+        method, mode, shape = args.child_memory
+        with use_backend("cpu" if method == "ours" else None):
+            child_memory(method, mode, parse_shape(shape))
+        return 0
+    with use_backend("cpu"):
+        rows = [row for shape in args.shapes for row in run_shape(shape, args.repeat,
+                                                                  not args.no_memory)]
+    summary = summarise(rows)
+    print_table(rows, summary)
+    os.makedirs(args.out, exist_ok=True)
+    result = {"benchmark": "bench_cpu", "dtype": "float32",
+              "environment": benchmarking.environment(torch.device("cpu")),
+              "flops_formula": "2*Nq*Ng*Lq*Lg*D", "rows": rows, "summary": summary}
+    path = os.path.join(args.out, "bench_cpu.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    if not args.no_plot:
+        plot(rows, os.path.join(args.out, "bench_cpu.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
