@@ -111,8 +111,14 @@ def _autocast(query: Tensor, gallery: Tensor) -> tuple[Tensor, Tensor]:
 # backward(grads..., saved..., needs) -> (grad_query, grad_gallery, grad_score_embed) or None each.
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return reference.output_dtype(dtype)  # 16-bit inputs are computed in float32
+def _output_specs(query: Tensor, gallery: Tensor):
+    """(shape, dtype) of q_best, g_best, q_index, g_index: values in float32 (float64 for
+    float64 inputs; 16-bit inputs are computed in float32), indices in int32."""
+    nq, lq, _ = query.shape
+    ng, lg, _ = gallery.shape
+    dtype = reference.output_dtype(query.dtype)
+    return (((nq, ng, lq), dtype), ((nq, ng, lg), dtype),
+            ((nq, ng, lq), torch.int32), ((nq, ng, lg), torch.int32))
 
 
 def _as_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -120,17 +126,11 @@ def _as_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _cpu_forward(query, gallery, score_embed):
-    dtype = _compute_dtype(query.dtype)
+    dtype = reference.output_dtype(query.dtype)
     q = _as_compute(query, dtype)
     g = q if gallery is query else _as_compute(gallery, dtype)
-    nq, lq, _ = q.shape
-    ng, lg, _ = g.shape
-    outs = (
-        dispatch.new_output((nq, ng, lq), dtype, q.device),
-        dispatch.new_output((nq, ng, lg), dtype, q.device),
-        dispatch.new_output((nq, ng, lq), torch.int32, q.device),
-        dispatch.new_output((nq, ng, lg), torch.int32, q.device),
-    )
+    outs = tuple(dispatch.new_output(shape, out_dtype, q.device)
+                 for shape, out_dtype in _output_specs(q, g))
     torch.ops.transmatcher_fast_C.max_sim_forward(q, g, score_embed, *outs)
     return outs
 
@@ -151,7 +151,7 @@ def _cpu_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best,
 
 
 def _reference_forward(query, gallery, score_embed):
-    dtype = _compute_dtype(query.dtype)
+    dtype = reference.output_dtype(query.dtype)
     return reference.max_sim_chunked(
         query.to(dtype), gallery.to(dtype), score_embed, return_indices=True
     )
@@ -197,15 +197,7 @@ def _max_sim_op(
 
 @_max_sim_op.register_fake
 def _max_sim_fake(query, gallery, score_embed):
-    nq, lq, _ = query.shape
-    ng, lg, _ = gallery.shape
-    dtype = reference.output_dtype(query.dtype)
-    return (
-        query.new_empty((nq, ng, lq), dtype=dtype),
-        query.new_empty((nq, ng, lg), dtype=dtype),
-        query.new_empty((nq, ng, lq), dtype=torch.int32),
-        query.new_empty((nq, ng, lg), dtype=torch.int32),
-    )
+    return tuple(query.new_empty(shape, dtype=dtype) for shape, dtype in _output_specs(query, gallery))
 
 
 @torch.library.custom_op("transmatcher_fast::max_sim_backward", mutates_args=())
