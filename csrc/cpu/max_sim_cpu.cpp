@@ -129,13 +129,41 @@ void forward_impl(const at::Tensor& query, const at::Tensor& gallery, const T* g
   });
 }
 
+// What the forward saved, and the upstream gradients: enough to route every output's gradient.
 template <typename T>
-void backward_impl(const Shape& sh, const T* q, const T* g, const T* gate /* [lg, lq] */,
-                   const T* grad_qb, const T* grad_gb, const T* q_best, const T* g_best,
-                   const int32_t* q_index, const int32_t* g_index, T* grad_q, T* grad_g,
-                   T* grad_e, const at::TensorOptions& options) {
+struct Routing {
+  Shape sh;
+  const T* grad_q_best;  // [nq, ng, lq] or null
+  const T* grad_g_best;  // [nq, ng, lg] or null
+  const T* q_best;
+  const T* g_best;
+  const int32_t* q_index;
+  const int32_t* g_index;
+
+  // Calls fn(s, t, w, best) for every output element of one (query, gallery) pair: its upstream
+  // gradient w, its value best = S[s, t], and the location pair (s, t) its max came from.
+  template <typename Fn>
+  void for_each(int64_t pair, Fn&& fn) const {
+    if (grad_q_best != nullptr) {
+      for (int64_t t = 0, k = pair * sh.lq; t < sh.lq; ++t, ++k) {
+        fn(int64_t{q_index[k]}, t, grad_q_best[k], q_best[k]);
+      }
+    }
+    if (grad_g_best != nullptr) {
+      for (int64_t s = 0, k = pair * sh.lg; s < sh.lg; ++s, ++k) {
+        fn(s, int64_t{g_index[k]}, grad_g_best[k], g_best[k]);
+      }
+    }
+  }
+};
+
+template <typename T>
+void backward_impl(const Routing<T>& route, const T* q, const T* g, const T* gate /* [lg, lq] */,
+                   T* grad_q, T* grad_g, T* grad_e, const at::TensorOptions& options) {
+  const Shape& sh = route.sh;
   const int64_t lq = sh.lq, lg = sh.lg, d = sh.d;
-  // Every output element routes its gradient to one location pair (s, t):
+  auto sig_at = [&](int64_t s, int64_t t) { return gate == nullptr ? T(1) : gate[s * lq + t]; };
+  // Every output element routes its gradient w to one location pair (s, t):
   //   d query[i,t]   += w * sig[s,t] * gallery[j,s]
   //   d gallery[j,s] += w * sig[s,t] * query[i,t]
   //   d E[s,t]       += w * best * (1 - sig[s,t])     (best = S[s,t], no recomputation)
@@ -155,26 +183,12 @@ void backward_impl(const Shape& sh, const T* q, const T* g, const T* gate /* [lg
           T* dq = grad_q == nullptr ? nullptr : grad_q + i * lq * d;
           if (dq != nullptr) std::fill(dq, dq + lq * d, T(0));
           for (int64_t j = 0; j < sh.ng; ++j) {
-            const int64_t pair = i * sh.ng + j;
             const T* g_img = g + j * lg * d;
-            if (grad_qb != nullptr) {
-              for (int64_t t = 0; t < lq; ++t) {
-                const int64_t s = q_index[pair * lq + t];
-                const T w = grad_qb[pair * lq + t];
-                const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
-                if (dq != nullptr) axpy(d, w * sig, g_img + s * d, dq + t * d);
-                if (part != nullptr) part[s * lq + t] += w * q_best[pair * lq + t] * (T(1) - sig);
-              }
-            }
-            if (grad_gb != nullptr) {
-              for (int64_t s = 0; s < lg; ++s) {
-                const int64_t t = g_index[pair * lg + s];
-                const T w = grad_gb[pair * lg + s];
-                const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
-                if (dq != nullptr) axpy(d, w * sig, g_img + s * d, dq + t * d);
-                if (part != nullptr) part[s * lq + t] += w * g_best[pair * lg + s] * (T(1) - sig);
-              }
-            }
+            route.for_each(i * sh.ng + j, [&](int64_t s, int64_t t, T w, T best) {
+              const T sig = sig_at(s, t);
+              if (dq != nullptr) axpy(d, w * sig, g_img + s * d, dq + t * d);
+              if (part != nullptr) part[s * lq + t] += w * best * (T(1) - sig);
+            });
           }
         }
       }
@@ -195,22 +209,10 @@ void backward_impl(const Shape& sh, const T* q, const T* g, const T* gate /* [lg
         T* dg = grad_g + j * lg * d;
         std::fill(dg, dg + lg * d, T(0));
         for (int64_t i = 0; i < sh.nq; ++i) {
-          const int64_t pair = i * sh.ng + j;
           const T* q_img = q + i * lq * d;
-          if (grad_qb != nullptr) {
-            for (int64_t t = 0; t < lq; ++t) {
-              const int64_t s = q_index[pair * lq + t];
-              const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
-              axpy(d, grad_qb[pair * lq + t] * sig, q_img + t * d, dg + s * d);
-            }
-          }
-          if (grad_gb != nullptr) {
-            for (int64_t s = 0; s < lg; ++s) {
-              const int64_t t = g_index[pair * lg + s];
-              const T sig = gate == nullptr ? T(1) : gate[s * lq + t];
-              axpy(d, grad_gb[pair * lg + s] * sig, q_img + t * d, dg + s * d);
-            }
-          }
+          route.for_each(i * sh.ng + j, [&](int64_t s, int64_t t, T w, T /*best*/) {
+            axpy(d, w * sig_at(s, t), q_img + t * d, dg + s * d);
+          });
         }
       }
     });
@@ -294,14 +296,18 @@ void max_sim_backward_cpu(const std::optional<at::Tensor>& grad_q_best,
   }
   const auto gate = gate_of(score_embed, dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "max_sim_backward_cpu", [&] {
-    backward_impl<scalar_t>(
-        sh, query.const_data_ptr<scalar_t>(), gallery.const_data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(gate), ptr_or_null<scalar_t>(grad_q_best),
-        ptr_or_null<scalar_t>(grad_g_best), q_best.const_data_ptr<scalar_t>(),
-        g_best.const_data_ptr<scalar_t>(), q_index.const_data_ptr<int32_t>(),
-        g_index.const_data_ptr<int32_t>(), mutable_ptr_or_null<scalar_t>(grad_query),
-        mutable_ptr_or_null<scalar_t>(grad_gallery), mutable_ptr_or_null<scalar_t>(grad_score_embed),
-        query.options());
+    const Routing<scalar_t> route{sh,
+                                  ptr_or_null<scalar_t>(grad_q_best),
+                                  ptr_or_null<scalar_t>(grad_g_best),
+                                  q_best.const_data_ptr<scalar_t>(),
+                                  g_best.const_data_ptr<scalar_t>(),
+                                  q_index.const_data_ptr<int32_t>(),
+                                  g_index.const_data_ptr<int32_t>()};
+    backward_impl<scalar_t>(route, query.const_data_ptr<scalar_t>(),
+                            gallery.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gate),
+                            mutable_ptr_or_null<scalar_t>(grad_query),
+                            mutable_ptr_or_null<scalar_t>(grad_gallery),
+                            mutable_ptr_or_null<scalar_t>(grad_score_embed), query.options());
   });
 }
 
