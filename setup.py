@@ -43,7 +43,8 @@ def _extensions():
     )
     with_cuda = with_cuda and bool(cuda_sources)
     sources = ["csrc/max_sim.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP
+    # No -std flag: torch.utils.cpp_extension adds the C++ standard the installed torch needs.
+    cxx = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP
     define_macros = []
     if with_cuda:
         define_macros.append(("TRANSMATCHER_FAST_WITH_CUDA", None))
@@ -51,7 +52,7 @@ def _extensions():
             "transmatcher_fast._C",
             sources + cuda_sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + _cuda_gencode_flags()},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + _cuda_gencode_flags()},
             extra_link_args=["-fopenmp"],
         )
     else:

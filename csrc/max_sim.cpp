@@ -26,7 +26,8 @@ TORCH_LIBRARY(transmatcher_fast_C, m) {
 
 // A bare Python module: importing `transmatcher_fast._C` runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                          nullptr, nullptr, nullptr, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr) {
 #ifdef TRANSMATCHER_FAST_WITH_CUDA

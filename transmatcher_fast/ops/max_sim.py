@@ -215,11 +215,12 @@ def _max_sim_backward_op(
     need_gallery: bool,
     need_score_embed: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns the three gradients in their inputs' dtypes; one not needed is an empty tensor."""
+    """Returns the three gradients in their inputs' dtypes; one not needed is an empty tensor.
+    ``need_score_embed`` implies a ``score_embed``."""
     with _no_autocast(query.device):
         grads = dispatch.select(query.device).backward(
             grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
-            q_index, g_index, need_query, need_gallery, need_score_embed and score_embed is not None,
+            q_index, g_index, need_query, need_gallery, need_score_embed,
         )
     like = (query, gallery, score_embed)
     return tuple(
@@ -231,7 +232,6 @@ def _max_sim_backward_op(
 @_max_sim_backward_op.register_fake
 def _max_sim_backward_fake(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
                            q_index, g_index, need_query, need_gallery, need_score_embed):
-    need_score_embed = need_score_embed and score_embed is not None
     return (
         torch.empty_like(query) if need_query else query.new_empty(0),
         torch.empty_like(gallery) if need_gallery else query.new_empty(0),
