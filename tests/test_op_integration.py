@@ -1,6 +1,7 @@
 """max_sim as a torch.library op: torch.compile, autocast, opcheck, determinism, backend choice,
 the compiled extension, and the demo command."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,21 +22,42 @@ def test_extension_is_built():
     assert dispatch.select(torch.device("cpu")).name == "cpu"
 
 
+def transposed(t):
+    """The same values in a non-contiguous layout (last two dims stored swapped)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("gate", [True, False])
-def test_opcheck(backend, rng, gate):
+def test_opcheck(backend, rng, gate, layout):
+    """Schema, fake implementations (shapes and strides), autograd registration and AOT dispatch
+    of both ops."""
     query, gallery, embed = make_inputs(rng, 2, 3, 5, 4, 6, gate=gate)
-    for t in (query, gallery, embed):
-        if t is not None:
-            t.requires_grad_()
-    torch.library.opcheck(torch.ops.transmatcher_fast.max_sim.default, (query, gallery, embed))
+    if layout == "transposed":
+        query, gallery = transposed(query), transposed(gallery)
+        embed = None if embed is None else transposed(embed)
+    inputs = [None if t is None else t.requires_grad_() for t in (query, gallery, embed)]
+    torch.library.opcheck(torch.ops.transmatcher_fast.max_sim.default, tuple(inputs))
+    outs = [t.detach() for t in torch.ops.transmatcher_fast.max_sim(*inputs)]
+    grads = randn(outs[0].shape, rng), randn(outs[1].shape, rng)
+    backward_args = (*grads, *[t if t is None else t.detach() for t in inputs], *outs,
+                     True, True, gate, backend)
+    torch.library.opcheck(torch.ops.transmatcher_fast.max_sim_backward.default, backward_args)
 
 
-def test_torch_compile_fullgraph(backend, rng):
+@pytest.mark.parametrize("layout", ["projected", "channels_first"])
+def test_torch_compile_fullgraph(backend, rng, layout):
     query, gallery, embed = make_inputs(rng, 3, 4, 6, 5, 8, dtype=torch.float32)
     weight = randn((8, 8), rng, torch.float32)
+    if layout == "channels_first":  # [N, D, L] storage, as a CNN hands features over
+        query, gallery = query.transpose(1, 2).contiguous(), gallery.transpose(1, 2).contiguous()
 
     def loss_fn(q, g, e, w):
-        q_best, g_best = max_sim(q @ w, g @ w, e)  # a projection in front, as in TransMatcher
+        if layout == "channels_first":
+            q, g = q.transpose(1, 2), g.transpose(1, 2)  # non-contiguous views into the op
+        else:
+            q, g = q @ w, g @ w  # a projection in front, as in TransMatcher
+        q_best, g_best = max_sim(q, g, e)
         return q_best.square().sum() + g_best.mean()
 
     torch._dynamo.reset()
@@ -45,7 +67,8 @@ def test_torch_compile_fullgraph(backend, rng):
         leaves = [t.clone().requires_grad_() for t in (query, gallery, embed, weight)]
         loss = fn(*leaves)
         loss.backward()
-        results.append([loss.detach()] + [t.grad for t in leaves])
+        results.append([loss.detach()] + [t.grad for t in leaves if t.grad is not None])
+    assert len(results[0]) == len(results[1]) >= 4
     for eager, comp in zip(*results):
         assert rel_err(comp, eager) < 1e-5
 
@@ -115,6 +138,26 @@ def test_forcing_a_backend_that_cannot_serve_the_device_is_an_error():
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_backward_runs_on_the_backend_that_ran_the_forward(rng, monkeypatch):
+    if "cpu" not in dispatch.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    calls = []
+    cpu = dispatch.by_name("cpu")
+
+    def counted_backward(*args):
+        calls.append("cpu")
+        return cpu.backward(*args)
+
+    monkeypatch.setitem(dispatch._registry, "cpu", dataclasses.replace(cpu, backward=counted_backward))
+    query, gallery, embed = make_inputs(rng, 2, 3, 4, 5, 6, dtype=torch.float32)
+    query.requires_grad_()
+    with transmatcher_fast.use_backend("cpu"):
+        q_best, _ = max_sim(query, gallery, embed)
+    with transmatcher_fast.use_backend("reference"):
+        q_best.sum().backward()  # the saved indices are the C++ kernel's: so is the backward
+    assert calls == ["cpu"] and query.grad is not None
 
 
 def test_environment_variable_selects_the_backend():

@@ -91,6 +91,14 @@ def available_backends(device_type: Optional[str] = None) -> list[str]:
     ]
 
 
+def by_name(name: str) -> Backend:
+    """A registered backend by name."""
+    if name not in _registry:
+        raise RuntimeError(f"transmatcher_fast: backend {name!r} is not registered here; "
+                           f"registered: {sorted(_registry)}")
+    return _registry[name]
+
+
 def select(device: torch.device) -> Backend:
     """The backend that runs a call on ``device``."""
     kind = device.type

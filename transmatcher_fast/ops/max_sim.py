@@ -79,7 +79,10 @@ def _validate(query, gallery, score_embed) -> None:
             f"and gallery shape {_shape(gallery)}, got shape {_shape(score_embed)}"
         )
     if not score_embed.dtype.is_floating_point:
-        raise TypeError(f"max_sim: score_embed must be floating point, got {score_embed.dtype}")
+        raise TypeError(
+            f"max_sim: score_embed must be floating point, got {score_embed.dtype} "
+            f"(score_embed shape {_shape(score_embed)})"
+        )
     if score_embed.device != query.device:
         raise ValueError(
             f"max_sim: score_embed is on {score_embed.device} but query is on {query.device} "
@@ -150,18 +153,24 @@ def _cpu_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best,
     return dq, dg, de
 
 
+def _in_compute_dtype(dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _reference_forward(query, gallery, score_embed):
+    # Computed like the kernels: features and gate in float32 (float64 for float64 inputs).
     dtype = reference.output_dtype(query.dtype)
     return reference.max_sim_chunked(
-        query.to(dtype), gallery.to(dtype), score_embed, return_indices=True
+        *_in_compute_dtype(dtype, query, gallery, score_embed), return_indices=True
     )
 
 
 def _reference_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
                         q_index, g_index, need_query, need_gallery, need_score_embed):
+    # Recomputes the blocks of _reference_forward, hence the same argmax as the saved indices.
     dtype = q_best.dtype
     dq, dg, de = reference.max_sim_chunked_backward(
-        grad_q_best, grad_g_best, query.to(dtype), gallery.to(dtype), score_embed
+        grad_q_best, grad_g_best, *_in_compute_dtype(dtype, query, gallery, score_embed)
     )
     return (dq if need_query else None, dg if need_gallery else None,
             de if need_score_embed else None)
@@ -214,28 +223,30 @@ def _max_sim_backward_op(
     need_query: bool,
     need_gallery: bool,
     need_score_embed: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns the three gradients in their inputs' dtypes; one not needed is an empty tensor.
-    ``need_score_embed`` implies a ``score_embed``."""
+    """The three gradients, contiguous, in their inputs' dtypes; one not needed is an empty
+    tensor (``need_score_embed`` implies a ``score_embed``). ``backend`` is the one that ran the
+    forward, so the saved indices are its own."""
     with _no_autocast(query.device):
-        grads = dispatch.select(query.device).backward(
+        grads = dispatch.by_name(backend).backward(
             grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
             q_index, g_index, need_query, need_gallery, need_score_embed,
         )
     like = (query, gallery, score_embed)
     return tuple(
-        grad.to(x.dtype) if grad is not None else query.new_empty(0)
+        grad.to(x.dtype).contiguous() if grad is not None else query.new_empty(0)
         for grad, x in zip(grads, like)
     )
 
 
 @_max_sim_backward_op.register_fake
 def _max_sim_backward_fake(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
-                           q_index, g_index, need_query, need_gallery, need_score_embed):
-    return (
-        torch.empty_like(query) if need_query else query.new_empty(0),
-        torch.empty_like(gallery) if need_gallery else query.new_empty(0),
-        torch.empty_like(score_embed) if need_score_embed else query.new_empty(0),
+                           q_index, g_index, need_query, need_gallery, need_score_embed, backend):
+    return tuple(
+        x.new_empty(x.shape) if need else query.new_empty(0)
+        for x, need in ((query, need_query), (gallery, need_gallery),
+                        (score_embed, need_score_embed))
     )
 
 
@@ -244,6 +255,7 @@ def _setup_context(ctx, inputs, output):
     q_best, g_best, q_index, g_index = output
     ctx.mark_non_differentiable(q_index, g_index)
     ctx.save_for_backward(query, gallery, score_embed, q_best, g_best, q_index, g_index)
+    ctx.backend = dispatch.select(query.device).name  # the backend that just ran the forward
 
 
 def _backward(ctx, grad_q_best, grad_g_best, _grad_q_index, _grad_g_index):
@@ -251,7 +263,7 @@ def _backward(ctx, grad_q_best, grad_g_best, _grad_q_index, _grad_g_index):
     need_query, need_gallery, need_score_embed = ctx.needs_input_grad
     grads = _max_sim_backward_op(
         grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best, q_index, g_index,
-        need_query, need_gallery, need_score_embed and score_embed is not None,
+        need_query, need_gallery, need_score_embed and score_embed is not None, ctx.backend,
     )
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
