@@ -50,19 +50,24 @@ def run_demo(args: argparse.Namespace) -> int:
     reference.max_sim(query[:1, :2], gallery[:1, :2], score_embed[:2, :2])
     peaks = {name: benchmarking.peak_extra_bytes(fn, device) for name, fn in fns.items()}
     seconds = benchmarking.median_seconds(fns, device=device, warmup=1, repeat=args.repeat)
-    results = {}
     for name in fns:
-        results[name] = (seconds[name], peaks[name])
         print(f"  {name:<26} {seconds[name] * 1e3:9.1f} ms   peak extra memory {_mib(peaks[name])}")
     if not args.skip_reference:
         expected = materialised()
         diff = max((a - b).abs().max().item() for a, b in zip(ours[:2], expected[:2]))
         same = sum(int((a == b).all()) for a, b in zip(ours[2:], expected[2:]))
-        (t_ours, m_ours), (t_ref, m_ref) = results.values()
+        (t_ours, t_ref), (m_ours, m_ref) = seconds.values(), peaks.values()
         print(f"  max |difference| {diff:.2e}; argmax identical in {same}/2 directions")
         print(f"  fused is {t_ref / t_ours:.2f}x faster"
               + ("" if not m_ours or not m_ref else f" and needs {m_ref / m_ours:.0f}x less memory"))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the fused op on random features against the reference")
-    demo.add_argument("--queries", type=int, default=32)
-    demo.add_argument("--gallery", type=int, default=128)
-    demo.add_argument("--locations", type=int, default=192, help="locations per image (24x8 = 192)")
-    demo.add_argument("--dim", type=int, default=512)
+    demo.add_argument("--queries", type=_positive_int, default=32)
+    demo.add_argument("--gallery", type=_positive_int, default=128)
+    demo.add_argument("--locations", type=_positive_int, default=192,
+                      help="locations per image (24x8 = 192)")
+    demo.add_argument("--dim", type=_positive_int, default=512)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    demo.add_argument("--repeat", type=int, default=3)
+    demo.add_argument("--repeat", type=_positive_int, default=3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--skip-reference", action="store_true",
                       help="do not run the materialised reference (large sizes)")
@@ -85,9 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("queries", "gallery", "locations", "dim", "repeat"):
-        if getattr(args, name, 1) < 1:
-            build_parser().error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args.run(args)
 
 
