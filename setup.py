@@ -14,7 +14,7 @@ Build against the installed torch: `pip install --no-build-isolation .`
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _flag(name, default="0"):
@@ -69,11 +69,8 @@ ext_modules, cmdclass = _extensions()
 
 
 setup(
-    packages=[
-        "transmatcher_fast",
-        "transmatcher_fast.ops",
-        "transmatcher_fast.kernels",
-    ],
+    packages=find_packages(include=["transmatcher_fast", "transmatcher_fast.*"])
+    + ["transmatcher_fast.kernels"],
     package_dir={"transmatcher_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

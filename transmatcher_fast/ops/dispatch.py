@@ -34,9 +34,12 @@ class Backend:
     forward: Callable
     backward: Callable
     is_available: Callable[[], bool] = lambda: True
+    dtypes: Optional[frozenset] = None  # input dtypes it computes; None: all the op accepts
 
-    def serves(self, device_type: str) -> bool:
-        return self.device_types is None or device_type in self.device_types
+    def serves(self, device_type: str, dtype: Optional[torch.dtype] = None) -> bool:
+        return (self.device_types is None or device_type in self.device_types) and (
+            dtype is None or self.dtypes is None or dtype in self.dtypes
+        )
 
 
 _registry: dict[str, Backend] = {}
@@ -99,22 +102,23 @@ def by_name(name: str) -> Backend:
     return _registry[name]
 
 
-def select(device: torch.device) -> Backend:
-    """The backend that runs a call on ``device``."""
+def select(device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend that runs a call on ``device`` with ``dtype`` inputs (float64 on a GPU, for
+    instance, falls back to ``reference``)."""
     kind = device.type
     if _choice is not None:
         backend = _registry.get(_choice)
-        if backend is None or not backend.is_available() or not backend.serves(kind):
+        if backend is None or not backend.is_available() or not backend.serves(kind, dtype):
             raise RuntimeError(
-                f"transmatcher_fast: backend {_choice!r} cannot run on {kind} tensors here; "
-                f"available for {kind}: {available_backends(kind)}"
+                f"transmatcher_fast: backend {_choice!r} cannot run on {kind} tensors of dtype "
+                f"{dtype} here; available for {kind}: {available_backends(kind)}"
             )
         return backend
     for name in _PREFERENCE.get(kind, ()) + ("reference",):
         backend = _registry.get(name)
-        if backend is not None and backend.is_available() and backend.serves(kind):
+        if backend is not None and backend.is_available() and backend.serves(kind, dtype):
             return backend
-    raise RuntimeError(f"transmatcher_fast: no backend for {kind} tensors")
+    raise RuntimeError(f"transmatcher_fast: no backend for {kind} tensors of dtype {dtype}")
 
 
 # Tests set TRANSMATCHER_FAST_POISON=1 (or poison_outputs(True)): kernels then receive outputs

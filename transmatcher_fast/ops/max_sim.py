@@ -124,31 +124,45 @@ def _output_specs(query: Tensor, gallery: Tensor):
             ((nq, ng, lq), torch.int32), ((nq, ng, lg), torch.int32))
 
 
-def _as_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _kernel_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the compiled kernels read: the CPU kernels compute in float32/float64; the CUDA
+    kernels read 16-bit inputs as they are and accumulate in float32."""
+    if t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16):
+        return t.dtype
+    return reference.output_dtype(t.dtype)
+
+
+def _as_kernel_input(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
-def _cpu_forward(query, gallery, score_embed):
-    dtype = reference.output_dtype(query.dtype)
-    q = _as_compute(query, dtype)
-    g = q if gallery is query else _as_compute(gallery, dtype)
+def _extension_forward(query, gallery, score_embed):
+    """The C++ CPU kernel or the CUDA extension (same op schema; dispatch by device)."""
+    dtype = _kernel_dtype(query)
+    q = _as_kernel_input(query, dtype)
+    g = q if gallery is query else _as_kernel_input(gallery, dtype)
+    e = None if score_embed is None else _as_kernel_input(score_embed, reference.output_dtype(dtype))
     outs = tuple(dispatch.new_output(shape, out_dtype, q.device)
                  for shape, out_dtype in _output_specs(q, g))
-    torch.ops.transmatcher_fast_C.max_sim_forward(q, g, score_embed, *outs)
+    torch.ops.transmatcher_fast_C.max_sim_forward(q, g, e, *outs)
     return outs
 
 
-def _cpu_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
-                  q_index, g_index, need_query, need_gallery, need_score_embed):
-    dtype = q_best.dtype
-    q = _as_compute(query, dtype)
-    g = q if gallery is query else _as_compute(gallery, dtype)
-    grads = [None if grad is None else _as_compute(grad, dtype) for grad in (grad_q_best, grad_g_best)]
-    dq = dispatch.new_output(q.shape, dtype, q.device) if need_query else None
-    dg = dispatch.new_output(g.shape, dtype, q.device) if need_gallery else None
-    de = dispatch.new_output(score_embed.shape, dtype, q.device) if need_score_embed else None
+def _extension_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
+                        q_index, g_index, need_query, need_gallery, need_score_embed):
+    dtype = _kernel_dtype(query)
+    out_dtype = q_best.dtype
+    q = _as_kernel_input(query, dtype)
+    g = q if gallery is query else _as_kernel_input(gallery, dtype)
+    e = None if score_embed is None else _as_kernel_input(score_embed, out_dtype)
+    grads = [None if grad is None else _as_kernel_input(grad, out_dtype)
+             for grad in (grad_q_best, grad_g_best)]
+    # Gradients are accumulated and returned in float32 (float64): the op casts them back.
+    dq = dispatch.new_output(q.shape, out_dtype, q.device) if need_query else None
+    dg = dispatch.new_output(g.shape, out_dtype, q.device) if need_gallery else None
+    de = dispatch.new_output(score_embed.shape, out_dtype, q.device) if need_score_embed else None
     torch.ops.transmatcher_fast_C.max_sim_backward(
-        *grads, q, g, score_embed, q_best, g_best, q_index, g_index, dq, dg, de
+        *grads, q, g, e, q_best, g_best, q_index, g_index, dq, dg, de
     )
     return dq, dg, de
 
@@ -180,8 +194,13 @@ dispatch.register_backend(
     dispatch.Backend("reference", None, _reference_forward, _reference_backward)
 )
 dispatch.register_backend(
-    dispatch.Backend("cpu", frozenset({"cpu"}), _cpu_forward, _cpu_backward,
+    dispatch.Backend("cpu", frozenset({"cpu"}), _extension_forward, _extension_backward,
                      _extension.has_cpu_kernels)
+)
+dispatch.register_backend(
+    dispatch.Backend("cuda", frozenset({"cuda"}), _extension_forward, _extension_backward,
+                     _extension.has_cuda_kernels,
+                     frozenset({torch.float32, torch.float16, torch.bfloat16}))
 )
 
 
@@ -201,7 +220,7 @@ def _max_sim_op(
     query: Tensor, gallery: Tensor, score_embed: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(query.device):
-        return tuple(dispatch.select(query.device).forward(query, gallery, score_embed))
+        return tuple(dispatch.select(query.device, query.dtype).forward(query, gallery, score_embed))
 
 
 @_max_sim_op.register_fake
@@ -255,7 +274,7 @@ def _setup_context(ctx, inputs, output):
     q_best, g_best, q_index, g_index = output
     ctx.mark_non_differentiable(q_index, g_index)
     ctx.save_for_backward(query, gallery, score_embed, q_best, g_best, q_index, g_index)
-    ctx.backend = dispatch.select(query.device).name  # the backend that just ran the forward
+    ctx.backend = dispatch.select(query.device, query.dtype).name  # the backend that just ran the forward
 
 
 def _backward(ctx, grad_q_best, grad_g_best, _grad_q_index, _grad_g_index):
