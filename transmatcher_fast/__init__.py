@@ -7,6 +7,8 @@ See README.md and DESIGN.md for the op's contract and the backends.
 
 from . import _extension, reference
 from .ops import available_backends, get_backend, max_sim, set_backend, use_backend
+from .models import (QAConv, TransformerDecoder, TransformerDecoderLayer, TransMatcher,
+                     build_model, load_upstream_checkpoint)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,6 +18,12 @@ __all__ = [
     "use_backend",
     "available_backends",
     "reference",
+    "TransMatcher",
+    "TransformerDecoderLayer",
+    "TransformerDecoder",
+    "QAConv",
+    "build_model",
+    "load_upstream_checkpoint",
     "__version__",
 ]
 

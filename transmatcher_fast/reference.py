@@ -186,3 +186,52 @@ def max_sim_grads(
         grad_embed.index_add_(0, (s_all * lq + t_all).flatten(), (w_all * best * (1 - gate)).flatten())
         grad_embed = grad_embed.view(lg, lq)
     return grad_query.view(nq, lq, d), grad_gallery.view(ng, lg, d), grad_embed
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream's matchers, materialised: the ground truth for transmatcher_fast.models.
+# Written from the reference document's equations (TransMatcher §1.3-1.4, QAConv §4); they read
+# the parameters and BatchNorm modules of a matcher built with upstream's module tree, and run
+# those BatchNorms exactly as upstream does (so running statistics update in training mode).
+
+
+def transmatcher_layer_scores(layer, tgt: Tensor, memory: Tensor) -> Tensor:
+    """Upstream's decoder layer: probe ``tgt [q, h, w, d]``, gallery ``memory [k, h, w, d]`` ->
+    ``[q, k]``, building the ``[q, k, L, L]`` gated score tensor."""
+    q, k, d = tgt.shape[0], memory.shape[0], tgt.shape[-1]
+    length = layer.score_embed.shape[-1]
+    query = layer.fc1(tgt.reshape(q, length, d))      # probe locations t
+    key = layer.fc1(memory.reshape(k, length, d))     # gallery locations s
+    score = torch.einsum("qtd,ksd->qkst", query, key) * layer.score_embed.sigmoid()
+    score = score.reshape(q * k, length, length)
+    # Per pair: max over gallery locations (one per probe location), then over probe locations.
+    score = torch.cat((score.max(dim=1)[0], score.max(dim=2)[0]), dim=-1)
+    score = layer.bn1(score.view(-1, 1, length)).view(-1, length)
+    score = layer.fc3(layer.relu(layer.bn2(layer.fc2(score))))
+    score = layer.bn3(score.view(-1, 2).sum(dim=-1, keepdim=True))
+    return score.view(q, k)
+
+
+def transmatcher_scores(matcher, probe: Tensor, gallery: Tensor) -> Tensor:
+    """Upstream's ``make_kernel(probe); forward(gallery)``: the channel chunk n of both feature
+    maps goes through decoder layer n, the layer scores are summed, then the final scalar BN."""
+    layers = matcher.decoder.layers
+    probe_parts = probe.chunk(len(layers), dim=-1)
+    gallery_parts = gallery.chunk(len(layers), dim=-1)
+    score = None
+    for layer, p, g in zip(layers, probe_parts, gallery_parts):
+        s = transmatcher_layer_scores(layer, p, g)
+        score = s if score is None else score + s
+    q, k = score.shape
+    return matcher.decoder.norm(score.view(-1, 1)).view(q, k)
+
+
+def qaconv_scores(matcher, probe: Tensor, gallery: Tensor) -> Tensor:
+    """Upstream's QAConv: probe ``[p, C, h, w]``, gallery ``[g, C, h, w]`` -> ``[p, g]``."""
+    p, g, c = probe.shape[0], gallery.shape[0], probe.shape[1]
+    hw = probe.shape[2] * probe.shape[3]
+    score = torch.einsum("pcs,gcr->pgrs", probe.reshape(p, c, hw), gallery.reshape(g, c, hw))
+    score = torch.cat((score.max(dim=2)[0], score.max(dim=3)[0]), dim=-1)
+    score = matcher.bn(score.view(-1, 1, hw)).view(-1, hw)
+    score = matcher.fc(score).view(-1, 2).sum(dim=1, keepdim=True)
+    return matcher.logit_bn(score).view(p, g)

@@ -1,0 +1,29 @@
+"""Drop-in TransMatcher / QAConv matchers and their feature models, on the fused ``max_sim`` op.
+
+    from transmatcher_fast import TransMatcher          # instead of upstream's transmatcher.py
+    model, matcher = transmatcher_fast.build_model()    # upstream's default configuration
+    model, matcher = transmatcher_fast.load_upstream_checkpoint("checkpoint.pth.tar")
+"""
+
+from .checkpoint import load_upstream_checkpoint
+from .feature import (QAConvFeatures, TransformerEncoder, TransMatcherFeatures, build_model,
+                      feature_map_size)
+from .head import mlp_head
+from .qaconv import QAConv
+from .resnet import ResNet
+from .transmatcher import TransformerDecoder, TransformerDecoderLayer, TransMatcher
+
+__all__ = [
+    "TransMatcher",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "QAConv",
+    "ResNet",
+    "TransMatcherFeatures",
+    "QAConvFeatures",
+    "TransformerEncoder",
+    "build_model",
+    "feature_map_size",
+    "load_upstream_checkpoint",
+    "mlp_head",
+]

@@ -1,0 +1,160 @@
+"""Load upstream's ``checkpoint.pth.tar`` into our feature model and matcher.
+
+Upstream saves ``{"model": feature_model.state_dict(), "criterion": loss.state_dict(),
+"optim": ..., "epoch": ...}``; the loss holds the matcher, so its keys are ``matcher.*``. The file
+is read with ``torch.load(weights_only=True)``: a checkpoint from the internet cannot run code.
+The configuration is read off the tensor shapes wherever they determine it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .feature import (QAConvFeatures, TransMatcherFeatures, backbone_channels, feature_map_size,
+                      parse_arch)
+from .qaconv import QAConv
+from .resnet import DEPTHS, FINAL_LAYERS, STAGES, describe, load_exactly
+from .transmatcher import TransMatcher
+
+
+def _strip_module(state: dict) -> dict:
+    """Drop DataParallel's ``module.`` prefix wherever keys carry it."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _count(state: dict, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in state for m in [pattern.match(k)] if m}
+    return max(indices) + 1 if indices else 0
+
+
+def _infer_backbone(state: dict, arch: Optional[str], path: str) -> tuple[int, Optional[str]]:
+    if any(".bn1.IN." in k or k.startswith("base.bn1.IN.") for k in state):
+        raise ValueError(f"checkpoint {path!r}: IBN-Net-a backbones are not supported (only "
+                         "torchvision ResNets and IBN-Net-b)")
+    if "base.conv1.weight" not in state:
+        raise ValueError(f"checkpoint {path!r}: 'model' has no backbone (no 'base.conv1.weight')")
+    ibn = "b" if "base.bn1.weight" in state and "base.bn1.running_mean" not in state else None
+    bottleneck = "base.layer1.0.conv3.weight" in state
+    counts = []
+    for stage in STAGES:
+        n = _count(state, f"base.{stage}.")
+        if n == 0:
+            break
+        counts.append(n)
+    candidates = [d for d, (blocks, bneck) in DEPTHS.items()
+                  if bneck == bottleneck and tuple(blocks[:len(counts)]) == tuple(counts)]
+    if arch is not None:
+        depth = parse_arch(arch)
+        if depth not in candidates:
+            raise ValueError(f"checkpoint {path!r} holds a backbone with blocks per stage "
+                             f"{counts} (bottleneck={bottleneck}), which is not arch={arch!r}")
+        return depth, ibn
+    if len(candidates) != 1:
+        raise ValueError(f"checkpoint {path!r}: cannot tell the backbone depth from blocks per "
+                         f"stage {counts} (candidates {candidates}); pass arch='resnet<depth>'")
+    return candidates[0], ibn
+
+
+def _infer_final_layer(state: dict, depth: int, final_layer: Optional[str], path: str) -> str:
+    if "neck_conv.weight" not in state:
+        return final_layer or "layer3"
+    in_channels = state["neck_conv.weight"].shape[1]
+    found = [f for f in FINAL_LAYERS if backbone_channels(depth, f) == in_channels]
+    if final_layer is not None and final_layer not in found:
+        raise ValueError(f"checkpoint {path!r}: the neck takes {in_channels} channels, which is "
+                         f"not ResNet-{depth}'s {final_layer!r} output")
+    if not found:
+        raise ValueError(f"checkpoint {path!r}: the neck takes {in_channels} channels, which no "
+                         f"stage of ResNet-{depth} gives")
+    return final_layer or found[0]
+
+
+def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: int = 1,
+                             final_layer: Optional[str] = None, height: Optional[int] = None,
+                             width: Optional[int] = None) -> tuple[nn.Module, nn.Module]:
+    """``(model, matcher)`` with the weights of an upstream TransMatcher or QAConv(-GS)
+    ``checkpoint.pth.tar`` (in training mode, as built; call ``.eval()`` to evaluate).
+
+    Inferred from the tensors: backbone depth and IBN-b, ``final_layer`` (from the neck's input
+    channels), ``neck``, encoder layers, ``dim_feedforward``, ``seq_len``, ``d_model``, decoder
+    layers. Not recorded in the tensors, hence arguments: ``nhead`` (1), ``arch`` (needed only
+    when the stored stages cannot tell ResNet-50 from ResNet-101), ``final_layer`` without a neck
+    (``layer3``), and for QAConv ``height``/``width`` of the input images (default 384x128:
+    the ``h x w`` feature map must match the matcher's ``h*w``). For TransMatcher, ``height`` and
+    ``width`` when given are checked against ``seq_len``.
+
+    Unused upstream keys are skipped: the backbone's stages after ``final_layer`` and its ``fc``.
+    Any other missing or unexpected key raises a ValueError naming the file and the keys.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) \
+            or not isinstance(checkpoint.get("criterion"), dict):
+        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint {path!r} is not in upstream's format: expected a dict with "
+                         f"'model' and 'criterion' state_dicts, got {keys}")
+    state = _strip_module(checkpoint["model"])
+    criterion = _strip_module(checkpoint["criterion"])
+    matcher_state = {k[len("matcher."):]: v for k, v in criterion.items() if k.startswith("matcher.")}
+    if not matcher_state:
+        raise ValueError(f"checkpoint {path!r}: 'criterion' holds no 'matcher.*' keys "
+                         f"(got {sorted(criterion)[:8]}); QAConv 1.x class-memory losses are "
+                         "not supported")
+
+    depth, ibn = _infer_backbone(state, arch, path)
+    final_layer = _infer_final_layer(state, depth, final_layer, path)
+    neck = state["neck_conv.weight"].shape[0] if "neck_conv.weight" in state else 0
+
+    if "decoder.layers.0.score_embed" in matcher_state:
+        seq_len = matcher_state["decoder_layer.score_embed"].shape[-1] \
+            if "decoder_layer.score_embed" in matcher_state \
+            else matcher_state["decoder.layers.0.score_embed"].shape[-1]
+        d_model = matcher_state["decoder.layers.0.fc1.weight"].shape[0]
+        num_decoder_layers = _count(matcher_state, "decoder.layers.")
+        dim_feedforward = matcher_state["decoder.layers.0.fc2.weight"].shape[0]
+        num_encoder_layers = _count(state, "encoder.layers.")
+        encoder_ff = (state["encoder.layers.0.linear1.weight"].shape[0]
+                      if num_encoder_layers else dim_feedforward)
+        if height is not None or width is not None:
+            h, w = feature_map_size(height or 384, width or 128, final_layer)
+            if h * w != seq_len:
+                raise ValueError(f"checkpoint {path!r}: the matcher has seq_len {seq_len}, but "
+                                 f"{height}x{width} images give a {h}x{w} feature map")
+        model = TransMatcherFeatures(depth, ibn, final_layer, neck, nhead, num_encoder_layers,
+                                     encoder_ff)
+        if encoder_ff != dim_feedforward or num_decoder_layers != num_encoder_layers + 1 \
+                or d_model != model.num_features:
+            raise ValueError(
+                f"checkpoint {path!r}: the feature model (neck {model.num_features}, "
+                f"{num_encoder_layers} encoder layers, feedforward {encoder_ff}) does not fit the "
+                f"matcher (d_model {d_model}, {num_decoder_layers} decoder layers, feedforward "
+                f"{dim_feedforward})")
+        matcher = TransMatcher(seq_len, d_model, num_decoder_layers, dim_feedforward)
+    elif "fc.weight" in matcher_state and "logit_bn.weight" in matcher_state:
+        h, w = feature_map_size(height or 384, width or 128, final_layer)
+        locations = matcher_state["fc.weight"].shape[1]
+        if h * w != locations:
+            raise ValueError(f"checkpoint {path!r}: the QAConv matcher has {locations} locations, "
+                             f"but {height or 384}x{width or 128} images give a {h}x{w} feature "
+                             "map; pass height= and width= of the training images")
+        model = QAConvFeatures(depth, ibn, final_layer, neck)
+        matcher = QAConv(model.num_features, h, w)
+    else:
+        raise ValueError(f"checkpoint {path!r}: 'criterion' holds neither a TransMatcher nor a "
+                         f"QAConv matcher (keys {sorted(matcher_state)[:8]})")
+
+    skipped = model.base.skipped_prefixes()
+    model_state = {k: v for k, v in state.items()
+                   if not k.startswith(tuple("base." + p for p in skipped))}
+    load_exactly(model, model_state, f"checkpoint {path!r} ('model')",
+                 hint=f"{describe(depth, ibn)} to {final_layer}")
+    load_exactly(matcher, matcher_state, f"checkpoint {path!r} ('criterion' matcher.*)")
+    return model, matcher
+

@@ -1,0 +1,104 @@
+"""QAConv (Liao & Shao, ECCV 2020; QAConv-GS 2.x): a drop-in for upstream's ``reid/models/qaconv.py``.
+
+Features are channels-first ``[n, num_features, height, width]`` and L2-normalised over channels
+by the feature model, so the location dot products are cosine similarities. There is no gate:
+the fused op runs with ``score_embed=None`` and never builds the ``[p, g, hw, hw]`` tensor.
+Both upstream protocols work: ``make_kernel(probe)`` + ``forward(gallery)`` (up to mid-2022) and
+``forward(probe, gallery)`` (2023).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import max_sim
+from . import memory
+from .transmatcher import _check_positive, _uses_batch_stats
+
+
+class QAConv(nn.Module):
+    """Args: ``num_features`` channels, ``height`` x ``width`` feature-map size.
+
+    Score of probe p and gallery g: ``logit_bn(fc(bn(max_r S)) + fc(bn(max_s S)))`` with
+    ``S[r, s]`` the dot product of gallery location r and probe location s, ``bn`` a scalar
+    ``BatchNorm1d(1)``, ``fc`` a ``Linear(height*width, 1)`` initialised to the mean.
+    """
+
+    def __init__(self, num_features: int, height: int, width: int):
+        super().__init__()
+        _check_positive(num_features=num_features, height=height, width=width)
+        self.num_features = num_features
+        self.height = height
+        self.width = width
+        self.bn = nn.BatchNorm1d(1)
+        self.fc = nn.Linear(height * width, 1)
+        self.logit_bn = nn.BatchNorm1d(1)
+        self.kernel = None
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.bn.reset_running_stats()
+        self.logit_bn.reset_running_stats()
+
+    def reset_parameters(self) -> None:
+        """BN weight 1 and bias 0; fc weight 1/(h*w) (a mean); fc bias keeps nn.Linear's default."""
+        self.bn.reset_parameters()
+        self.logit_bn.reset_parameters()
+        with torch.no_grad():
+            self.fc.weight.fill_(1.0 / (self.height * self.width))
+
+    def _locations(self, features: Tensor, name: str) -> Tensor:
+        """``[n, C, h, w]`` -> ``[n, h*w, C]`` (a view; the op accepts non-contiguous inputs)."""
+        expected = (self.num_features, self.height, self.width)
+        if features.dim() != 4 or tuple(features.shape[1:]) != expected:
+            raise ValueError(f"{name} must be [n, num_features, height, width] = [n, "
+                             f"{', '.join(map(str, expected))}], got shape {tuple(features.shape)}")
+        return features.flatten(2).transpose(1, 2)
+
+    def _score(self, probe: Tensor, gallery: Tensor) -> Tensor:
+        """``[p, g]`` scores of location-major probe ``[p, hw, C]`` and gallery ``[g, hw, C]``."""
+        hw = self.height * self.width
+        q_best, g_best = max_sim(probe, gallery)
+        pooled = torch.cat((q_best, g_best), dim=-1).view(-1, 1, hw)
+        if self.bn.weight is not None:
+            pooled = pooled.to(self.bn.weight.dtype)  # float32 op output for a .half() model
+        pooled = self.bn(pooled).view(-1, hw)
+        logit = self.fc(pooled).view(-1, 2).sum(dim=1, keepdim=True)
+        return self.logit_bn(logit).view(probe.shape[0], gallery.shape[0])
+
+    def make_kernel(self, features: Tensor) -> None:
+        """Store the probe features ``[p, C, h, w]`` for the next one-argument ``forward``."""
+        self._locations(features, "probe")
+        self.kernel = features
+
+    def forward(self, features: Tensor, gallery: Optional[Tensor] = None) -> Tensor:
+        """``forward(gallery)`` after ``make_kernel(probe)``, or ``forward(probe, gallery)``:
+        ``[num_probe, num_gallery]`` logits."""
+        if gallery is None:
+            if self.kernel is None:
+                raise RuntimeError("QAConv.forward(gallery) needs make_kernel(probe) first "
+                                   "(or call forward(probe, gallery))")
+            probe, gallery = self.kernel, features
+        else:
+            probe = features
+        p = self._locations(probe, "probe")
+        g = p if gallery is probe else self._locations(gallery, "gallery")
+        return self._score(p, g)
+
+    def match(self, probe: Tensor, gallery: Tensor, chunk: Optional[int] = None) -> Tensor:
+        """``forward(probe, gallery)`` with the gallery streamed ``chunk`` images at a time
+        (default from free memory); one pass when a BatchNorm uses batch statistics."""
+        if _uses_batch_stats(self):
+            return self(probe, gallery)
+        p = self._locations(probe, "probe")
+        g = p if gallery is probe else self._locations(gallery, "gallery")
+        hw = self.height * self.width
+        per_pair = 6 * 2 * hw * 4
+        step = memory.gallery_chunk(p.shape[0], g.shape[0], per_pair, p.device, chunk)
+        blocks = []
+        for start in range(0, max(1, g.shape[0]), step):
+            blocks.append(self._score(p, g[start:start + step]))
+        return torch.cat(blocks, dim=1)

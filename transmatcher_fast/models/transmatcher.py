@@ -1,0 +1,213 @@
+"""TransMatcher (Liao & Shao, NeurIPS 2021): a drop-in for upstream's ``transmatcher.py``.
+
+Same constructors, parameter names, shapes, initialisation, BatchNorm behaviour and
+``make_kernel(probe)`` + ``forward(gallery)`` protocol as upstream, so upstream checkpoints load
+and give the same scores. What differs is how a decoder layer computes them:
+
+- the ``[q, k, L, L]`` gated similarity tensor is never built: ``transmatcher_fast.max_sim`` fuses
+  the dot products, the ``sigmoid(score_embed)`` gate and both max poolings;
+- the MLP head keeps no ``[2qk, dim_feedforward]`` activations (``head.mlp_head`` recomputes them);
+- a batch matched against itself (``make_kernel(x); forward(x)``, as in training) is projected by
+  fc1 once, not twice;
+- ``match(probe, gallery)`` projects every image once and streams the gallery in chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.init import xavier_uniform_
+
+from ..ops import max_sim
+from . import memory
+from .head import mlp_head
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _uses_batch_stats(module: nn.Module) -> bool:
+    """Whether some BatchNorm in ``module`` normalises with the statistics of its input."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and (m.training or m.running_mean is None) for m in module.modules())
+
+
+class TransformerDecoderLayer(nn.Module):
+    """One matching layer: shared projection fc1, gated all-pairs similarity with global max
+    pooling in both directions, scalar BN, MLP head 192 -> dim_feedforward -> 1 shared by both
+    directions, and a scalar BN on the summed logit.
+
+    ``forward(tgt, memory)`` takes probe features ``tgt [q, h, w, d_model]`` and gallery features
+    ``memory [k, h, w, d_model]`` (``h * w == seq_len``; ``[n, seq_len, d_model]`` works too) and
+    returns ``[q, k]`` scores.
+    """
+
+    def __init__(self, seq_len: int, d_model: int = 512, dim_feedforward: int = 2048):
+        super().__init__()
+        _check_positive(seq_len=seq_len, d_model=d_model, dim_feedforward=dim_feedforward)
+        self.seq_len = seq_len
+        self.d_model = d_model
+        # Upstream starts from a symmetric embedding; TransMatcher.reset_parameters then
+        # overwrites it with xavier_uniform_. Kept so the random stream matches upstream's.
+        score_embed = torch.randn(seq_len, seq_len)
+        score_embed = score_embed + score_embed.t()
+        # E[s, t]: s indexes gallery (memory) locations, t probe (tgt) locations.
+        self.score_embed = nn.Parameter(score_embed.view(1, 1, seq_len, seq_len))
+        self.fc1 = nn.Linear(d_model, d_model)
+        self.bn1 = nn.BatchNorm1d(1)
+        self.fc2 = nn.Linear(seq_len, dim_feedforward)
+        self.bn2 = nn.BatchNorm1d(dim_feedforward)
+        self.relu = nn.ReLU()  # applied inside head.mlp_head; kept for upstream's module tree
+        self.fc3 = nn.Linear(dim_feedforward, 1)
+        self.bn3 = nn.BatchNorm1d(1)
+
+    def project(self, features: Tensor, name: str = "features") -> Tensor:
+        """fc1 of ``[n, h, w, d_model]`` (or ``[n, seq_len, d_model]``) features: ``[n, L, d]``."""
+        shape = tuple(features.shape)
+        if features.dim() == 4:
+            ok = shape[1] * shape[2] == self.seq_len and shape[3] == self.d_model
+        else:
+            ok = features.dim() == 3 and shape[1] == self.seq_len and shape[2] == self.d_model
+        if not ok:
+            raise ValueError(
+                f"{name} must be [n, h, w, d_model] with h*w = seq_len = {self.seq_len} and "
+                f"d_model = {self.d_model} (or [n, seq_len, d_model]), got shape {shape}")
+        return self.fc1(features.reshape(shape[0], self.seq_len, self.d_model))
+
+    def score(self, probe: Tensor, gallery: Tensor) -> Tensor:
+        """``[q, k]`` scores of fc1-projected probe ``[q, L, d]`` against gallery ``[k, L, d]``."""
+        q, k = probe.shape[0], gallery.shape[0]
+        # The op's query is the probe: its score_embed is [Lg, Lq] = upstream's E[s, t].
+        q_best, g_best = max_sim(probe, gallery, self.score_embed[0, 0])
+        # Upstream's layout: per pair, the probe-direction row then the gallery-direction row.
+        pooled = torch.cat((q_best, g_best), dim=-1).view(-1, 1, self.seq_len)
+        if self.bn1.weight is not None:
+            pooled = pooled.to(self.bn1.weight.dtype)  # the op returns float32 for 16-bit inputs
+        pooled = self.bn1(pooled).view(-1, self.seq_len)
+        logit = mlp_head(pooled, self.fc2, self.bn2, self.fc3)
+        logit = logit.view(-1, 2).sum(dim=-1, keepdim=True)
+        return self.bn3(logit).view(q, k)
+
+    def forward(self, tgt: Tensor, memory: Tensor) -> Tensor:
+        probe = self.project(tgt, "tgt (probe)")
+        gallery = probe if memory is tgt else self.project(memory, "memory (gallery)")
+        return self.score(probe, gallery)
+
+
+class TransformerDecoder(nn.Module):
+    """``num_layers`` independent copies of ``decoder_layer``; layer n matches the n-th channel
+    chunk of the features (encoder level n). Scores are summed, then ``norm`` (a
+    ``BatchNorm1d(1)`` over all scores) is applied when given."""
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
+                 norm: Optional[nn.Module] = None):
+        super().__init__()
+        _check_positive(num_layers=num_layers)
+        self.layers = nn.ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def split(self, features: Tensor, name: str = "features") -> tuple[Tensor, ...]:
+        """The per-layer channel chunks of ``[n, h, w, num_layers * d_model]`` features."""
+        d_model = self.layers[0].d_model
+        if features.dim() not in (3, 4) or features.shape[-1] != self.num_layers * d_model:
+            raise ValueError(
+                f"{name} must be [n, h, w, num_layers * d_model] = [n, h, w, "
+                f"{self.num_layers} * {d_model}], got shape {tuple(features.shape)}")
+        return features.chunk(self.num_layers, dim=-1)
+
+    def normalize(self, score: Tensor) -> Tensor:
+        if self.norm is None:
+            return score
+        q, k = score.shape
+        return self.norm(score.view(-1, 1)).view(q, k)
+
+    def forward(self, tgt: Tensor, memory: Tensor) -> Tensor:
+        probe = self.split(tgt, "tgt (probe)")
+        gallery = probe if memory is tgt else self.split(memory, "memory (gallery)")
+        score = None
+        for layer, p, g in zip(self.layers, probe, gallery):
+            layer_score = layer(p, g)
+            score = layer_score if score is None else score + layer_score
+        return self.normalize(score)
+
+
+class TransMatcher(nn.Module):
+    """Upstream's TransMatcher matcher on the fused op.
+
+    Args:
+        seq_len: feature-map locations h*w (192 for 384x128 images at stride 16).
+        d_model: channels per encoder level (upstream's ``--neck``, 512).
+        num_decoder_layers: decoder layers N, one per encoder level (3).
+        dim_feedforward: hidden size of each layer's MLP head (2048).
+
+    Protocol (upstream's): ``make_kernel(probe)`` then ``forward(gallery)`` returns
+    ``[num_probe, num_gallery]`` logits, higher = more similar. Features are channels-last
+    ``[n, h, w, N * d_model]``. ``match(probe, gallery)`` gives the same scores in bounded memory.
+    """
+
+    def __init__(self, seq_len: int, d_model: int = 512, num_decoder_layers: int = 3,
+                 dim_feedforward: int = 2048):
+        super().__init__()
+        self.seq_len = seq_len
+        self.d_model = d_model
+        # Registered as a submodule (upstream does so): its parameters are in the state_dict,
+        # though forward never uses it.
+        self.decoder_layer = TransformerDecoderLayer(seq_len, d_model, dim_feedforward)
+        decoder_norm = nn.BatchNorm1d(1)
+        self.decoder = TransformerDecoder(self.decoder_layer, num_decoder_layers, decoder_norm)
+        self.memory = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """xavier_uniform_ on every parameter with more than one dimension (score_embed included);
+        biases keep nn.Linear's default, BatchNorm weight 1 and bias 0."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                xavier_uniform_(p)
+
+    def make_kernel(self, features: Tensor) -> None:
+        """Store the probe features ``[q, h, w, N * d_model]`` for the next ``forward``."""
+        self.memory = features
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Scores ``[q, k]`` of the stored probe features against gallery ``features``."""
+        if self.memory is None:
+            raise RuntimeError("TransMatcher.forward(gallery) needs make_kernel(probe) first")
+        return self.decoder(self.memory, features)
+
+    def match(self, probe: Tensor, gallery: Tensor, chunk: Optional[int] = None) -> Tensor:
+        """Scores ``[num_probe, num_gallery]``, equal to ``make_kernel(probe); forward(gallery)``.
+
+        Each image is projected by fc1 once; the gallery is then matched ``chunk`` images at a
+        time (default: as many as fit in a quarter of the free memory of the device). When a
+        BatchNorm uses batch statistics (training mode) those statistics span all pairs, so the
+        pairs are scored in one pass, as the protocol does.
+        """
+        decoder = self.decoder
+        if _uses_batch_stats(decoder):
+            return decoder(probe, gallery)
+        probe_parts = decoder.split(probe, "probe")
+        gallery_parts = probe_parts if gallery is probe else decoder.split(gallery, "gallery")
+        projected = []
+        for layer, p, g in zip(decoder.layers, probe_parts, gallery_parts):
+            pp = layer.project(p, "probe")
+            projected.append((pp, pp if g is p else layer.project(g, "gallery")))
+        num_probe, num_gallery = probe.shape[0], gallery.shape[0]
+        # Per pair and layer: q_best, g_best, their indices, the pooled copy and its BN output.
+        per_pair = 6 * 2 * self.seq_len * 4 * (decoder.num_layers if torch.is_grad_enabled() else 1)
+        step = memory.gallery_chunk(num_probe, num_gallery, per_pair, probe.device, chunk)
+        blocks = []
+        for start in range(0, max(1, num_gallery), step):
+            block = None
+            for layer, (pp, gp) in zip(decoder.layers, projected):
+                s = layer.score(pp, gp[start:start + step])
+                block = s if block is None else block + s
+            blocks.append(block)
+        return decoder.normalize(torch.cat(blocks, dim=1))
