@@ -9,8 +9,9 @@ namespace transmatcher_fast {
 
 // max_sim_forward: for every (query i, gallery j) pair, with S[s,t] = <gallery[j,s], query[i,t]> *
 // sigmoid(score_embed[s,t]) (never materialised), writes q_best[i,j,t] = max_s S, g_best[i,j,s] =
-// max_t S and their int32 argmax (lowest index among equal maxima; NaN wins). Inputs: contiguous
-// float32/float64 of one dtype; outputs preallocated in that dtype.
+// max_t S and their int32 argmax (lowest index among equal maxima; NaN wins). Inputs: contiguous,
+// one dtype: float32/float64 on CPU (outputs in that dtype); float32/float16/bfloat16 on CUDA
+// (cuda/max_sim_cuda.cpp: outputs, gate and gradients in float32).
 // max_sim_backward: gradients from the saved argmax only; the gradients given are overwritten.
 TORCH_LIBRARY(transmatcher_fast_C, m) {
   m.def(
