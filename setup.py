@@ -52,7 +52,8 @@ def _extensions():
             "transmatcher_fast._C",
             sources + cuda_sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + _cuda_gencode_flags()},
+            # -lineinfo: source lines for profilers (no effect on the code generated).
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + _cuda_gencode_flags()},
             extra_link_args=["-fopenmp"],
         )
     else:
