@@ -2,6 +2,10 @@ import os
 
 # Kernels receive NaN / -1 filled outputs, so an element a kernel does not write fails a test.
 os.environ["TRANSMATCHER_FAST_POISON"] = "1"
+# Without a GPU the Triton kernels run on CPU tensors in the interpreter; it must be on before
+# transmatcher_fast registers the backends and before the kernels are defined.
+if os.environ.get("TRITON_INTERPRET") is None and not __import__("torch").cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

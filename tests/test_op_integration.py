@@ -177,7 +177,7 @@ def test_missing_extension_warns_and_falls_back_to_reference():
         "a, b = t.max_sim(q, q)\n"
         "print(t.available_backends('cpu'), tuple(a.shape))"
     )
-    result = _python(code)
+    result = _python(code, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr
     assert "compiled extension transmatcher_fast._C could not be loaded" in result.stderr
     assert "available backends: reference" in result.stderr

@@ -14,6 +14,8 @@ picks for its device. The backward reads only the saved argmax indices.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -190,6 +192,51 @@ def _reference_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q
             de if need_score_embed else None)
 
 
+def _triton_kernels():
+    # Imported on first use: triton is optional, and TRITON_INTERPRET must be read after the
+    # caller has set it (the interpreter runs the kernels on CPU tensors, for tests).
+    from ..kernels import max_sim as kernels
+
+    return kernels
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return _triton_interpreting() or torch.cuda.is_available()
+
+
+def _gate(score_embed: Optional[Tensor]) -> Optional[Tensor]:
+    return None if score_embed is None else torch.sigmoid(score_embed.float()).contiguous()
+
+
+def _triton_forward(query, gallery, score_embed):
+    q = query.contiguous()
+    g = q if gallery is query else gallery.contiguous()
+    outs = tuple(dispatch.new_output(shape, dtype, q.device)
+                 for shape, dtype in _output_specs(q, g))
+    return _triton_kernels().forward(q, g, _gate(score_embed), outs)
+
+
+def _triton_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
+                     q_index, g_index, need_query, need_gallery, need_score_embed):
+    q = query.contiguous()
+    g = q if gallery is query else gallery.contiguous()
+    grads = [None if grad is None else grad.float().contiguous()
+             for grad in (grad_q_best, grad_g_best)]
+    dq = dispatch.new_output(q.shape, torch.float32, q.device) if need_query else None
+    dg = dispatch.new_output(g.shape, torch.float32, q.device) if need_gallery else None
+    de = (dispatch.new_output(score_embed.shape, torch.float32, q.device)
+          if need_score_embed else None)
+    _triton_kernels().backward(*grads, q, g, _gate(score_embed), q_best, g_best,
+                               q_index, g_index, dq, dg, de)
+    return dq, dg, de
+
+
 dispatch.register_backend(
     dispatch.Backend("reference", None, _reference_forward, _reference_backward)
 )
@@ -200,6 +247,11 @@ dispatch.register_backend(
 dispatch.register_backend(
     dispatch.Backend("cuda", frozenset({"cuda"}), _extension_forward, _extension_backward,
                      _extension.has_cuda_kernels,
+                     frozenset({torch.float32, torch.float16, torch.bfloat16}))
+)
+dispatch.register_backend(
+    dispatch.Backend("triton", frozenset({"cuda", "cpu"} if _triton_interpreting() else {"cuda"}),
+                     _triton_forward, _triton_backward, _triton_available,
                      frozenset({torch.float32, torch.float16, torch.bfloat16}))
 )
 

@@ -1,0 +1,440 @@
+"""Triton kernels for ``max_sim``: the fused gated similarity with global max pooling, and its
+backward from the saved argmax indices.
+
+For query image ``i`` and gallery image ``j`` the forward computes, tile by tile on tensor cores,
+
+    S_ij[s, t] = <g_j[s], q_i[t]> * sig[s, t]         (sig = sigmoid(score_embed), or 1)
+
+and keeps ``q_best[i,j,t] = max_s S`` and ``g_best[i,j,s] = max_t S`` with their argmax; ``S``
+exists only as one register tile at a time. The backward rebuilds, per tile, the routed gradient
+of ``S`` (non-zero only at the saved argmax locations)
+
+    P_ij[s, t] = sig[s, t] * (gq[i,j,t] * [s == q_index[i,j,t]] + gg[i,j,s] * [t == g_index[i,j,s]])
+
+and multiplies it on tensor cores: ``dq_i = sum_j P_ij^T g_j``, ``dg_j = sum_i P_ij q_i``. Each
+program owns its output rows and loops over the other side in a fixed order, so there are no
+atomics and every gradient is bit-identical run to run. ``d score_embed`` is
+``(1 - sig) * sum_ij M_ij`` with ``M`` the same routing weighted by ``grad * best`` (``best`` is the
+saved maximum, so ``S`` is never recomputed); it has no D dimension, and goes through fp32
+partials (one per slice of query images) added up in a fixed order.
+
+Conventions: features are contiguous ``[N, L, D]``; ``sig`` is a float32 ``[Lg, Lq]`` computed once
+per call; outputs are float32 values and int32 indices; among equal maxima the lowest index wins
+and a NaN wins over any number (as ``torch.max``). Offsets that can pass 2**31 are 64-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------------------------
+# Argmax helpers: torch.max semantics (the first NaN wins, then the larger, then the lower index).
+
+
+@triton.jit
+def _max_with_index(x, axis: tl.constexpr):
+    """Maximum along ``axis`` and its position in the block. The compiled max drops NaN, so a
+    second reduction finds the first NaN, which then wins."""
+    best, arg = tl.max(x, axis, return_indices=True, return_indices_tie_break_left=True)
+    is_nan = (x != x).to(tl.int32)
+    any_nan, first_nan = tl.max(is_nan, axis, return_indices=True,
+                                return_indices_tie_break_left=True)
+    return tl.where(any_nan > 0, float("nan"), best), tl.where(any_nan > 0, first_nan, arg)
+
+
+@triton.jit
+def _follows(v_new, v_old):
+    """Whether a later block's maximum replaces the running one (its indices are all higher, so
+    a tie keeps the old)."""
+    return (v_new > v_old) | ((v_new != v_new) & (v_old == v_old))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+
+
+@triton.jit
+def _max_sim_forward_kernel(
+    q_ptr, g_ptr, sig_ptr,
+    q_best_ptr, g_best_ptr, q_index_ptr, g_index_ptr,
+    num_query, num_gallery, len_q, len_g, dim,
+    HAS_GATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # One program per (query image, gallery image) pair. Consecutive programs walk GROUP_Q query
+    # images for one gallery image, then the next gallery image, so the images in flight stay in L2.
+    pid = tl.program_id(0)
+    pairs_per_group = GROUP_Q * num_gallery
+    first_q = (pid // pairs_per_group) * GROUP_Q
+    group_size = tl.minimum(num_query - first_q, GROUP_Q)
+    i = first_q + (pid % pairs_per_group) % group_size
+    j = (pid % pairs_per_group) // group_size
+
+    q_image = q_ptr + i.to(tl.int64) * len_q * dim
+    g_image = g_ptr + j.to(tl.int64) * len_g * dim
+    pair = i.to(tl.int64) * num_gallery + j
+    arange_s = tl.arange(0, BLOCK_S)
+    arange_t = tl.arange(0, BLOCK_T)
+    arange_k = tl.arange(0, BLOCK_K)
+
+    for t0 in range(0, len_q, BLOCK_T):
+        offs_t = t0 + arange_t
+        t_in = offs_t < len_q
+        q_run = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        q_arg = tl.zeros((BLOCK_T,), tl.int32)
+        for s0 in range(0, len_g, BLOCK_S):
+            offs_s = s0 + arange_s
+            s_in = offs_s < len_g
+            acc = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+            for k0 in range(0, dim, BLOCK_K):
+                offs_k = k0 + arange_k
+                k_in = offs_k < dim
+                g = tl.load(g_image + offs_s[:, None] * dim + offs_k[None, :],
+                            mask=s_in[:, None] & k_in[None, :], other=0.0)
+                q = tl.load(q_image + offs_t[:, None] * dim + offs_k[None, :],
+                            mask=t_in[:, None] & k_in[None, :], other=0.0)
+                acc = tl.dot(g, tl.trans(q), acc, input_precision=INPUT_PRECISION)
+            if HAS_GATE:
+                sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
+                              mask=s_in[:, None] & t_in[None, :], other=0.0)
+                acc = acc * sig
+            acc = tl.where(s_in[:, None] & t_in[None, :], acc, float("-inf"))
+
+            # Best gallery location per query location: this block's, then the running one.
+            block_max, block_arg = _max_with_index(acc, 0)
+            block_arg += s0
+            take = _follows(block_max, q_run)
+            q_run = tl.where(take, block_max, q_run)
+            q_arg = tl.where(take, block_arg, q_arg)
+
+            # Best query location per gallery location. With several query blocks, the running
+            # value lives in the output itself (this program alone owns these elements).
+            row_max, row_arg = _max_with_index(acc, 1)
+            row_arg += t0
+            g_offs = pair * len_g + offs_s
+            if t0 > 0:
+                old_max = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
+                old_arg = tl.load(g_index_ptr + g_offs, mask=s_in, other=0)
+                take_row = _follows(row_max, old_max)
+                row_max = tl.where(take_row, row_max, old_max)
+                row_arg = tl.where(take_row, row_arg, old_arg)
+            tl.store(g_best_ptr + g_offs, row_max, mask=s_in)
+            tl.store(g_index_ptr + g_offs, row_arg, mask=s_in)
+        q_offs = pair * len_q + offs_t
+        tl.store(q_best_ptr + q_offs, q_run, mask=t_in)
+        tl.store(q_index_ptr + q_offs, q_arg, mask=t_in)
+        # The next query block reads back the g_best just written, maybe by other threads.
+        tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.
+
+
+@triton.jit
+def _routed_tile(
+    pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
+    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, q_best_ptr, g_best_ptr,
+    HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr, NEED_WEIGHTED: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """The routed gradient of one [BLOCK_S, BLOCK_T] tile of S_pair, before the gate, and (when
+    NEED_WEIGHTED) the same routing weighted by the saved maxima, for d score_embed."""
+    routed = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+    weighted = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+    if HAS_GRAD_Q:
+        q_offs = pair * len_q + offs_t
+        grad = tl.load(grad_q_ptr + q_offs, mask=t_in, other=0.0)
+        arg = tl.load(q_index_ptr + q_offs, mask=t_in, other=-1)
+        hit = (arg[None, :] == offs_s[:, None]) & s_in[:, None]
+        routed += tl.where(hit, grad[None, :], 0.0)
+        if NEED_WEIGHTED:
+            best = tl.load(q_best_ptr + q_offs, mask=t_in, other=0.0)
+            weighted += tl.where(hit, (grad * best)[None, :], 0.0)
+    if HAS_GRAD_G:
+        g_offs = pair * len_g + offs_s
+        grad = tl.load(grad_g_ptr + g_offs, mask=s_in, other=0.0)
+        arg = tl.load(g_index_ptr + g_offs, mask=s_in, other=-1)
+        hit = (arg[:, None] == offs_t[None, :]) & t_in[None, :]
+        routed += tl.where(hit, grad[:, None], 0.0)
+        if NEED_WEIGHTED:
+            best = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
+            weighted += tl.where(hit, (grad * best)[:, None], 0.0)
+    return routed, weighted
+
+
+@triton.jit
+def _max_sim_backward_query_kernel(
+    g_ptr, sig_ptr,
+    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr,
+    dq_ptr,
+    num_gallery, len_q, len_g, dim,
+    HAS_GATE: tl.constexpr, HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Program (query image i, query block, feature block): dq_i[t, d] = sum_j sum_s P_ij[s,t] g_j[s,d].
+    i = tl.program_id(0)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_in = offs_t < len_q
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = offs_d < dim
+    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    for s0 in range(0, len_g, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_in = offs_s < len_g
+        if HAS_GATE:
+            sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
+                          mask=s_in[:, None] & t_in[None, :], other=0.0)
+        pair = i.to(tl.int64) * num_gallery  # (i, j), advanced with j
+        g_image = g_ptr
+        for _ in range(0, num_gallery):
+            routed, _ = _routed_tile(
+                pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
+                grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, grad_q_ptr, grad_g_ptr,
+                HAS_GRAD_Q, HAS_GRAD_G, False, BLOCK_S, BLOCK_T,
+            )
+            if HAS_GATE:
+                routed = routed * sig
+            g = tl.load(g_image + offs_s[:, None] * dim + offs_d[None, :],
+                        mask=s_in[:, None] & d_in[None, :], other=0.0)
+            acc = tl.dot(tl.trans(routed.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
+            pair += 1
+            g_image += len_g * dim
+    tl.store(dq_ptr + i.to(tl.int64) * len_q * dim + offs_t[:, None] * dim + offs_d[None, :],
+             acc, mask=t_in[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _max_sim_backward_score_embed_kernel(
+    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, q_best_ptr, g_best_ptr,
+    partial_ptr,
+    num_query, num_gallery, len_q, len_g,
+    HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # Program (partial p, gallery block, query block): partial_p[s, t] = sum of grad * best over
+    # the pairs of query images p, p + P, p + 2P, ... routed to (s, t). No D dimension: cheap.
+    p = tl.program_id(0)
+    num_partials = tl.num_programs(0)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_in = offs_s < len_g
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_in = offs_t < len_q
+    acc = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+    pair = p.to(tl.int64) * num_gallery
+    for _ in range(p, num_query, num_partials):
+        for _ in range(0, num_gallery):
+            _, weighted = _routed_tile(
+                pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
+                grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, q_best_ptr, g_best_ptr,
+                HAS_GRAD_Q, HAS_GRAD_G, True, BLOCK_S, BLOCK_T,
+            )
+            acc += weighted
+            pair += 1
+        pair += (num_partials - 1) * num_gallery
+    tl.store(partial_ptr + p.to(tl.int64) * len_g * len_q + offs_s[:, None] * len_q
+             + offs_t[None, :], acc, mask=s_in[:, None] & t_in[None, :])
+
+
+@triton.jit
+def _max_sim_backward_gallery_kernel(
+    q_ptr, sig_ptr,
+    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr,
+    dg_ptr,
+    num_query, num_gallery, len_q, len_g, dim,
+    HAS_GATE: tl.constexpr, HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Program (gallery image j, gallery block, feature block): dg_j[s, d] = sum_i sum_t P_ij[s,t] q_i[t,d].
+    j = tl.program_id(0)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_in = offs_s < len_g
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = offs_d < dim
+    acc = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
+    for t0 in range(0, len_q, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_in = offs_t < len_q
+        if HAS_GATE:
+            sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
+                          mask=s_in[:, None] & t_in[None, :], other=0.0)
+        pair = j.to(tl.int64)  # (i, j), advanced with i
+        q_image = q_ptr
+        for _ in range(0, num_query):
+            routed, _ = _routed_tile(
+                pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
+                grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, grad_q_ptr, grad_g_ptr,
+                HAS_GRAD_Q, HAS_GRAD_G, False, BLOCK_S, BLOCK_T,
+            )
+            if HAS_GATE:
+                routed = routed * sig
+            q = tl.load(q_image + offs_t[:, None] * dim + offs_d[None, :],
+                        mask=t_in[:, None] & d_in[None, :], other=0.0)
+            acc = tl.dot(routed.to(q.dtype), q, acc, input_precision=INPUT_PRECISION)
+            pair += num_gallery
+            q_image += len_q * dim
+    tl.store(dg_ptr + j.to(tl.int64) * len_g * dim + offs_s[:, None] * dim + offs_d[None, :],
+             acc, mask=s_in[:, None] & d_in[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration.
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_s: int = 64
+    block_t: int = 64
+    block_k: int = 64
+    group_q: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    block_s: int = 64
+    block_t: int = 64
+    block_d: int = 64
+    num_warps: int = 8  # 4 warps spill on sm_90 (benchmarks/triton_resources.py)
+    num_stages: int = 2
+    score_embed_partials: int = 32
+
+
+def _pow2_at_least(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(n))
+
+
+def forward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> ForwardConfig:
+    """Default forward tiles: 64x64 locations. Wider tiles (one query block for all of Lq) keep
+    the g_best reduction in registers but spill on sm_90 (benchmarks/triton_resources.py)."""
+    block_k = min(64 if dtype.itemsize <= 2 else 32, _pow2_at_least(dim))
+    return ForwardConfig(block_s=min(64, _pow2_at_least(len_g)),
+                         block_t=min(64, _pow2_at_least(len_q)), block_k=block_k)
+
+
+def backward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> BackwardConfig:
+    return BackwardConfig(block_s=min(64, _pow2_at_least(len_g)),
+                          block_t=min(64, _pow2_at_least(len_q)),
+                          block_d=min(64, _pow2_at_least(dim)))
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """float32 follows torch's TF32 setting, as torch.matmul does; 16-bit inputs use the tensor
+    cores with float32 accumulation either way."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit dots
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
+
+
+# --------------------------------------------------------------------------------------------
+# Launch wrappers.
+
+
+def _check(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tensor]) -> None:
+    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"Triton max_sim: query dtype must be float32/float16/bfloat16, got {query.dtype}")
+    if not (query.is_contiguous() and gallery.is_contiguous()):
+        raise ValueError("Triton max_sim: query and gallery must be contiguous")
+    if sig is not None and (sig.dtype != torch.float32 or not sig.is_contiguous()):
+        raise ValueError("Triton max_sim: the gate must be a contiguous float32 [Lg, Lq] tensor")
+
+
+def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tensor],
+            outputs: tuple, config: Optional[ForwardConfig] = None,
+            precision: Optional[str] = None) -> tuple:
+    """Fills ``outputs = (q_best, g_best, q_index, g_index)`` and returns them.
+
+    ``sig`` is ``sigmoid(score_embed)`` as contiguous float32 ``[Lg, Lq]``, or None for no gate.
+    """
+    _check(query, gallery, sig)
+    num_query, len_q, dim = query.shape
+    num_gallery, len_g, _ = gallery.shape
+    q_best, g_best, q_index, g_index = outputs
+    if num_query == 0 or num_gallery == 0:
+        return outputs
+    config = config or forward_config(len_q, len_g, dim, query.dtype)
+    _max_sim_forward_kernel[(num_query * num_gallery,)](
+        query, gallery, sig if sig is not None else query,
+        q_best, g_best, q_index, g_index,
+        num_query, num_gallery, len_q, len_g, dim,
+        HAS_GATE=sig is not None,
+        BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_K=config.block_k,
+        GROUP_Q=config.group_q, INPUT_PRECISION=precision or input_precision(query.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return outputs
+
+
+def backward(grad_q_best: Optional[torch.Tensor], grad_g_best: Optional[torch.Tensor],
+             query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tensor],
+             q_best: torch.Tensor, g_best: torch.Tensor,
+             q_index: torch.Tensor, g_index: torch.Tensor,
+             grad_query: Optional[torch.Tensor], grad_gallery: Optional[torch.Tensor],
+             grad_score_embed: Optional[torch.Tensor],
+             config: Optional[BackwardConfig] = None, precision: Optional[str] = None) -> None:
+    """Fills the float32 gradient buffers that are given (None = not needed).
+
+    ``grad_q_best`` / ``grad_g_best`` are contiguous float32 or None (no gradient from that output).
+    ``grad_score_embed`` needs ``sig``; it is ``(1 - sig) * sum_i partial_i`` with one partial per
+    query image, summed in a fixed order.
+    """
+    _check(query, gallery, sig)
+    num_query, len_q, dim = query.shape
+    num_gallery, len_g, _ = gallery.shape
+    if grad_score_embed is not None and sig is None:
+        raise ValueError("Triton max_sim backward: grad_score_embed needs the gate")
+    empty = num_query == 0 or num_gallery == 0 or (grad_q_best is None and grad_g_best is None)
+    if empty:
+        for grad in (grad_query, grad_gallery, grad_score_embed):
+            if grad is not None:
+                grad.zero_()
+        return
+    config = config or backward_config(len_q, len_g, dim, query.dtype)
+    precision = precision or input_precision(query.dtype)
+    has_gate = sig is not None
+    any_grad = grad_q_best if grad_q_best is not None else grad_g_best
+    grads = dict(grad_q_ptr=grad_q_best if grad_q_best is not None else any_grad,
+                 grad_g_ptr=grad_g_best if grad_g_best is not None else any_grad,
+                 HAS_GRAD_Q=grad_q_best is not None, HAS_GRAD_G=grad_g_best is not None)
+    blocks = dict(BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
+                  INPUT_PRECISION=precision, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    gate = sig if has_gate else q_best
+
+    if grad_query is not None:
+        grid = (num_query, triton.cdiv(len_q, config.block_t), triton.cdiv(dim, config.block_d))
+        _max_sim_backward_query_kernel[grid](
+            gallery, gate, q_index_ptr=q_index, g_index_ptr=g_index, dq_ptr=grad_query,
+            num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
+            HAS_GATE=has_gate, **grads, **blocks,
+        )
+    if grad_score_embed is not None:
+        # One fp32 partial per slice of query images, summed in a fixed order: deterministic.
+        num_partials = min(num_query, config.score_embed_partials)
+        partial = torch.empty((num_partials, len_g, len_q), dtype=torch.float32, device=query.device)
+        grid = (num_partials, triton.cdiv(len_g, config.block_s), triton.cdiv(len_q, config.block_t))
+        _max_sim_backward_score_embed_kernel[grid](
+            q_index_ptr=q_index, g_index_ptr=g_index, q_best_ptr=q_best, g_best_ptr=g_best,
+            partial_ptr=partial, num_query=num_query, num_gallery=num_gallery,
+            len_q=len_q, len_g=len_g, BLOCK_S=config.block_s, BLOCK_T=config.block_t,
+            num_warps=config.num_warps, **grads,
+        )
+        torch.sum(partial, dim=0, out=grad_score_embed)
+        grad_score_embed.mul_(1.0 - sig)
+    if grad_gallery is not None:
+        grid = (num_gallery, triton.cdiv(len_g, config.block_s), triton.cdiv(dim, config.block_d))
+        _max_sim_backward_gallery_kernel[grid](
+            query, gate, q_index_ptr=q_index, g_index_ptr=g_index, dg_ptr=grad_gallery,
+            num_query=num_query, num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
+            HAS_GATE=has_gate, **grads, **blocks,
+        )

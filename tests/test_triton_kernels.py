@@ -1,0 +1,273 @@
+"""The Triton kernels of max_sim against the float64 reference (DESIGN.md §3, §6).
+
+Without a GPU they run on CPU tensors through the Triton interpreter (conftest sets
+TRITON_INTERPRET=1), which computes fp32 dots exactly: float32 is compared in "ieee" precision.
+On a GPU machine the same tests run on CUDA tensors.
+"""
+
+import pytest
+import torch
+
+import transmatcher_fast
+from helpers import as64, expected_grads, make_inputs, randn, rel_err, scores64, values_at
+from transmatcher_fast import max_sim, reference
+from transmatcher_fast.ops import dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif("triton" not in dispatch.available_backends(DEVICE),
+                                reason=f"Triton cannot run on {DEVICE} here")
+
+# (nq, ng, lq, lg, d, gate): ragged L and D (not multiples of 16 or of the blocks), Lq != Lg,
+# a single location, no gate, and D larger than one feature block.
+SHAPES = [
+    (3, 4, 37, 21, 40, True),
+    (2, 3, 5, 9, 20, True),
+    (2, 2, 1, 3, 7, True),
+    (3, 2, 12, 17, 9, False),
+    (2, 3, 19, 11, 130, True),
+]
+SHAPE_IDS = ["x".join(map(str, s[:5])) + ("-gate" if s[5] else "") for s in SHAPES]
+
+
+def kernels():
+    from transmatcher_fast.kernels import max_sim as module
+
+    return module
+
+
+# Small tiles exercise the multi-block paths (running maxima across gallery blocks, the g_best
+# read-back across query blocks, several feature blocks); None is the default configuration.
+def small_configs():
+    k = kernels()
+    return (k.ForwardConfig(block_s=16, block_t=16, block_k=16, group_q=2, num_warps=4),
+            k.BackwardConfig(block_s=16, block_t=16, block_d=16, score_embed_partials=2))
+
+
+@pytest.fixture(params=["default", "small"])
+def configs(request, monkeypatch):
+    """Runs the op with the default or the small tiles (patched into the launch wrappers)."""
+    if request.param == "small":
+        k = kernels()
+        forward, backward = small_configs()
+        monkeypatch.setattr(k, "forward_config", lambda *args: forward)
+        monkeypatch.setattr(k, "backward_config", lambda *args: backward)
+    with transmatcher_fast.use_backend("triton"):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 in ieee precision: the interpreter is exact anyway; on a GPU TF32 is tested apart."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous[0]
+    torch.set_float32_matmul_precision(previous[1])
+
+
+def inputs(rng, dims, gate, dtype):
+    return tuple(None if t is None else t.to(DEVICE)
+                 for t in make_inputs(rng, *dims, gate=gate, dtype=dtype))
+
+
+def check_indices_select_the_max(query, gallery, embed, q_index, g_index, rtol):
+    scores = scores64(*(None if t is None else t.cpu() for t in (query, gallery, embed)))
+    q_index, g_index = q_index.cpu(), g_index.cpu()
+    assert q_index.dtype == g_index.dtype == torch.int32
+    tol = rtol * scores.abs().max().item() + 1e-30
+    assert (values_at(scores, q_index, 2) >= scores.max(dim=2).values - tol).all()
+    assert (values_at(scores, g_index, 3) >= scores.max(dim=3).values - tol).all()
+
+
+def routed_grads_check(rng, dims, gate, dtype, limit_for):
+    query, gallery, embed = inputs(rng, dims, gate, dtype)
+    nq, ng, lq, lg, _ = dims
+    grad_q = randn((nq, ng, lq), rng, torch.float32).to(DEVICE)
+    grad_g = randn((nq, ng, lg), rng, torch.float32).to(DEVICE)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (query, gallery, embed)]
+    q_best, g_best, q_index, g_index = max_sim(*leaves, return_indices=True)
+    ((q_best * grad_q).sum() + (g_best * grad_g).sum()).backward()
+    exact = expected_grads(*(None if t is None else t.cpu() for t in (query, gallery, embed)),
+                           grad_q.cpu(), grad_g.cpu(), q_index.cpu(), g_index.cpu())
+    for leaf, truth in zip(leaves, exact):
+        if leaf is None:
+            continue
+        assert leaf.grad.dtype == leaf.dtype
+        assert rel_err(leaf.grad.cpu(), truth) <= limit_for(truth)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and gradients through the op
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_forward_float32_within_1e5_of_float64(rng, configs, shape):
+    *dims, gate = shape
+    query, gallery, embed = inputs(rng, dims, gate, torch.float32)
+    q_best, g_best, q_index, g_index = max_sim(query, gallery, embed, return_indices=True)
+    expected = reference.max_sim(*as64(*(t.cpu() if t is not None else None
+                                         for t in (query, gallery, embed))))
+    assert q_best.dtype == g_best.dtype == torch.float32
+    assert rel_err(q_best.cpu(), expected[0]) < 1e-5 and rel_err(g_best.cpu(), expected[1]) < 1e-5
+    check_indices_select_the_max(query, gallery, embed, q_index, g_index, 1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:4], ids=SHAPE_IDS[:2] + SHAPE_IDS[3:4])
+def test_forward_float16_within_2x_reference_error(rng, configs, shape):
+    *dims, gate = shape
+    query, gallery, embed = inputs(rng, dims, gate, torch.float16)
+    got = max_sim(query, gallery, embed, return_indices=True)
+    cpu = tuple(None if t is None else t.cpu() for t in (query, gallery, embed))
+    exact = reference.max_sim(*as64(*cpu))
+    same_dtype = reference.max_sim(*cpu)  # upstream, run in float16
+    for ours, theirs, truth in zip(got[:2], same_dtype, exact):
+        assert ours.dtype == torch.float32
+        assert rel_err(ours.cpu(), truth) <= 2 * rel_err(theirs, truth) + 1e-6
+    check_indices_select_the_max(query, gallery, embed, *got[2:], rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_grads_float32_within_1e5(rng, configs, shape):
+    """All three gradients against float64 math routed through the kernel's own argmax."""
+    *dims, gate = shape
+    routed_grads_check(rng, dims, gate, torch.float32, lambda truth: 1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:4], ids=SHAPE_IDS[:2] + SHAPE_IDS[3:4])
+def test_grads_float16_within_2x_rounding(rng, configs, shape):
+    *dims, gate = shape
+    # The routed gradient is rounded to float16 before the tensor-core product, as the
+    # reference's autocast backward rounds dS: twice the rounding of the exact result, plus one
+    # float16 ulp of the largest term.
+    routed_grads_check(rng, dims, gate, torch.float16,
+                       lambda truth: 2 * rel_err(truth.half(), truth) + 2e-3)
+
+
+def test_grads_when_only_one_output_is_used(rng, configs):
+    query, gallery, embed = inputs(rng, (3, 2, 9, 6, 18), True, torch.float32)
+    for used in (0, 1):
+        leaves = [t.clone().requires_grad_() for t in (query, gallery, embed)]
+        max_sim(*leaves)[used].sum().backward()
+        refs = [t.detach().cpu().double().requires_grad_() for t in (query, gallery, embed)]
+        reference.max_sim(*refs)[used].sum().backward()
+        for leaf, ref in zip(leaves, refs):
+            assert rel_err(leaf.grad.cpu(), ref.grad) < 1e-5
+
+
+def test_same_tensor_as_query_and_gallery(rng, configs):
+    x, _, embed = inputs(rng, (4, 1, 10, 10, 12), True, torch.float32)
+    leaves = [x.clone().requires_grad_(), embed.clone().requires_grad_()]
+    q_best, g_best = max_sim(leaves[0], leaves[0], leaves[1])
+    (q_best.sum() + 2 * g_best.sum()).backward()
+    refs = [t.detach().cpu().double().requires_grad_() for t in (x, embed)]
+    ref_q, ref_g = reference.max_sim(refs[0], refs[0], refs[1])
+    (ref_q.sum() + 2 * ref_g.sum()).backward()
+    assert rel_err(leaves[0].grad.cpu(), refs[0].grad) < 1e-5
+    assert rel_err(leaves[1].grad.cpu(), refs[1].grad) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Contract details
+
+
+def test_argmax_and_grads_equal_the_cpu_kernel_exactly(rng, configs):
+    """Integer features make every score exact in float32: the argmax (ties included) and the
+    gradients are then the C++ CPU kernel's, bit for bit."""
+    if "cpu" not in dispatch.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    query = torch.randint(-3, 4, (3, 13, 24), generator=rng).float()
+    gallery = torch.randint(-3, 4, (2, 11, 24), generator=rng).float()
+    query[:, 7] = query[:, 2]  # ties between query locations 2 and 7
+    gallery[:, 9] = gallery[:, 0]
+    grad_q = torch.randint(-4, 5, (3, 2, 13), generator=rng).float()
+    grad_g = torch.randint(-4, 5, (3, 2, 11), generator=rng).float()
+    results = {}
+    for name, device in (("triton", DEVICE), ("cpu", "cpu")):
+        leaves = [t.to(device).requires_grad_() for t in (query, gallery)]
+        with transmatcher_fast.use_backend(name):
+            *values, q_index, g_index = max_sim(*leaves, return_indices=True)
+        ((values[0] * grad_q.to(device)).sum() + (values[1] * grad_g.to(device)).sum()).backward()
+        results[name] = [t.detach().cpu() for t in (*values, q_index, g_index,
+                                                    leaves[0].grad, leaves[1].grad)]
+    for ours, theirs in zip(results["triton"], results["cpu"]):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("where", ["query", "gallery", "score_embed"])
+def test_nan_propagates_like_torch_max(rng, configs, where):
+    query, gallery, embed = inputs(rng, (3, 4, 6, 5, 7), True, torch.float32)
+    target = {"query": query, "gallery": gallery, "score_embed": embed}[where]
+    flat = target.view(-1)
+    flat[torch.randint(0, flat.numel(), (2,), generator=rng)] = float("nan")
+    got = max_sim(query, gallery, embed, return_indices=True)
+    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()),
+                                 return_indices=True)
+    for a, b in zip(got[:2], expected[:2]):
+        a = a.cpu()
+        assert torch.equal(a.isnan(), b.isnan()) and a.isnan().any()
+        assert rel_err(a[~b.isnan()], b[~b.isnan()]) < 1e-5
+    for index, ref_index, ref_value in zip(got[2:], expected[2:], expected[:2]):
+        assert torch.equal(index.cpu()[ref_value.isnan()], ref_index[ref_value.isnan()])
+
+
+@pytest.mark.parametrize("nq,ng", [(0, 3), (3, 0)])
+def test_empty_inputs(rng, configs, nq, ng):
+    leaves = [t.requires_grad_() for t in inputs(rng, (nq, ng, 4, 5, 3), True, torch.float32)]
+    q_best, g_best = max_sim(*leaves)
+    assert q_best.shape == (nq, ng, 4) and g_best.shape == (nq, ng, 5)
+    (q_best.sum() + g_best.sum()).backward()
+    for leaf in leaves:
+        assert leaf.grad.shape == leaf.shape and not leaf.grad.any()
+
+
+def test_gradients_are_bit_identical_run_to_run(rng, configs):
+    query, gallery, embed = inputs(rng, (5, 4, 23, 19, 33), True, torch.float32)
+    grad_q = randn((5, 4, 23), rng, torch.float32).to(DEVICE)
+    grad_g = randn((5, 4, 19), rng, torch.float32).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (query, gallery, embed)]
+        q_best, g_best = max_sim(*leaves)
+        ((q_best * grad_q).sum() + (g_best * grad_g).sum()).backward()
+        runs.append([leaf.grad.clone() for leaf in leaves])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_every_output_element_is_written():
+    """Direct kernel calls into NaN/-1 filled buffers, with tiles that do not divide the shape."""
+    k = kernels()
+    forward, backward = small_configs()
+    g = torch.Generator().manual_seed(0)
+    query, gallery = randn((2, 18, 20), g, torch.float32), randn((3, 17, 20), g, torch.float32)
+    sig = torch.sigmoid(randn((17, 18), g, torch.float32))
+    query, gallery, sig = query.to(DEVICE), gallery.to(DEVICE), sig.to(DEVICE)
+    outs = (torch.full((2, 3, 18), float("nan"), device=DEVICE),
+            torch.full((2, 3, 17), float("nan"), device=DEVICE),
+            torch.full((2, 3, 18), -1, dtype=torch.int32, device=DEVICE),
+            torch.full((2, 3, 17), -1, dtype=torch.int32, device=DEVICE))
+    k.forward(query, gallery, sig, outs, forward, "ieee")
+    assert not any(t.isnan().any() for t in outs[:2]) and all((t >= 0).all() for t in outs[2:])
+    grads = [torch.full_like(t, float("nan")) for t in (query, gallery, sig)]
+    k.backward(torch.ones_like(outs[0]), torch.ones_like(outs[1]), query, gallery, sig, *outs,
+               *grads, backward, "ieee")
+    assert not any(t.isnan().any() for t in grads)
+
+
+def test_float32_precision_follows_torch():
+    k = kernels()
+    assert k.input_precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    assert k.input_precision(torch.float32) == "tf32"
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert k.input_precision(torch.float32) == "tf32"
+
+
+def test_float64_on_the_triton_device_falls_back_to_reference():
+    assert dispatch.select(torch.device(DEVICE), torch.float64).name in ("reference", "cpu")
+    with transmatcher_fast.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+            max_sim(torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE),
+                    torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE))
