@@ -8,7 +8,7 @@
 from .checkpoint import load_upstream_checkpoint
 from .feature import (QAConvFeatures, TransformerEncoder, TransMatcherFeatures, build_model,
                       feature_map_size)
-from .head import mlp_head
+from .head import matching_head
 from .qaconv import QAConv
 from .resnet import ResNet
 from .transmatcher import TransformerDecoder, TransformerDecoderLayer, TransMatcher
@@ -25,5 +25,5 @@ __all__ = [
     "build_model",
     "feature_map_size",
     "load_upstream_checkpoint",
-    "mlp_head",
+    "matching_head",
 ]

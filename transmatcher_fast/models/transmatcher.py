@@ -6,7 +6,8 @@ and give the same scores. What differs is how a decoder layer computes them:
 
 - the ``[q, k, L, L]`` gated similarity tensor is never built: ``transmatcher_fast.max_sim`` fuses
   the dot products, the ``sigmoid(score_embed)`` gate and both max poolings;
-- the MLP head keeps no ``[2qk, dim_feedforward]`` activations (``head.mlp_head`` recomputes them);
+- the scoring head keeps no ``[2qk, dim_feedforward]`` activations (``head.matching_head``
+  recomputes them in backward);
 - a batch matched against itself (``make_kernel(x); forward(x)``, as in training) is projected by
   fc1 once, not twice;
 - ``match(probe, gallery)`` projects every image once and streams the gallery in chunks.
@@ -23,7 +24,7 @@ from torch.nn.init import xavier_uniform_
 
 from ..ops import max_sim
 from . import memory
-from .head import mlp_head
+from .head import matching_head
 
 
 def _check_positive(**values) -> None:
@@ -63,7 +64,7 @@ class TransformerDecoderLayer(nn.Module):
         self.bn1 = nn.BatchNorm1d(1)
         self.fc2 = nn.Linear(seq_len, dim_feedforward)
         self.bn2 = nn.BatchNorm1d(dim_feedforward)
-        self.relu = nn.ReLU()  # applied inside head.mlp_head; kept for upstream's module tree
+        self.relu = nn.ReLU()  # applied inside head.matching_head; kept for upstream's module tree
         self.fc3 = nn.Linear(dim_feedforward, 1)
         self.bn3 = nn.BatchNorm1d(1)
 
@@ -85,13 +86,11 @@ class TransformerDecoderLayer(nn.Module):
         q, k = probe.shape[0], gallery.shape[0]
         # The op's query is the probe: its score_embed is [Lg, Lq] = upstream's E[s, t].
         q_best, g_best = max_sim(probe, gallery, self.score_embed[0, 0])
-        # Upstream's layout: per pair, the probe-direction row then the gallery-direction row.
-        pooled = torch.cat((q_best, g_best), dim=-1).view(-1, 1, self.seq_len)
-        if self.bn1.weight is not None:
-            pooled = pooled.to(self.bn1.weight.dtype)  # the op returns float32 for 16-bit inputs
-        pooled = self.bn1(pooled).view(-1, self.seq_len)
-        logit = mlp_head(pooled, self.fc2, self.bn2, self.fc3)
-        logit = logit.view(-1, 2).sum(dim=-1, keepdim=True)
+        # bn1 -> fc2 -> bn2 -> relu -> fc3 on each direction's row, the two directions summed.
+        logit = matching_head(q_best.view(-1, self.seq_len), g_best.view(-1, self.seq_len),
+                              self.bn1, self.fc2, self.bn2, self.fc3)
+        if self.bn3.weight is not None:
+            logit = logit.to(self.bn3.weight.dtype)  # the op returns float32 for 16-bit inputs
         return self.bn3(logit).view(q, k)
 
     def forward(self, tgt: Tensor, memory: Tensor) -> Tensor:

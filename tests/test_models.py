@@ -1,0 +1,259 @@
+"""TransMatcher and QAConv on the fused op against upstream's materialised matchers
+(transmatcher_fast.reference), their state_dicts against upstream's layout, and match()."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transmatcher_fast as tmf
+from transmatcher_fast import reference
+from transmatcher_fast.models import head
+
+import upstream_layouts
+
+# (h, w): upstream's 24x8 map (seq_len 192) and a ragged one. d_model / dim_feedforward are small:
+# the tests are about equivalence, which does not depend on the widths.
+MAPS = [(24, 8), (7, 5)]
+D_MODEL, DIM_FF, LAYERS = 16, 24, 3
+# float64: equal up to rounding; float32 (ours) against the float64 reference: 1e-5 relative.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def randomize_batchnorms(module, rng):
+    """Non-trivial BatchNorm affine parameters and running statistics, so eval mode is not the
+    identity and a mixed-up BN shows."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=rng))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=rng))
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=rng))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=rng))
+
+
+def run_step(fn, module, inputs, weight):
+    """fn(module, *leaves) -> scores; returns scores, input grads and parameter grads of
+    sum(scores * weight), all float64, plus the module's buffers after the call."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    if len(inputs) == 2 and inputs[0] is inputs[1]:
+        leaves = [leaves[0], leaves[0]]  # a batch matched against itself stays one tensor
+    module.zero_grad(set_to_none=True)
+    scores = fn(module, *leaves)
+    (scores * weight.to(scores.dtype)).sum().backward()
+    out = {"scores": scores.detach().double()}
+    for i, leaf in enumerate(dict.fromkeys(leaves)):
+        out[f"input{i}.grad"] = leaf.grad.double()
+    for name, p in module.named_parameters():
+        out[f"{name}.grad"] = None if p.grad is None else p.grad.double()
+    for name, b in module.named_buffers():
+        out[f"buffer {name}"] = b.double()
+    return out
+
+
+def assert_same(actual: dict, expected: dict, rtol: float) -> None:
+    """Every tensor within rtol of the expected tensor's largest magnitude. Gradients that are
+    zero in exact arithmetic (a bias followed by a training-mode BatchNorm) are compared at the
+    scale of the largest gradient instead of their own rounding noise."""
+    assert actual.keys() == expected.keys()
+    grad_scale = max(e.abs().max().item() for k, e in expected.items()
+                     if k.endswith(".grad") and e is not None and e.numel())
+    for key, e in expected.items():
+        a = actual[key]
+        if e is None:
+            assert a is None, f"{key}: expected no gradient"
+            continue
+        assert a is not None and a.shape == e.shape, key
+        scale = e.abs().max().item() if e.numel() else 0.0
+        if key.endswith(".grad"):
+            scale = max(scale, grad_scale)
+        err = (a - e).abs().max().item() if e.numel() else 0.0
+        assert err <= rtol * max(scale, 1e-30), f"{key}: error {err:.3e}, scale {scale:.3e}"
+
+
+def protocol(matcher, probe, gallery):
+    matcher.make_kernel(probe)
+    return matcher(gallery)
+
+
+def new_transmatcher(h, w, rng, dtype, training):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=rng)))
+    matcher = tmf.TransMatcher(h * w, D_MODEL, LAYERS, DIM_FF)
+    randomize_batchnorms(matcher, rng)
+    return matcher.to(dtype).train(training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("hw", MAPS, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("same", [False, True], ids=["probe-gallery", "batch-vs-itself"])
+def test_transmatcher_matches_upstream(hw, training, dtype, same, rng):
+    h, w = hw
+    matcher = new_transmatcher(h, w, rng, torch.float64, training)
+    nq, ng = (5, 5) if same else (5, 4)
+    probe = torch.randn(nq, h, w, LAYERS * D_MODEL, generator=rng, dtype=torch.float64)
+    gallery = probe if same else torch.randn(ng, h, w, LAYERS * D_MODEL, generator=rng,
+                                             dtype=torch.float64)
+    weight = torch.randn(nq, ng, generator=rng, dtype=torch.float64)
+    expected = run_step(reference.transmatcher_scores, copy.deepcopy(matcher), (probe, gallery),
+                        weight)
+    inputs = (probe.to(dtype),) * 2 if same else (probe.to(dtype), gallery.to(dtype))
+    actual = run_step(protocol, copy.deepcopy(matcher).to(dtype), inputs, weight)
+    assert_same(actual, expected, RTOL[dtype])
+    # The template layer is never used: it gets no gradient, as upstream's.
+    assert all(actual[f"decoder_layer.{n}.grad"] is None
+               for n, _ in matcher.decoder_layer.named_parameters())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_matching_head_in_row_blocks_matches_modules(training, momentum, rng, monkeypatch):
+    """The memory-light head gives the modules' values, gradients and running statistics, also
+    when it works through many row blocks."""
+    monkeypatch.setattr(head, "_BLOCK_ELEMENTS", 7 * 24)  # blocks of 7 rows
+    length, hidden, pairs = 10, 24, 23
+    modules = torch.nn.ModuleList([
+        torch.nn.BatchNorm1d(1, momentum=momentum), torch.nn.Linear(length, hidden),
+        torch.nn.BatchNorm1d(hidden, momentum=momentum), torch.nn.Linear(hidden, 1),
+    ]).double().train(training)
+    randomize_batchnorms(modules, rng)
+    q_best = torch.randn(pairs, length, generator=rng, dtype=torch.float64)
+    g_best = torch.randn(pairs, length, generator=rng, dtype=torch.float64)
+    weight = torch.randn(pairs, 1, generator=rng, dtype=torch.float64)
+
+    def ours(m, q, g):
+        return head.matching_head(q, g, m[0], m[1], m[2], m[3])
+
+    def upstream(m, q, g):  # reference doc §1.3, the lines after the max pooling
+        rows = m[0](torch.cat((q, g), dim=-1).view(-1, 1, length)).view(-1, length)
+        return m[3](torch.relu(m[2](m[1](rows)))).view(-1, 2).sum(-1, keepdim=True)
+
+    for _ in range(2):  # twice: the running statistics must compound the same way
+        expected_modules = copy.deepcopy(modules)
+        expected = run_step(upstream, expected_modules, (q_best, g_best), weight)
+        actual = run_step(ours, modules, (q_best, g_best), weight)
+        assert_same(actual, expected, 1e-10)
+
+
+def test_transmatcher_state_dict_is_upstreams():
+    matcher = tmf.TransMatcher(192)  # upstream's defaults: d_model 512, 3 layers, FF 2048
+    layout = [(k, tuple(v.shape)) for k, v in matcher.state_dict().items()]
+    assert layout == upstream_layouts.transmatcher(192, 512, 3, 2048)
+    per_layer = sum(p.numel() for p in matcher.decoder_layer.parameters())
+    assert per_layer == 700_933  # reference doc §1.3
+
+
+def test_transmatcher_initialisation_is_upstreams():
+    torch.manual_seed(0)
+    length, d_model = 192, 512
+    matcher = tmf.TransMatcher(length)
+    embeds = [layer.score_embed.detach()[0, 0] for layer in
+              [matcher.decoder_layer, *matcher.decoder.layers]]
+    bound = 3 ** 0.5 / length  # xavier_uniform_ over fan_in = fan_out = L*L
+    for e in embeds:
+        assert e.abs().max() <= bound and e.abs().max() > 0.95 * bound
+        assert not torch.allclose(e, e.T)  # the symmetric start was overwritten
+    assert not torch.equal(embeds[1], embeds[2])  # independent copies
+    layer = matcher.decoder.layers[0]
+    assert layer.fc1.weight.abs().max() <= (6 / (2 * d_model)) ** 0.5
+    assert layer.fc1.bias.abs().max() <= 1 / d_model ** 0.5  # Linear default kept
+    assert layer.fc2.bias.abs().max() <= 1 / length ** 0.5
+    for bn in (layer.bn1, layer.bn2, layer.bn3, matcher.decoder.norm):
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+        assert torch.all(bn.running_var == 1) and int(bn.num_batches_tracked) == 0
+
+
+def test_transmatcher_errors_name_arguments():
+    matcher = tmf.TransMatcher(35, D_MODEL, LAYERS, DIM_FF)
+    with pytest.raises(RuntimeError, match="make_kernel"):
+        matcher(torch.randn(2, 7, 5, LAYERS * D_MODEL))
+    matcher.make_kernel(torch.randn(2, 7, 5, LAYERS * D_MODEL))
+    with pytest.raises(ValueError, match=r"memory \(gallery\).*\(3, 7, 5, 40\)"):
+        matcher(torch.randn(3, 7, 5, 40))
+    with pytest.raises(ValueError, match=r"seq_len = 35.*\(3, 6, 5, 16\)"):
+        matcher(torch.randn(3, 6, 5, LAYERS * D_MODEL))
+    with pytest.raises(ValueError, match="seq_len"):
+        tmf.TransMatcher(0)
+    with pytest.raises(ValueError, match="chunk"):
+        matcher.eval().match(torch.randn(2, 7, 5, 48), torch.randn(3, 7, 5, 48), chunk=0)
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["probe-gallery", "batch-vs-itself"])
+def test_match_equals_protocol(same, rng):
+    matcher = new_transmatcher(7, 5, rng, torch.float64, training=False)
+    probe = torch.randn(6, 7, 5, LAYERS * D_MODEL, generator=rng, dtype=torch.float64)
+    gallery = probe if same else torch.randn(11, 7, 5, LAYERS * D_MODEL, generator=rng,
+                                             dtype=torch.float64)
+    expected = protocol(matcher, probe, gallery)
+    for chunk in (3, 1, None):  # 3 leaves a ragged last chunk; None sizes it from free memory
+        torch.testing.assert_close(matcher.match(probe, gallery, chunk=chunk), expected,
+                                   rtol=1e-12, atol=1e-12)
+    # Gradients flow through match too.
+    weight = torch.randn(expected.shape, generator=rng, dtype=torch.float64)
+    expected_grads = run_step(protocol, copy.deepcopy(matcher), (probe, gallery), weight)
+    actual_grads = run_step(lambda m, p, g: m.match(p, g, chunk=4), copy.deepcopy(matcher),
+                            (probe, gallery), weight)
+    assert_same(actual_grads, expected_grads, 1e-10)
+
+
+def test_match_in_training_mode_is_one_pass(rng):
+    """BatchNorm batch statistics span all pairs, so match() must not chunk in training mode."""
+    matcher = new_transmatcher(7, 5, rng, torch.float64, training=True)
+    probe = torch.randn(4, 7, 5, LAYERS * D_MODEL, generator=rng, dtype=torch.float64)
+    gallery = torch.randn(6, 7, 5, LAYERS * D_MODEL, generator=rng, dtype=torch.float64)
+    expected = protocol(copy.deepcopy(matcher), probe, gallery)
+    torch.testing.assert_close(matcher.match(probe, gallery, chunk=2), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# QAConv
+
+
+def qaconv_features(n, c, h, w, rng, dtype):
+    # The QAConv feature model L2-normalises every location.
+    return F.normalize(torch.randn(n, c, h, w, generator=rng, dtype=torch.float64), dim=1).to(dtype)
+
+
+def new_qaconv(c, h, w, rng, training):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=rng)))
+    matcher = tmf.QAConv(c, h, w).double()
+    randomize_batchnorms(matcher, rng)
+    with torch.no_grad():  # a learned, non-uniform head, so that a swapped direction shows
+        matcher.fc.weight.add_(0.01 * torch.randn(matcher.fc.weight.shape, generator=rng,
+                                                  dtype=torch.float64))
+    return matcher.train(training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("hw", MAPS, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("api", ["make_kernel", "two_argument", "match"])
+def test_qaconv_matches_upstream(api, hw, training, dtype, rng):
+    h, w = hw
+    c = 16
+    matcher = new_qaconv(c, h, w, rng, training)
+    probe, gallery = (qaconv_features(n, c, h, w, rng, torch.float64) for n in (5, 4))
+    weight = torch.randn(5, 4, generator=rng, dtype=torch.float64)
+    expected = run_step(reference.qaconv_scores, copy.deepcopy(matcher), (probe, gallery), weight)
+    fn = {"make_kernel": protocol,
+          "two_argument": lambda m, p, g: m(p, g),
+          "match": lambda m, p, g: m.match(p, g, chunk=3)}[api]
+    actual = run_step(fn, copy.deepcopy(matcher).to(dtype), (probe.to(dtype), gallery.to(dtype)),
+                      weight)
+    assert_same(actual, expected, RTOL[dtype])
+
+
+def test_qaconv_state_dict_and_initialisation_are_upstreams():
+    matcher = tmf.QAConv(128, 24, 8)
+    layout = [(k, tuple(v.shape)) for k, v in matcher.state_dict().items()]
+    assert layout == upstream_layouts.qaconv(128, 24, 8)
+    assert torch.all(matcher.fc.weight == 1 / 192)
+    assert matcher.fc.bias.abs().max() <= 1 / 192 ** 0.5
+    with pytest.raises(ValueError, match=r"probe must be \[n, num_features, height, width\]"):
+        matcher(torch.randn(2, 128, 24, 7), torch.randn(2, 128, 24, 8))
+    with pytest.raises(RuntimeError, match="make_kernel"):
+        matcher(torch.randn(2, 128, 24, 8))
