@@ -28,6 +28,7 @@ demo: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_cpu.py
+	$(PYTHON) benchmarks/bench_matcher.py
 
 clean:
 	rm -rf build *.egg-info transmatcher_fast/_C*.so .pytest_cache
