@@ -126,6 +126,19 @@ def _output_specs(query: Tensor, gallery: Tensor):
             ((nq, ng, lq), torch.int32), ((nq, ng, lg), torch.int32))
 
 
+def _new_outputs(q: Tensor, g: Tensor) -> tuple:
+    """Uninitialised (poisoned when testing) q_best, g_best, q_index, g_index for a kernel."""
+    return tuple(dispatch.new_output(shape, dtype, q.device) for shape, dtype in _output_specs(q, g))
+
+
+def _gradient_buffers(q, g, score_embed, dtype, need_query, need_gallery, need_score_embed):
+    """Uninitialised gradients in the kernels' accumulation dtype (the op casts them back to the
+    inputs' dtypes), None where not needed."""
+    return tuple(dispatch.new_output(x.shape, dtype, q.device) if need else None
+                 for x, need in ((q, need_query), (g, need_gallery),
+                                 (score_embed, need_score_embed)))
+
+
 def _kernel_dtype(t: Tensor) -> torch.dtype:
     """The dtype the compiled kernels read: the CPU kernels compute in float32/float64; the CUDA
     kernels read 16-bit inputs as they are and accumulate in float32."""
@@ -144,8 +157,7 @@ def _extension_forward(query, gallery, score_embed):
     q = _as_kernel_input(query, dtype)
     g = q if gallery is query else _as_kernel_input(gallery, dtype)
     e = None if score_embed is None else _as_kernel_input(score_embed, reference.output_dtype(dtype))
-    outs = tuple(dispatch.new_output(shape, out_dtype, q.device)
-                 for shape, out_dtype in _output_specs(q, g))
+    outs = _new_outputs(q, g)
     torch.ops.transmatcher_fast_C.max_sim_forward(q, g, e, *outs)
     return outs
 
@@ -159,10 +171,8 @@ def _extension_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q
     e = None if score_embed is None else _as_kernel_input(score_embed, out_dtype)
     grads = [None if grad is None else _as_kernel_input(grad, out_dtype)
              for grad in (grad_q_best, grad_g_best)]
-    # Gradients are accumulated and returned in float32 (float64): the op casts them back.
-    dq = dispatch.new_output(q.shape, out_dtype, q.device) if need_query else None
-    dg = dispatch.new_output(g.shape, out_dtype, q.device) if need_gallery else None
-    de = dispatch.new_output(score_embed.shape, out_dtype, q.device) if need_score_embed else None
+    dq, dg, de = _gradient_buffers(q, g, score_embed, out_dtype,
+                                   need_query, need_gallery, need_score_embed)
     torch.ops.transmatcher_fast_C.max_sim_backward(
         *grads, q, g, e, q_best, g_best, q_index, g_index, dq, dg, de
     )
@@ -217,9 +227,7 @@ def _gate(score_embed: Optional[Tensor]) -> Optional[Tensor]:
 def _triton_forward(query, gallery, score_embed):
     q = query.contiguous()
     g = q if gallery is query else gallery.contiguous()
-    outs = tuple(dispatch.new_output(shape, dtype, q.device)
-                 for shape, dtype in _output_specs(q, g))
-    return _triton_kernels().forward(q, g, _gate(score_embed), outs)
+    return _triton_kernels().forward(q, g, _gate(score_embed), _new_outputs(q, g))
 
 
 def _triton_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
@@ -228,10 +236,8 @@ def _triton_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_be
     g = q if gallery is query else gallery.contiguous()
     grads = [None if grad is None else grad.float().contiguous()
              for grad in (grad_q_best, grad_g_best)]
-    dq = dispatch.new_output(q.shape, torch.float32, q.device) if need_query else None
-    dg = dispatch.new_output(g.shape, torch.float32, q.device) if need_gallery else None
-    de = (dispatch.new_output(score_embed.shape, torch.float32, q.device)
-          if need_score_embed else None)
+    dq, dg, de = _gradient_buffers(q, g, score_embed, torch.float32,
+                                   need_query, need_gallery, need_score_embed)
     _triton_kernels().backward(*grads, q, g, _gate(score_embed), q_best, g_best,
                                q_index, g_index, dq, dg, de)
     return dq, dg, de
