@@ -3,5 +3,10 @@ loaders. Nothing here imports the models or the ops."""
 
 from .datasets import (DatasetLayoutError, ReidDataset, build_dataset, dataset_names,
                        register_dataset)
+from .synthetic import generate_synthetic
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ReidImageDataset, build_test_transform,
+                         build_train_transform, make_loader)
 
-__all__ = ["DatasetLayoutError", "ReidDataset", "build_dataset", "dataset_names", "register_dataset"]
+__all__ = ["DatasetLayoutError", "ReidDataset", "build_dataset", "dataset_names", "register_dataset",
+           "generate_synthetic", "IMAGENET_MEAN", "IMAGENET_STD", "ReidImageDataset",
+           "build_test_transform", "build_train_transform", "make_loader"]
