@@ -14,9 +14,7 @@ Writes results/bench_cpu.json (with CPU model, threads, versions, date) and resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -76,20 +74,16 @@ def make_call(method, mode, inputs):
 
 def measure_memory_in_child(method, mode, shape):
     """Run one call in a fresh interpreter and return its extra peak resident memory in bytes."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", method, mode,
-           ",".join(map(str, shape))]
-    # Every allocation above 64 KiB gets its own mapping, returned to the system when freed: the
-    # warm-up call's memory cannot be silently reused by the measured call.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    return benchmarking.cpu_peak_in_child(
+        [os.path.abspath(__file__), "--child-memory", method, mode, ",".join(map(str, shape))],
+        timeout=1800)
 
 
 def child_memory(method, mode, shape):
     inputs = make_inputs(*shape, requires_grad=(mode == "training"))
     call = make_call(method, mode, inputs)
     call()  # warm-up: lazy initialisation and compilation are not the op's memory
-    print(json.dumps({"peak_extra_bytes": benchmarking.peak_extra_bytes(call, torch.device("cpu"))}))
+    benchmarking.print_cpu_peak(call)
 
 
 def run_shape(shape, repeat, memory):
@@ -208,14 +202,10 @@ def main(argv=None):
                                                                   not args.no_memory)]
     summary = summarise(rows)
     print_table(rows, summary)
-    os.makedirs(args.out, exist_ok=True)
     result = {"benchmark": "bench_cpu", "dtype": "float32",
               "environment": benchmarking.environment(torch.device("cpu")),
               "flops_formula": "2*Nq*Ng*Lq*Lg*D", "rows": rows, "summary": summary}
-    path = os.path.join(args.out, "bench_cpu.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    benchmarking.write_result(result, args.out, "bench_cpu")
     if not args.no_plot:
         plot(rows, os.path.join(args.out, "bench_cpu.png"))
     return 0

@@ -20,9 +20,7 @@ and results/bench_matcher.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -76,18 +74,14 @@ def config_args(args) -> list[str]:
 
 def measure_memory_in_child(method: str, args) -> int:
     """Extra peak resident bytes of one step, in a fresh interpreter."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", method, *config_args(args)]
-    # Large allocations get their own mappings and go back to the system when freed, so the
-    # warm-up step's memory cannot be silently reused by the measured step.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    return benchmarking.cpu_peak_in_child(
+        [os.path.abspath(__file__), "--child-memory", method, *config_args(args)], timeout=3600)
 
 
 def child_memory(method: str, args) -> None:
     step = make_step(method, *make_inputs(args))
     step()  # warm-up: lazy initialisation is not the step's memory
-    print(json.dumps({"peak_extra_bytes": benchmarking.peak_extra_bytes(step, torch.device("cpu"))}))
+    benchmarking.print_cpu_peak(step)
 
 
 def run(args) -> dict:
@@ -185,15 +179,11 @@ def main(argv=None) -> int:
     with use_backend("cpu"):
         result = run(args)
     print_result(result, args)
-    os.makedirs(args.out, exist_ok=True)
     result = {"benchmark": "bench_matcher", "dtype": "float32",
               "environment": benchmarking.environment(torch.device("cpu")),
               "args": {k: v for k, v in vars(args).items() if k not in ("child_memory", "out")},
               **result}
-    path = os.path.join(args.out, "bench_matcher.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    benchmarking.write_result(result, args.out, "bench_matcher")
     if not args.no_plot:
         plot(result, os.path.join(args.out, "bench_matcher.png"))
     return 0

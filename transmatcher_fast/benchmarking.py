@@ -7,8 +7,12 @@ Peak memory is the extra memory a call needs above what was in use when it start
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -106,3 +110,32 @@ def environment(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+# CPU peak memory is measured in a fresh interpreter: the parent runs a benchmark script's child
+# mode with cpu_peak_in_child, the child measures its call with print_cpu_peak.
+
+
+def cpu_peak_in_child(argv: list, timeout: float) -> int:
+    """Run ``python *argv`` and return the extra peak bytes its ``print_cpu_peak`` reported."""
+    # Every allocation above 64 KiB gets its own mapping, returned to the system when freed: the
+    # warm-up call's memory cannot be silently reused by the measured call.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                         timeout=timeout, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def print_cpu_peak(fn: Callable[[], Any]) -> None:
+    """The child side: measure ``fn`` (already warmed up) and print the result as a JSON line."""
+    print(json.dumps({"peak_extra_bytes": peak_extra_bytes(fn, torch.device("cpu"))}))
+
+
+def write_result(result: dict, out_dir: str, name: str) -> str:
+    """Write a benchmark's result as ``out_dir/name.json`` and return the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return path
