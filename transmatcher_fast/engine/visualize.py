@@ -1,0 +1,600 @@
+"""Pictures for people who train and evaluate matchers: ranked lists, local correspondences and
+training curves.
+
+- ``ranked_list_image`` / ``save_ranked_lists``: a query and its nearest gallery images, framed
+  green (same identity) or red, after removing same-identity-same-camera gallery images as the
+  Market-1501 protocol does (``rank_gallery``).
+- ``correspondences`` / ``correspondence_image`` / ``save_correspondences``: which gallery
+  location each probe location matched, read from the argmax indices of ``max_sim`` computed
+  exactly as the matcher scores the pair (so the picture shows what the score is made of).
+- ``plot_training_curves``: loss, accuracy, learning rate (and mAP / rank-k when evaluated) from
+  the trainer's JSON-lines log.
+
+Image grids use Pillow; colour maps and curves use matplotlib, imported only when needed (it is
+an optional dependency) and only through its object API with the Agg canvas, so a caller's
+interactive backend is never switched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from ..models import QAConv, TransMatcher
+from ..ops import max_sim
+
+__all__ = [
+    "LABEL_HEIGHT",
+    "QUERY_COLOR",
+    "CORRECT_COLOR",
+    "WRONG_COLOR",
+    "ranked_list_image",
+    "rank_gallery",
+    "save_ranked_lists",
+    "correspondences",
+    "correspondence_image",
+    "save_correspondences",
+    "plot_training_curves",
+]
+
+ImageLike = Union[str, Path, Image.Image]
+
+LABEL_HEIGHT = 16  # px of a text strip (title above a row, distance under a cell, layer label)
+QUERY_COLOR = (40, 90, 230)
+CORRECT_COLOR = (0, 170, 0)
+WRONG_COLOR = (220, 0, 0)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (0, 0, 0)
+PANEL_GAP = 8  # px between the per-layer panels of save_correspondences
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=11)  # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _check_size(name: str, value: Sequence[int]) -> tuple[int, int]:
+    """A (height, width) pair of positive ints."""
+    try:
+        h, w = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (height, width), got {value!r}") from None
+    for v in (h, w):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be (height, width) of positive ints, got {value!r}")
+    return int(h), int(w)
+
+
+def _check_nonneg(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _load_image(image: ImageLike, size_hw: tuple[int, int]) -> Image.Image:
+    """An RGB copy of ``image`` (a path or a PIL image) resized to (height, width)."""
+    if isinstance(image, Image.Image):
+        rgb = image.convert("RGB")
+    else:
+        with Image.open(image) as opened:
+            rgb = opened.convert("RGB")
+    h, w = size_hw
+    return rgb.resize((w, h), Image.Resampling.BILINEAR)
+
+
+def _centered_text(draw: ImageDraw.ImageDraw, font, text: str, x: int, width: int, y: int) -> None:
+    text_w = draw.textlength(text, font=font)
+    draw.text((x + max(0, (width - text_w) / 2), y + 2), text, fill=TEXT_COLOR, font=font)
+
+
+def _stack(images: Sequence[Image.Image], vertical: bool, gap: int = 0) -> Image.Image:
+    """Images one after the other on a white background (left-aligned / top-aligned)."""
+    gaps = gap * (len(images) - 1)
+    widths, heights = [im.width for im in images], [im.height for im in images]
+    size = (max(widths), sum(heights) + gaps) if vertical else (sum(widths) + gaps, max(heights))
+    out = Image.new("RGB", size, BACKGROUND)
+    offset = 0
+    for im in images:
+        out.paste(im, (0, offset) if vertical else (offset, 0))
+        offset += (im.height if vertical else im.width) + gap
+    return out
+
+
+def _colormap(cmap: Any):
+    try:
+        import matplotlib
+    except ImportError as e:  # an optional dependency
+        raise ImportError("transmatcher_fast.engine.visualize needs matplotlib for colour maps "
+                          "and curves: pip install matplotlib") from e
+    if isinstance(cmap, str):
+        try:
+            return matplotlib.colormaps[cmap]
+        except KeyError:
+            raise ValueError(f"cmap {cmap!r} is not a matplotlib colormap name") from None
+    return cmap
+
+
+# ----------------------------------------------------------------------------- ranked lists
+
+def ranked_list_image(query_path: ImageLike, gallery_paths: Sequence[ImageLike],
+                      correct: Sequence[bool], *, distances: Optional[Sequence[float]] = None,
+                      title: Optional[str] = None, cell: tuple[int, int] = (128, 64),
+                      pad: int = 4, border: int = 3) -> Image.Image:
+    """One row: the query (blue frame), a gap, then the ranked gallery images framed green
+    (``correct``) or red, with each distance written under its image when given.
+
+    ``cell`` is the (height, width) every image is resized to; the frame of ``border`` px goes
+    around it, so a tile is ``(cell_h + 2*border, cell_w + 2*border)``. With ``k`` gallery images
+    and ``tile_w``/``tile_h`` the tile size the picture is
+
+        width  = 2*pad + tile_w + (4*pad + k*tile_w + (k-1)*pad  if k else 0)
+        height = 2*pad + tile_h + LABEL_HEIGHT*(title given) + LABEL_HEIGHT*(distances given)
+    """
+    cell_h, cell_w = _check_size("cell", cell)
+    _check_nonneg(pad=pad, border=border)
+    gallery_paths, correct = list(gallery_paths), [bool(c) for c in correct]
+    if len(gallery_paths) != len(correct):
+        raise ValueError(f"gallery_paths and correct must have the same length, got "
+                         f"{len(gallery_paths)} and {len(correct)}")
+    if distances is not None:
+        distances = [float(d) for d in _to_numpy(distances).reshape(-1)]
+        if len(distances) != len(gallery_paths):
+            raise ValueError(f"distances must have one value per gallery image, got "
+                             f"{len(distances)} for {len(gallery_paths)} images")
+    k = len(gallery_paths)
+    tile_w, tile_h = cell_w + 2 * border, cell_h + 2 * border
+    gap = 4 * pad
+    width = 2 * pad + tile_w + (gap + k * tile_w + (k - 1) * pad if k else 0)
+    top = pad + (LABEL_HEIGHT if title is not None else 0)
+    height = top + tile_h + (LABEL_HEIGHT if distances is not None else 0) + pad
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    if title is not None:
+        draw.text((pad, pad + 2), title, fill=TEXT_COLOR, font=font)
+
+    def tile(image: ImageLike, x: int, color: tuple[int, int, int], label: Optional[str]) -> None:
+        draw.rectangle([x, top, x + tile_w - 1, top + tile_h - 1], fill=color)
+        canvas.paste(_load_image(image, (cell_h, cell_w)), (x + border, top + border))
+        if label is not None:
+            _centered_text(draw, font, label, x, tile_w, top + tile_h)
+
+    tile(query_path, pad, QUERY_COLOR, "query" if distances is not None else None)
+    for i, (path, ok) in enumerate(zip(gallery_paths, correct)):
+        x = pad + tile_w + gap + i * (tile_w + pad)
+        tile(path, x, CORRECT_COLOR if ok else WRONG_COLOR,
+             None if distances is None else f"{distances[i]:.3f}")
+    return canvas
+
+
+def rank_gallery(distances: Any, query_pid: int, query_camid: int, gallery_pids: Any,
+                 gallery_camids: Any, *, indices: Any = None, topk: int = 10) -> np.ndarray:
+    """Gallery indices of the ``topk`` nearest images (lowest distance first), without the
+    gallery images of the query's identity taken by the query's camera (the Market-1501
+    protocol: they are too easy to count).
+
+    ``distances`` is one query's dense row ``[Ng]``; or, with ``indices``, the distances ``[k]``
+    of the candidates ``indices [k]`` (a top-k pair; negative indices are padding and dropped).
+    Equal distances keep the lower gallery index first (a stable sort), so the list is
+    reproducible. NaN distances sort last.
+    """
+    _check_positive(topk=topk)
+    gallery_pids = _to_numpy(gallery_pids).reshape(-1)
+    gallery_camids = _to_numpy(gallery_camids).reshape(-1)
+    if gallery_pids.shape != gallery_camids.shape:
+        raise ValueError(f"gallery_pids and gallery_camids must have the same length, got "
+                         f"{gallery_pids.shape[0]} and {gallery_camids.shape[0]}")
+    num_gallery = gallery_pids.shape[0]
+    dist = _to_numpy(distances).astype(np.float64, copy=False)
+    if dist.ndim != 1:
+        raise ValueError(f"distances must be one query's row (1-D), got shape {dist.shape}")
+    if indices is None:
+        if dist.shape[0] != num_gallery:
+            raise ValueError(f"distances must have one value per gallery item ({num_gallery}), "
+                             f"got shape {dist.shape}")
+        candidates = np.arange(num_gallery)
+    else:
+        candidates = _to_numpy(indices).astype(np.int64).reshape(-1)
+        if candidates.shape != dist.shape:
+            raise ValueError(f"indices must match distances, got shapes {candidates.shape} and "
+                             f"{dist.shape}")
+        if (candidates >= num_gallery).any():
+            raise ValueError(f"indices must be < the gallery size {num_gallery}, got "
+                             f"{int(candidates.max())}")
+        keep = candidates >= 0
+        candidates, dist = candidates[keep], dist[keep]
+        # Stable over (distance, gallery index), whatever order the candidates came in.
+        by_index = np.argsort(candidates, kind="stable")
+        candidates, dist = candidates[by_index], dist[by_index]
+    valid = ~((gallery_pids[candidates] == query_pid) & (gallery_camids[candidates] == query_camid))
+    candidates, dist = candidates[valid], dist[valid]
+    order = np.argsort(dist, kind="stable")
+    return candidates[order[:topk]]
+
+
+def _split_dist(dist_or_topk: Any, num_query: int, num_gallery: int):
+    """(dense [Nq, Ng], None) or (topk_dist [Nq, k], topk_index [Nq, k])."""
+    if isinstance(dist_or_topk, tuple):
+        if len(dist_or_topk) != 2:
+            raise ValueError(f"dist_or_topk as a tuple must be (topk_dist, topk_index), got "
+                             f"{len(dist_or_topk)} items")
+        dist, index = (_to_numpy(a) for a in dist_or_topk)
+        if dist.ndim != 2 or dist.shape != index.shape or dist.shape[0] != num_query:
+            raise ValueError(f"dist_or_topk = (topk_dist, topk_index) must both be [Nq, k] with "
+                             f"Nq = {num_query}, got shapes {dist.shape} and {index.shape}")
+        return dist, index
+    dist = _to_numpy(dist_or_topk)
+    if dist.shape != (num_query, num_gallery):
+        raise ValueError(f"dist_or_topk must be a dense [Nq, Ng] = [{num_query}, {num_gallery}] "
+                         f"distance array or a (topk_dist, topk_index) tuple, got shape "
+                         f"{dist.shape}")
+    return dist, None
+
+
+def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[Any]],
+                      gallery_items: Sequence[Sequence[Any]], dist_or_topk: Any, *,
+                      num_queries: int = 8, topk: int = 10, seed: int = 0,
+                      show_distances: bool = True, cell: tuple[int, int] = (128, 64),
+                      pad: int = 4, border: int = 3) -> list[Path]:
+    """Ranked-list pictures of ``num_queries`` queries picked at random (``seed``, so the same
+    queries come back run after run and models can be compared).
+
+    ``query_items`` / ``gallery_items`` are ``(path, pid, camid)`` as the datasets give them;
+    ``dist_or_topk`` is a dense ``[Nq, Ng]`` distance array (lower = closer) or a tuple
+    ``(topk_dist [Nq, k], topk_index [Nq, k])``. Writes ``ranked_<i>_q<pid>.png`` per picked
+    query (``i`` its index in ``query_items``) and ``ranked_lists.png`` with all rows stacked;
+    returns the per-query paths in query order, then the overview's path.
+    """
+    _check_positive(num_queries=num_queries, topk=topk)
+    num_query, num_gallery = len(query_items), len(gallery_items)
+    if num_query == 0:
+        raise ValueError("query_items is empty: there is no query to draw")
+    dist, index = _split_dist(dist_or_topk, num_query, num_gallery)
+    gallery_pids = np.array([int(item[1]) for item in gallery_items], dtype=np.int64)
+    gallery_camids = np.array([int(item[2]) for item in gallery_items], dtype=np.int64)
+    picked = sorted(random.Random(seed).sample(range(num_query), min(num_queries, num_query)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, rows = [], []
+    for qi in picked:
+        q_path, q_pid, q_cam = query_items[qi][:3]
+        ranked = rank_gallery(dist[qi], int(q_pid), int(q_cam), gallery_pids, gallery_camids,
+                              indices=None if index is None else index[qi], topk=topk)
+        if index is None:
+            shown = dist[qi][ranked]
+        else:  # the distance that came with each candidate
+            lookup = dict(zip(index[qi].tolist(), dist[qi].tolist()))
+            shown = [lookup[g] for g in ranked.tolist()]
+        row = ranked_list_image(
+            q_path, [gallery_items[g][0] for g in ranked],
+            [int(gallery_pids[g]) == int(q_pid) for g in ranked],
+            distances=shown if show_distances else None,
+            title=f"query {qi}  pid {q_pid}  cam {q_cam}", cell=cell, pad=pad, border=border)
+        path = out_dir / f"ranked_{qi}_q{q_pid}.png"
+        row.save(path)
+        paths.append(path)
+        rows.append(row)
+    overview = out_dir / "ranked_lists.png"
+    _stack(rows, vertical=True).save(overview)
+    return paths + [overview]
+
+
+# ----------------------------------------------------------------------------- correspondences
+
+def _check_pair_features(probe: Tensor, gallery: Tensor, expected: str) -> None:
+    for name, t in (("probe_features", probe), ("gallery_features", gallery)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != 1:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be one image's features {expected}, got {shape}")
+    if probe.shape != gallery.shape:
+        raise ValueError(f"probe_features and gallery_features must have the same shape "
+                         f"{expected}, got {tuple(probe.shape)} and {tuple(gallery.shape)}")
+
+
+def _match_dict(q_best: Tensor, g_best: Tensor, q_index: Tensor, g_index: Tensor,
+                height: int, width: int) -> dict:
+    return {"q_index": q_index[0, 0].cpu().numpy().astype(np.int64),
+            "q_best": q_best[0, 0].float().cpu().numpy(),
+            "g_index": g_index[0, 0].cpu().numpy().astype(np.int64),
+            "g_best": g_best[0, 0].float().cpu().numpy(),
+            "height": int(height), "width": int(width)}
+
+
+def correspondences(matcher: Union[TransMatcher, QAConv], probe_features: Tensor,
+                    gallery_features: Tensor) -> list[dict]:
+    """Per decoder layer (QAConv: one), where each location of one probe image found its best
+    match in one gallery image: the argmax indices of ``max_sim`` on the features projected
+    exactly as the matcher scores them (TransMatcher: ``layer.project`` of each level, gated by
+    ``sigmoid(layer.score_embed)``; QAConv: no projection, no gate).
+
+    Features are one image each, shaped as the matcher takes them: TransMatcher
+    ``[1, h, w, N*d_model]`` channels-last, QAConv ``[1, C, h, w]``. Returns one dict per layer
+    with numpy arrays ``q_index`` / ``q_best`` ``[L]`` (best gallery location and its score per
+    probe location), ``g_index`` / ``g_best`` ``[L]`` (best probe location per gallery location)
+    and the grid ``height`` / ``width`` (location ``l`` is row ``l // width``, column
+    ``l % width``). Runs in eval mode under ``no_grad``; every module's mode is restored.
+    """
+    if isinstance(matcher, TransMatcher):
+        decoder = matcher.decoder
+        expected = (f"[1, h, w, num_layers * d_model] = [1, h, w, {decoder.num_layers} * "
+                    f"{matcher.d_model}] with h*w = seq_len = {matcher.seq_len}")
+        _check_pair_features(probe_features, gallery_features, expected)
+        _, h, w, c = probe_features.shape
+        if h * w != matcher.seq_len or c != decoder.num_layers * matcher.d_model:
+            raise ValueError(f"probe_features and gallery_features must be {expected}, got "
+                             f"{tuple(probe_features.shape)}")
+    elif isinstance(matcher, QAConv):
+        expected = (f"[1, num_features, height, width] = [1, {matcher.num_features}, "
+                    f"{matcher.height}, {matcher.width}]")
+        _check_pair_features(probe_features, gallery_features, expected)
+        if tuple(probe_features.shape[1:]) != (matcher.num_features, matcher.height, matcher.width):
+            raise ValueError(f"probe_features and gallery_features must be {expected}, got "
+                             f"{tuple(probe_features.shape)}")
+        h, w = matcher.height, matcher.width
+    else:
+        raise TypeError(f"matcher must be a transmatcher_fast TransMatcher or QAConv, got "
+                        f"{type(matcher).__name__}")
+
+    modes = {m: m.training for m in matcher.modules()}
+    matcher.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(matcher, QAConv):
+                p = matcher._locations(probe_features, "probe_features")
+                g = matcher._locations(gallery_features, "gallery_features")
+                return [_match_dict(*max_sim(p, g, None, return_indices=True), h, w)]
+            matches = []
+            probe_parts = decoder.split(probe_features, "probe_features")
+            gallery_parts = decoder.split(gallery_features, "gallery_features")
+            for layer, p, g in zip(decoder.layers, probe_parts, gallery_parts):
+                pp = layer.project(p, "probe_features")
+                gp = layer.project(g, "gallery_features")
+                gate = layer.score_embed.view(layer.seq_len, layer.seq_len)
+                matches.append(_match_dict(*max_sim(pp, gp, gate, return_indices=True), h, w))
+            return matches
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _check_match(match: dict) -> tuple[int, int]:
+    keys = ("q_index", "q_best", "g_index", "g_best", "height", "width")
+    missing = [k for k in keys if k not in match]
+    if missing:
+        raise ValueError(f"match is missing {missing} (use correspondences(...) to make it)")
+    h, w = int(match["height"]), int(match["width"])
+    if h < 1 or w < 1:
+        raise ValueError(f"match height/width must be positive, got {h} x {w}")
+    for key in ("q_index", "q_best", "g_index", "g_best"):
+        shape = _to_numpy(match[key]).shape
+        if shape != (h * w,):
+            raise ValueError(f"match[{key!r}] must be [height*width] = [{h * w}], got {shape}")
+    return h, w
+
+
+def correspondence_image(probe_image: ImageLike, gallery_image: ImageLike, match: dict, *,
+                         direction: str = "probe", top: Optional[int] = None,
+                         size: tuple[int, int] = (256, 128), cmap: Any = "viridis",
+                         line_width: int = 2) -> Image.Image:
+    """Probe | gallery side by side (each resized to ``size`` = (height, width)), with a line
+    from the centre of each probe location's cell to the centre of its best gallery location's
+    cell (``direction="probe"``, ``q_index``; ``"gallery"``: from each gallery location to its
+    best probe location, ``g_index``). Lines are coloured by their score through ``cmap``,
+    normalised over the pair's scores of that direction, strongest drawn last (on top);
+    ``top=k`` draws only the k strongest (``top=0``: the plain side-by-side). Non-finite scores
+    are not drawn. The picture is ``(height, 2 * width)``.
+    """
+    if direction not in ("probe", "gallery"):
+        raise ValueError(f"direction must be 'probe' or 'gallery', got {direction!r}")
+    if top is not None:
+        _check_nonneg(top=top)
+    _check_positive(line_width=line_width)
+    height, width = _check_size("size", size)
+    h, w = _check_match(match)
+    colormap = _colormap(cmap)
+    key = "q" if direction == "probe" else "g"
+    index = _to_numpy(match[f"{key}_index"]).astype(np.int64)
+    score = _to_numpy(match[f"{key}_best"]).astype(np.float64)
+    if index.size and (index.min() < 0 or index.max() >= h * w):
+        raise ValueError(f"match[{key + '_index'!r}] must be in [0, {h * w}), got values in "
+                         f"[{index.min()}, {index.max()}]")
+
+    canvas = Image.new("RGB", (2 * width, height), BACKGROUND)
+    canvas.paste(_load_image(probe_image, (height, width)), (0, 0))
+    canvas.paste(_load_image(gallery_image, (height, width)), (width, 0))
+    finite = np.flatnonzero(np.isfinite(score))
+    if finite.size == 0 or top == 0:
+        return canvas
+    lo, hi = score[finite].min(), score[finite].max()
+    norm = (score - lo) / (hi - lo) if hi > lo else np.ones_like(score)
+    order = finite[np.argsort(score[finite], kind="stable")]  # weakest first
+    if top is not None:
+        order = order[-top:]
+
+    def centre(location: int, x0: int) -> tuple[float, float]:
+        row, col = divmod(int(location), w)
+        return x0 + (col + 0.5) * width / w, (row + 0.5) * height / h
+
+    draw = ImageDraw.Draw(canvas)
+    source_x0, target_x0 = (0, width) if direction == "probe" else (width, 0)
+    for loc in order:
+        color = tuple(int(round(255 * c)) for c in colormap(float(norm[loc]))[:3])
+        start, end = centre(loc, source_x0), centre(index[loc], target_x0)
+        draw.line([start, end], fill=color, width=line_width)
+        for x, y in (start, end):
+            r = line_width
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    return canvas
+
+
+def save_correspondences(out_path: Union[str, Path], probe_image: ImageLike,
+                         gallery_image: ImageLike, matches: Sequence[dict], **kw: Any) -> Path:
+    """One ``correspondence_image`` panel per decoder layer, side by side, each under a
+    "layer n" label (n from 1); ``kw`` goes to ``correspondence_image``. Writes a PNG."""
+    if len(matches) == 0:
+        raise ValueError("matches is empty: pass the list correspondences(...) returns")
+    font = _font()
+    panels = []
+    for n, match in enumerate(matches, start=1):
+        image = correspondence_image(probe_image, gallery_image, match, **kw)
+        panel = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), BACKGROUND)
+        panel.paste(image, (0, LABEL_HEIGHT))
+        _centered_text(ImageDraw.Draw(panel), font, f"layer {n}", 0, image.width, 0)
+        panels.append(panel)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _stack(panels, vertical=False, gap=PANEL_GAP).save(out_path)
+    return out_path
+
+
+# ----------------------------------------------------------------------------- training curves
+
+def _read_log(log_path: Path) -> list[dict]:
+    """The records of a JSON-lines log. A malformed last line is skipped (the trainer may be
+    writing it); a malformed line elsewhere is an error."""
+    if not log_path.is_file():
+        raise ValueError(f"log_path {str(log_path)!r} does not exist or is not a file")
+    lines = [(n, line) for n, line in enumerate(log_path.read_text().splitlines(), start=1)
+             if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"log_path {str(log_path)!r} line {n} is not JSON: {e}") from None
+        if isinstance(record, dict):
+            records.append(record)
+    if not records:
+        raise ValueError(f"log_path {str(log_path)!r} holds no records")
+    return records
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite float, or None for missing / non-numeric / non-finite values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _series(records: Sequence[dict], x_of, key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        x, y = x_of(r), _number(r.get(key))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def plot_training_curves(log_path: Union[str, Path], out_path: Union[str, Path]) -> Path:
+    """Loss, accuracy and learning rate per step (thin, light) and per epoch (bold markers),
+    against the global step, from the trainer's JSON-lines log; plus mAP / rank-k against the
+    epoch when the log has ``"eval"`` records. Unknown kinds and non-finite values are skipped.
+    Writes a PNG.
+
+    An epoch record is placed at the last step logged in that epoch (where the epoch ends);
+    without step records for it, at ``(epoch + 1) * steps_per_epoch`` estimated from the
+    others; without any step records the x axis is the number of completed epochs.
+    """
+    log_path, out_path = Path(log_path), Path(out_path)
+    records = _read_log(log_path)
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not steps and not epochs:
+        raise ValueError(f"log_path {str(log_path)!r} has no 'step' or 'epoch' records")
+
+    last_step: dict[int, float] = {}
+    for r in steps:
+        e, s = _number(r.get("epoch")), _number(r.get("step"))
+        if e is not None and s is not None:
+            last_step[int(e)] = max(last_step.get(int(e), s), s)
+    per_epoch = [s / (e + 1) for e, s in last_step.items()]
+    steps_per_epoch = float(np.median(per_epoch)) if per_epoch else None
+
+    def epoch_x(r: dict) -> Optional[float]:
+        e = _number(r.get("epoch"))
+        if e is None:
+            return None
+        if steps_per_epoch is None:
+            return e + 1
+        return last_step.get(int(e), (e + 1) * steps_per_epoch)
+
+    def step_x(r: dict) -> Optional[float]:
+        return _number(r.get("step"))
+
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plot_training_curves needs matplotlib: pip install matplotlib") from e
+
+    panels = [("loss", "loss"), ("acc", "accuracy"), ("lr", "learning rate")]
+    eval_keys = sorted({k for r in evals for k in r
+                        if (k == "mAP" or (k.startswith("rank") and k[4:].isdigit()))},
+                       key=lambda k: (k != "mAP", int(k[4:]) if k != "mAP" else 0))
+    n_rows = len(panels) + (1 if evals else 0)
+    fig = Figure(figsize=(8, 2.6 * n_rows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, 1, squeeze=False)[:, 0]
+    x_label = "step" if steps_per_epoch is not None else "epochs completed"
+    for ax, (key, label) in zip(axes, panels):
+        xs, ys = _series(steps, step_x, key)
+        if xs:
+            ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=0.8, label="per step")
+        xe, ye = _series(epochs, epoch_x, key)
+        if xe:
+            ax.plot(xe, ye, color="tab:blue", linewidth=2.2, marker="o", markersize=4,
+                    label="per epoch")
+        values = ys + ye
+        if key == "lr" and values and min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_xlabel(x_label)
+        ax.grid(True, alpha=0.3)
+        if xs or xe:
+            ax.legend(loc="best", fontsize=8)
+    if evals:
+        ax = axes[-1]
+        for key in eval_keys:
+            xs, ys = _series(evals, lambda r: None if _number(r.get("epoch")) is None
+                             else _number(r.get("epoch")) + 1, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", linewidth=1.8, label=key)
+        ax.set_xlabel("epochs completed")
+        ax.set_ylabel("evaluation")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    fig.suptitle(log_path.name)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, format="png")
+    return out_path
