@@ -18,7 +18,7 @@ install-torch:
 # --no-build-isolation: the extension must compile against the torch installed above.
 install: install-torch
 	$(PIP) install "setuptools>=64" wheel ninja numpy
-	$(PIP) install --no-build-isolation -e ".[test,bench]"
+	$(PIP) install --no-build-isolation -e ".[test,bench,train]"
 
 test: install
 	$(PYTHON) -m pytest tests

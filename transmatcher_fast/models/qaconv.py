@@ -88,17 +88,26 @@ class QAConv(nn.Module):
         g = p if gallery is probe else self._locations(gallery, "gallery")
         return self._score(p, g)
 
+    def project(self, features: Tensor, name: str = "features") -> Tensor:
+        """``[n, C, h, w]`` features as the ``[n, h*w, C]`` locations ``score_projected`` takes."""
+        return self._locations(features, name)
+
+    def score_projected(self, probe: Tensor, gallery: Tensor) -> Tensor:
+        """``[p, g]`` scores of ``project``-ed features; blocks of pairs scored separately equal
+        one pass only when no BatchNorm uses batch statistics."""
+        return self._score(probe, gallery)
+
+    def bytes_per_pair(self) -> int:
+        """Temporaries per probe/gallery pair: q_best, g_best, indices, pooled copy, BN output."""
+        return 6 * 2 * self.height * self.width * 4
+
     def match(self, probe: Tensor, gallery: Tensor, chunk: Optional[int] = None) -> Tensor:
         """``forward(probe, gallery)`` with the gallery streamed ``chunk`` images at a time
         (default from free memory); one pass when a BatchNorm uses batch statistics."""
         if _uses_batch_stats(self):
             return self(probe, gallery)
-        p = self._locations(probe, "probe")
-        g = p if gallery is probe else self._locations(gallery, "gallery")
-        hw = self.height * self.width
-        per_pair = 6 * 2 * hw * 4
-        step = memory.gallery_chunk(p.shape[0], g.shape[0], per_pair, p.device, chunk)
-        blocks = []
-        for start in range(0, max(1, g.shape[0]), step):
-            blocks.append(self._score(p, g[start:start + step]))
+        p = self.project(probe, "probe")
+        g = p if gallery is probe else self.project(gallery, "gallery")
+        step = memory.gallery_chunk(p.shape[0], g.shape[0], self.bytes_per_pair(), p.device, chunk)
+        blocks = [self._score(p, g[start:start + step]) for start in range(0, max(1, g.shape[0]), step)]
         return torch.cat(blocks, dim=1)

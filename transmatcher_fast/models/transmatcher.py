@@ -181,6 +181,28 @@ class TransMatcher(nn.Module):
             raise RuntimeError("TransMatcher.forward(gallery) needs make_kernel(probe) first")
         return self.decoder(self.memory, features)
 
+    def project(self, features: Tensor, name: str = "features") -> tuple[Tensor, ...]:
+        """fc1 of every encoder level of ``[n, h, w, N * d_model]`` features: one ``[n, L, d]``
+        tensor per decoder layer, what ``score_projected`` takes. Project each image once, then
+        score it against as many others as needed."""
+        parts = self.decoder.split(features, name)
+        return tuple(layer.project(part, name) for layer, part in zip(self.decoder.layers, parts))
+
+    def score_projected(self, probe: tuple[Tensor, ...], gallery: tuple[Tensor, ...]) -> Tensor:
+        """``[q, k]`` scores of projected probe and gallery features (from ``project``). Blocks of
+        pairs scored separately equal one pass only when no BatchNorm uses batch statistics."""
+        score = None
+        for layer, p, g in zip(self.decoder.layers, probe, gallery):
+            s = layer.score(p, g)
+            score = s if score is None else score + s
+        return self.decoder.normalize(score)
+
+    def bytes_per_pair(self) -> int:
+        """Temporaries one probe/gallery pair needs while scored: q_best, g_best, their indices,
+        the pooled copy and its BN output, per layer when autograd keeps them."""
+        layers = self.decoder.num_layers if torch.is_grad_enabled() else 1
+        return 6 * 2 * self.seq_len * 4 * layers
+
     def match(self, probe: Tensor, gallery: Tensor, chunk: Optional[int] = None) -> Tensor:
         """Scores ``[num_probe, num_gallery]``, equal to ``make_kernel(probe); forward(gallery)``.
 
@@ -189,24 +211,12 @@ class TransMatcher(nn.Module):
         BatchNorm uses batch statistics (training mode) those statistics span all pairs, so the
         pairs are scored in one pass, as the protocol does.
         """
-        decoder = self.decoder
-        if _uses_batch_stats(decoder):
-            return decoder(probe, gallery)
-        probe_parts = decoder.split(probe, "probe")
-        gallery_parts = probe_parts if gallery is probe else decoder.split(gallery, "gallery")
-        projected = []
-        for layer, p, g in zip(decoder.layers, probe_parts, gallery_parts):
-            pp = layer.project(p, "probe")
-            projected.append((pp, pp if g is p else layer.project(g, "gallery")))
+        if _uses_batch_stats(self.decoder):
+            return self.decoder(probe, gallery)
+        projected_probe = self.project(probe, "probe")
+        projected_gallery = projected_probe if gallery is probe else self.project(gallery, "gallery")
         num_probe, num_gallery = probe.shape[0], gallery.shape[0]
-        # Per pair and layer: q_best, g_best, their indices, the pooled copy and its BN output.
-        per_pair = 6 * 2 * self.seq_len * 4 * (decoder.num_layers if torch.is_grad_enabled() else 1)
-        step = memory.gallery_chunk(num_probe, num_gallery, per_pair, probe.device, chunk)
-        blocks = []
-        for start in range(0, max(1, num_gallery), step):
-            block = None
-            for layer, (pp, gp) in zip(decoder.layers, projected):
-                s = layer.score(pp, gp[start:start + step])
-                block = s if block is None else block + s
-            blocks.append(block)
-        return decoder.normalize(torch.cat(blocks, dim=1))
+        step = memory.gallery_chunk(num_probe, num_gallery, self.bytes_per_pair(), probe.device, chunk)
+        blocks = [self.score_projected(projected_probe, tuple(g[start:start + step] for g in projected_gallery))
+                  for start in range(0, max(1, num_gallery), step)]
+        return torch.cat(blocks, dim=1)

@@ -1,0 +1,231 @@
+"""The training loop: it learns, checkpoints resume exactly (also after a SIGKILL), torchrun works,
+and the recipe's pieces (parameter groups, schedules, config files, atomic writes) are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transmatcher_fast.cli import build_parser, main
+from transmatcher_fast.data import generate_synthetic
+from transmatcher_fast.engine import checkpoint
+from transmatcher_fast.engine.trainer import LRSchedule, Trainer, TrainConfig
+
+# A model small enough for a few CPU steps a second: 64x32 images -> 4x2 = 8 locations.
+TINY = ["-d", "market", "-a", "resnet18", "--ibn", "none", "--neck", "16", "--num-trans-layers", "2",
+        "--dim-feedforward", "32", "--height", "64", "--width", "32", "-b", "16", "--num-instances", "4",
+        "-j", "0", "--no-freeze-bn", "--no-progress", "--no-tensorboard", "--log-every", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSMATCHER_FAST_BACKEND": "cpu"}
+ENV.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, ids=16, cams=2, images_per_cam=4, seed=3, height=64, width=32)
+    return root
+
+
+def tiny_config(data_dir, exp_dir, *extra) -> TrainConfig:
+    args = build_parser().parse_args(["train", *TINY, "--data-dir", str(data_dir),
+                                      "--exp-dir", str(exp_dir), *extra])
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    return TrainConfig.from_dict(values)
+
+
+def records(exp_dir, kind):
+    lines = (Path(exp_dir) / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_two_epochs_lower_the_loss_and_write_everything(data_dir, tmp_path):
+    trainer = Trainer(tiny_config(data_dir, tmp_path, "--epochs", "2", "--lr", "0.01"))
+    history = trainer.fit()
+    assert [r["epoch"] for r in history] == [0, 1]
+    # The graph sampler gives one batch per training identity (8), each of 16 images.
+    assert history[0]["steps"] == 8
+    assert history[1]["loss"] < history[0]["loss"]
+    assert all(r["images_per_s"] > 0 for r in history)
+    steps = records(tmp_path, "step")
+    assert len(steps) == 16 and steps[-1]["step"] == 16
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["global_step"] == 16
+    assert set(state) >= {"model", "matcher", "optimizer", "scaler", "schedule", "sampler", "rng", "config"}
+    assert not list(tmp_path.glob(".checkpoint.pt.*"))  # no temporary file left behind
+
+
+def test_parameter_groups_follow_the_recipe(data_dir, tmp_path):
+    trainer = Trainer(tiny_config(data_dir, tmp_path, "--lr", "0.02"))
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(0.002)
+    assert groups["new"]["lr"] == groups["matcher"]["lr"] == 0.02
+    assert all(g["nesterov"] and g["momentum"] == 0.9 and g["weight_decay"] == 5e-4 for g in groups.values())
+    backbone = {id(p) for p in trainer.model.base.parameters()}
+    assert {id(p) for p in groups["backbone"]["params"]} == backbone
+    # The unused template decoder layer is not trained (it never gets a gradient).
+    template = {id(p) for p in trainer.matcher.decoder_layer.parameters()}
+    assert not template & {id(p) for g in groups.values() for p in g["params"]}
+
+
+def test_frozen_batchnorm_keeps_running_statistics(data_dir, tmp_path):
+    trainer = Trainer(tiny_config(data_dir, tmp_path, "--freeze-bn", "--epochs", "1",
+                                  "--max-steps-per-epoch", "1"))
+    before = trainer.model.base.bn1.running_mean.clone()
+    trainer.fit()
+    assert torch.equal(trainer.model.base.bn1.running_mean, before)
+    assert not torch.equal(trainer.model.base.bn1.weight, torch.ones_like(before))  # affine trains
+
+
+def test_resume_in_process_repeats_the_next_epoch_exactly(data_dir, tmp_path):
+    full = Trainer(tiny_config(data_dir, tmp_path / "full", "--epochs", "2", "--max-steps-per-epoch", "3"))
+    full.fit()
+    first = Trainer(tiny_config(data_dir, tmp_path / "split", "--epochs", "1", "--max-steps-per-epoch", "3"))
+    first.fit()
+    resumed = Trainer(tiny_config(data_dir, tmp_path / "split", "--epochs", "2",
+                                  "--max-steps-per-epoch", "3", "--resume"))
+    resumed.fit()
+    expected = [r["loss"] for r in records(tmp_path / "full", "step") if r["epoch"] == 1]
+    assert [r["loss"] for r in records(tmp_path / "split", "step") if r["epoch"] == 1] == expected
+    for a, b in zip(full.matcher.state_dict().values(), resumed.matcher.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _train_cli(data_dir, exp_dir, *extra):
+    return [sys.executable, "-m", "transmatcher_fast.cli", "train", *TINY, "--data-dir", str(data_dir),
+            "--exp-dir", str(exp_dir), "--epochs", "2", "--max-steps-per-epoch", "4", *extra]
+
+
+def test_killed_run_resumes_with_the_uninterrupted_runs_losses(data_dir, tmp_path):
+    """SIGKILL in the middle of epoch 2, resume: epoch 2 runs again and every step's loss equals
+    the uninterrupted run's; only the killed epoch's progress was lost."""
+    subprocess.run(_train_cli(data_dir, tmp_path / "full"), check=True, env=ENV, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_cli(data_dir, killed), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            log = killed / "log.jsonl"
+            if log.exists() and any(r["kind"] == "step" and r["epoch"] == 1 for r in map(json.loads,
+                                    filter(None, log.read_text().splitlines()))):
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it could be killed mid-epoch"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert checkpoint.load(killed / "checkpoint.pt")["epoch"] == 1
+    subprocess.run(_train_cli(data_dir, killed, "--resume"), check=True, env=ENV, capture_output=True)
+    expected = [(r["step"], r["loss"]) for r in records(tmp_path / "full", "step")]
+    assert [(r["step"], r["loss"]) for r in records(killed, "step")] == expected
+    assert len(records(killed, "epoch")) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_in_sync(data_dir, tmp_path):
+    out = tmp_path / "ddp.json"
+    worker = Path(__file__).with_name("ddp_train_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *TINY,
+           "--data-dir", str(data_dir), "--exp-dir", str(tmp_path / "run"), "--epochs", "1",
+           "--max-steps-per-epoch", "2", str(out)]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and report["steps"] == 2
+    rank0, rank1 = report["checksums"]
+    assert rank0 == rank1  # DistributedDataParallel kept both replicas identical
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["world_size"] == 2
+
+
+def test_step_schedule():
+    schedule = LRSchedule(TrainConfig(epochs=15, step_size=10, gamma=0.1))
+    assert [schedule.factor(e) for e in (0, 9, 10, 14)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
+    assert schedule.end == 15
+
+
+def test_adaptive_schedule_decays_once_and_sets_the_end():
+    schedule = LRSchedule(TrainConfig(schedule="adaptive", step_factor=0.7, max_epochs=60))
+    for epoch, loss in enumerate([10.0, 8.0, 6.0, 5.0]):  # base = 8.0 (second epoch); 5.0 < 5.6
+        schedule.after_epoch(epoch, loss)
+    assert schedule.base_loss == 8.0 and schedule.decay_epoch == 4 and schedule.end == 6
+    assert schedule.factor(3) == 1.0 and schedule.factor(4) == pytest.approx(0.1)
+    schedule.after_epoch(4, 1.0)
+    assert schedule.end == 6  # decays once
+    restored = LRSchedule(TrainConfig(schedule="adaptive"))
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.state_dict() == schedule.state_dict()
+
+
+def test_config_validation_names_the_option():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=30, num_instances=4)
+    with pytest.raises(ValueError, match="sampler"):
+        TrainConfig(sampler="random")
+    with pytest.raises(ValueError, match="unknown training options.*bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+def test_yaml_config_sets_defaults_and_flags_win(tmp_path, monkeypatch):
+    config = tmp_path / "small.yaml"
+    config.write_text("batch_size: 32\nnum-instances: 2\nlr: 0.001\narch: resnet18\n")
+    seen = {}
+    monkeypatch.setattr("transmatcher_fast.cli.run_train", lambda args: seen.update(vars(args)) or 0)
+    parser = build_parser()
+    parser.commands["train"].set_defaults(run=lambda args: seen.update(vars(args)) or 0)
+    from transmatcher_fast import cli
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert main(["train", "--config", str(config), "--lr", "0.05"]) == 0
+    assert seen["batch_size"] == 32 and seen["num_instances"] == 2 and seen["arch"] == "resnet18"
+    assert seen["lr"] == 0.05
+    config.write_text("bogus_option: 1\n")
+    with pytest.raises(SystemExit, match="bogus_option"):
+        main(["train", "--config", str(config)])
+
+
+def test_train_help_lists_upstream_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--data-dir", "--arch", "--ibn", "--final_layer", "--neck",
+                 "--num_trans_layers", "--dim_feedforward", "--batch-size", "--num_instance", "--lr",
+                 "--epochs", "--step_size", "--clip_value", "--amp", "--resume", "--config"):
+        assert flag in text, flag
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(Exception):
+        checkpoint.save_atomic({"epoch": 2, "bad": lambda: None}, path)  # cannot be pickled
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    state = checkpoint.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_missing_dataset_names_the_folder(tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path / "nowhere")):
+        Trainer(tiny_config(tmp_path / "nowhere", tmp_path / "run"))

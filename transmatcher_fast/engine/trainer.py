@@ -1,0 +1,503 @@
+"""Training with upstream's recipe (TransMatcher ``main.py`` + ``reid/trainers.py``), resumable.
+
+One epoch: the sampler plans the batches (the graph sampler matches one image per identity with
+the current model), then every batch of ``num_instances`` images per identity is matched against
+itself and scored by the pairwise BCE (or batch-hard triplet) loss; SGD Nesterov with the backbone
+at 0.1x the learning rate, autocast + GradScaler, gradient-norm clipping of the feature model and
+the matcher separately. At the end of every epoch a checkpoint with everything needed to go on
+(model, matcher, optimizer, scaler, schedule, sampler, RNG state) replaces the previous one
+atomically, so a run killed at any time loses at most the epoch in progress, and ``resume``
+repeats that epoch exactly: every random stream of an epoch is derived from (seed, epoch).
+
+Under ``torchrun`` the feature model and the matcher train as one DistributedDataParallel module;
+each rank takes whole batches of the sampler's plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data import build_dataset, build_test_transform, build_train_transform, make_loader
+from ..models import build_model
+from . import checkpoint, matching
+from .features import autocast, extract_features, parse_dtype
+from .losses import PairwiseMatchingLoss, TripletLoss
+from .samplers import GraphSampler, RandomIdentitySampler
+
+SAMPLERS = ("graph", "pk")
+LOSSES = ("pairwise", "triplet")
+SCHEDULES = ("step", "adaptive")
+AMP_CHOICES = ("auto", "none", "fp16", "bf16")
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; defaults are upstream's (TransMatcher ``main.py``)."""
+    # data
+    dataset: str = "market1501"
+    data_dir: str = "data"
+    height: int = 384
+    width: int = 128
+    workers: int = 4
+    # model
+    arch: str = "resnet50"
+    ibn: Optional[str] = "b"
+    final_layer: str = "layer3"
+    neck: Optional[int] = None  # 512 for TransMatcher, 128 for QAConv
+    nhead: int = 1
+    num_trans_layers: int = 3
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    matcher: str = "transmatcher"
+    pretrained: Optional[str] = None
+    # batches and loss
+    sampler: str = "graph"
+    batch_size: int = 64
+    num_instances: int = 4
+    loss: str = "pairwise"
+    margin: float = 16.0
+    # optimisation
+    lr: float = 0.005
+    backbone_lr_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 15
+    schedule: str = "step"
+    step_size: int = 10
+    gamma: float = 0.1
+    step_factor: float = 0.7
+    max_epochs: int = 60
+    clip_value: float = 4.0
+    amp: str = "auto"  # fp16 + GradScaler on CUDA (upstream), none on CPU
+    freeze_bn: bool = True
+    # graph sampler matching (upstream's --test_prob_batch / --test_gal_batch)
+    test_batch: int = 64
+    test_prob_batch: Optional[int] = None
+    test_gal_batch: Optional[int] = None
+    # bookkeeping
+    exp_dir: str = "runs/train"
+    resume: bool = False
+    seed: int = 0
+    device: Optional[str] = None
+    log_every: int = 10
+    max_steps_per_epoch: Optional[int] = None
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        for name, choices in (("sampler", SAMPLERS), ("loss", LOSSES), ("schedule", SCHEDULES),
+                              ("amp", AMP_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "num_instances", "epochs", "step_size", "max_epochs", "test_batch",
+                     "log_every", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.num_instances:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances "
+                             f"({self.num_instances})")
+        for name in ("lr", "clip_value", "margin"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class LRSchedule:
+    """The learning-rate factor per epoch.
+
+    ``step``: ``gamma ** (epoch // step_size)`` for ``epochs`` epochs (upstream TransMatcher).
+    ``adaptive`` (QAConv 2.1): the second epoch's loss is the base; the first epoch whose loss falls
+    below ``step_factor * base`` multiplies the rate by ``gamma`` once and sets the end to
+    ``min(max_epochs, e + e // 2)`` epochs (e = epochs done), else training stops at ``max_epochs``.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.kind, self.gamma, self.step_size = config.schedule, config.gamma, config.step_size
+        self.step_factor, self.epochs, self.max_epochs = config.step_factor, config.epochs, config.max_epochs
+        self.base_loss: Optional[float] = None
+        self.decay_epoch: Optional[int] = None
+
+    @property
+    def end(self) -> int:
+        """Epochs to train (from the configuration, so a resumed run may be given more)."""
+        if self.kind == "step":
+            return self.epochs
+        if self.decay_epoch is None:
+            return self.max_epochs
+        return min(self.max_epochs, self.decay_epoch + self.decay_epoch // 2)
+
+    def factor(self, epoch: int) -> float:
+        if self.kind == "step":
+            return self.gamma ** (epoch // self.step_size)
+        return 1.0 if self.decay_epoch is None or epoch < self.decay_epoch else self.gamma
+
+    def after_epoch(self, epoch: int, loss: float) -> None:
+        if self.kind != "adaptive" or not math.isfinite(loss):
+            return
+        if epoch == 1:
+            self.base_loss = loss
+        elif (self.base_loss is not None and self.decay_epoch is None
+              and loss < self.step_factor * self.base_loss):
+            self.decay_epoch = epoch + 1  # epochs done: the decay applies from the next one
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"base_loss": self.base_loss, "decay_epoch": self.decay_epoch}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.base_loss, self.decay_epoch = state["base_loss"], state["decay_epoch"]
+
+
+class _TrainStep(nn.Module):
+    """Feature model + loss (which holds the matcher) as one module, so DistributedDataParallel
+    synchronises the gradients of both."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return self.criterion(self.model(images), targets)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """(world size, rank, local rank); starts the process group under ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 1, 0, 0
+
+
+def _dataset_root(data_dir: str, dataset: str) -> Path:
+    """``data_dir`` itself, or upstream's ``<data_dir>/<dataset>`` when that folder exists."""
+    nested = Path(data_dir).expanduser() / dataset
+    return nested if nested.is_dir() else Path(data_dir).expanduser()
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds data, model, matcher, loss, optimizer and sampler from a :class:`TrainConfig`;
+    ``fit()`` trains (resuming from ``exp_dir/checkpoint.pt`` when ``config.resume``)."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.world, self.rank, local_rank = _init_distributed()
+        self.is_main = self.rank == 0
+        if config.device is not None:
+            self.device = torch.device(config.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        amp = config.amp
+        if amp == "auto":
+            amp = "fp16" if self.device.type == "cuda" else "none"
+        self.amp_dtype = parse_dtype(amp, "amp")
+        self.exp_dir = Path(config.exp_dir)
+        _seed_everything(config.seed)
+
+        self.dataset = build_dataset(config.dataset, _dataset_root(config.data_dir, config.dataset))
+        if self.is_main:
+            print(self.dataset.summary())
+        self.model, self.matcher = build_model(
+            config.arch, config.ibn, config.final_layer, config.neck, config.nhead,
+            config.num_trans_layers, config.dim_feedforward, config.dropout, config.height,
+            config.width, config.matcher, config.pretrained)
+        # Upstream registers an unused template decoder layer; it never gets a gradient, which
+        # DistributedDataParallel would reject, so it is left out of training.
+        template = getattr(self.matcher, "decoder_layer", None)
+        if template is not None:
+            template.requires_grad_(False)
+        self.model.to(self.device)
+        self.matcher.to(self.device)
+        if config.loss == "pairwise":
+            self.criterion = PairwiseMatchingLoss(self.matcher)
+        else:
+            self.criterion = TripletLoss(self.matcher, margin=config.margin)
+        self.step_module: nn.Module = _TrainStep(self.model, self.criterion)
+        if self.world > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = self._build_optimizer()
+        # fp16 needs loss scaling; bfloat16 has float32's range and does not.
+        self.scaler = (torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16
+                       else None)
+        self.schedule = LRSchedule(config)
+
+        pids = [pid for _, pid, _ in self.dataset.train]
+        if config.sampler == "graph":
+            self.sampler = GraphSampler(pids, self._graph_distance, config.batch_size,
+                                        config.num_instances, seed=config.seed)
+        else:
+            self.sampler = RandomIdentitySampler(pids, config.batch_size, config.num_instances,
+                                                 seed=config.seed)
+        self.train_transform = build_train_transform(config.height, config.width)
+        self.loader = make_loader(self.dataset.train, self.train_transform, config.batch_size,
+                                  sampler=self.sampler, num_workers=config.workers, seed=config.seed)
+        self.start_epoch = 0
+        self.history: List[Dict[str, Any]] = []
+        self.global_step = 0
+        self._writer = None
+
+    # --- construction ------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        backbone = [p for p in self.model.base.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in backbone}
+        new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        matcher = [p for p in self.matcher.parameters() if p.requires_grad]
+        groups = [{"params": backbone, "lr": c.lr * c.backbone_lr_factor, "name": "backbone"},
+                  {"params": new, "lr": c.lr, "name": "new"},
+                  {"params": matcher, "lr": c.lr, "name": "matcher"}]
+        groups = [g for g in groups if g["params"]]
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                               nesterov=c.momentum > 0)
+
+    def _graph_distance(self, indices: List[int]) -> Tensor:
+        """The graph sampler's [P, P] distances of one image per identity (rank 0 only)."""
+        c = self.config
+        items = [self.dataset.train[i] for i in indices]
+        loader = make_loader(items, build_test_transform(c.height, c.width), c.test_batch,
+                             num_workers=c.workers)
+        features = extract_features(self.model, loader, device=self.device, amp=self.amp_dtype,
+                                    progress=False, desc="graph sampler").features
+        return matching.match(self.matcher, features, None, device=self.device, amp=self.amp_dtype,
+                              probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
+                              distributed=False)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.exp_dir / CHECKPOINT_NAME
+
+    def state_dict(self, epochs_done: int) -> Dict[str, Any]:
+        return {"epoch": epochs_done, "global_step": self.global_step,
+                "model": self.model.state_dict(), "matcher": self.matcher.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
+                "rng": checkpoint.rng_state(), "history": self.history,
+                "config": dataclasses.asdict(self.config), "world_size": self.world}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.matcher.load_state_dict(state["matcher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.is_file():
+            if self.is_main:
+                print(f"no checkpoint at {self.checkpoint_path}: starting from scratch")
+            return
+        self.load_state_dict(checkpoint.load(self.checkpoint_path, map_location=self.device))
+        if self.is_main:
+            print(f"resumed from {self.checkpoint_path}: {self.start_epoch} epochs done, "
+                  f"step {self.global_step}")
+            self._truncate_log(self.start_epoch)
+
+    # --- logging -----------------------------------------------------------------------------
+    def _log(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.exp_dir / LOG_NAME, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            kind = record.get("kind")
+            step = record.get("step", record.get("epoch"))
+            for key, value in record.items():
+                if key not in ("kind", "epoch", "step", "time") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def _truncate_log(self, epochs_done: int) -> None:
+        """Drop the records of the epoch a killed run did not finish (it runs again)."""
+        path = self.exp_dir / LOG_NAME
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) < epochs_done]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def _open_writer(self) -> None:
+        if not (self.is_main and self.config.tensorboard):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboard is not installed: logging JSON lines only "
+                          "(pip install tensorboard)")
+            return
+        self._writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.global_step + 1)
+
+    # --- training ----------------------------------------------------------------------------
+    def _set_epoch(self, epoch: int) -> None:
+        factor = self.schedule.factor(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self.sampler.set_epoch(epoch)
+        # The augmentation streams of an epoch depend on (seed, epoch, rank) only, so a resumed
+        # epoch repeats the interrupted one.
+        seed = (self.config.seed * 1_000_003 + epoch) * 1009 + self.rank
+        self.loader.generator.manual_seed(seed)
+        self.train_transform.reseed(seed)
+
+    def _train_mode(self) -> None:
+        self.step_module.train()
+        if self.config.freeze_bn:
+            # Upstream calls model.eval() every iteration: the feature model's BatchNorm keeps its
+            # (ImageNet) running statistics while its affine parameters still train.
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _clip(self) -> None:
+        if self.config.clip_value > 0:
+            for module in (self.model, self.matcher):
+                params = [p for p in module.parameters() if p.grad is not None]
+                if params:
+                    torch.nn.utils.clip_grad_norm_(params, self.config.clip_value)
+
+    def train_step(self, images: Tensor, targets: Tensor) -> tuple[float, float]:
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            loss_rows, acc_rows = self.step_module(images, targets)
+        # Upstream averages the rows whose loss is finite.
+        finite = torch.isfinite(loss_rows)
+        loss = torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum() / finite.sum().clamp_min(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self._clip()
+            self.optimizer.step()
+        acc = acc_rows[finite & torch.isfinite(acc_rows)]
+        return loss.item(), acc.float().mean().item() if acc.numel() else float("nan")
+
+    def _mean_over_ranks(self, *values: float) -> List[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def train_epoch(self, epoch: int) -> Dict[str, Any]:
+        c = self.config
+        self._set_epoch(epoch)
+        start = time.perf_counter()
+        batches = iter(self.loader)  # the graph sampler plans the epoch here
+        plan_seconds = time.perf_counter() - start
+        total = len(self.loader) if c.max_steps_per_epoch is None else min(len(self.loader), c.max_steps_per_epoch)
+        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{self.schedule.end}",
+                   disable=None if c.progress and self.is_main else True, leave=False)
+        loss_sum = acc_sum = 0.0
+        steps = images_seen = acc_steps = 0
+        tick = epoch_start = time.perf_counter()
+        for images, pids, _, _ in batches:
+            if steps >= total:
+                break
+            self._train_mode()
+            loss, acc = self.train_step(images, pids)
+            steps += 1
+            self.global_step += 1
+            images_seen += images.shape[0]
+            loss_sum += loss
+            if math.isfinite(acc):
+                acc_sum, acc_steps = acc_sum + acc, acc_steps + 1
+            now = time.perf_counter()
+            rate = images.shape[0] * self.world / max(now - tick, 1e-9)
+            tick = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{rate:.1f}")
+            if self.global_step % c.log_every == 0 or steps == 1:
+                self._log({"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss,
+                           "acc": acc, "lr": self.optimizer.param_groups[-1]["lr"],
+                           "images_per_s": rate, "time": time.time()})
+        bar.close()
+        seconds = time.perf_counter() - epoch_start
+        mean_loss, mean_acc = self._mean_over_ranks(loss_sum / max(steps, 1),
+                                                    acc_sum / acc_steps if acc_steps else float("nan"))
+        return {"kind": "epoch", "epoch": epoch, "loss": mean_loss, "acc": mean_acc,
+                "lr": self.optimizer.param_groups[-1]["lr"], "steps": steps,
+                "seconds": seconds, "plan_seconds": plan_seconds,
+                "images_per_s": images_seen * self.world / max(seconds, 1e-9)}
+
+    def fit(self) -> List[Dict[str, Any]]:
+        """Train until the schedule ends; returns the epoch records (also in ``log.jsonl``)."""
+        if self.is_main:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.resume:
+            self._resume()
+        elif self.is_main and (self.exp_dir / LOG_NAME).exists():
+            (self.exp_dir / LOG_NAME).unlink()
+        self._open_writer()
+        try:
+            epoch = self.start_epoch
+            while epoch < self.schedule.end:
+                record = self.train_epoch(epoch)
+                self.schedule.after_epoch(epoch, record["loss"])
+                self.history.append(record)
+                self._log(record)
+                if self.is_main:
+                    print(f"epoch {epoch + 1}: loss {record['loss']:.4f}  acc {record['acc']:.3f}  "
+                          f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s  "
+                          f"({record['seconds']:.1f} s + {record['plan_seconds']:.1f} s sampling)")
+                    checkpoint.save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
+                epoch += 1
+                if self.world > 1:
+                    dist.barrier()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+        return self.history
