@@ -56,3 +56,16 @@ def test_gpu_suite_correctness_checks_run_on_the_triton_interpreter():
         assert check["ok"], check
         assert set(check["errors"]) == {"q_best", "g_best", "grad_query", "grad_gallery",
                                         "grad_score_embed"}
+
+
+def test_bench_train_reports_throughput(tmp_path):
+    import bench_train
+    from transmatcher_fast.data import generate_synthetic
+
+    data = tmp_path / "synthetic"
+    generate_synthetic(data, ids=8, cams=2, images_per_cam=4, height=128, width=64)
+    assert bench_train.main(["--steps", "2", "--batch", "16", "--workers", "0", "--data-dir", str(data),
+                             "--skip-memory", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_train.json").read_text())
+    assert result["throughput"]["steps"] == 2 and result["throughput"]["images_per_s_epoch"] > 0
+    assert result["config"]["arch"] == "resnet18"
