@@ -203,7 +203,7 @@ def test_reference_backend_bounds_memory_with_blocks(rng, monkeypatch):
 
 
 def test_demo_command_prints_the_comparison(capsys):
-    assert cli.main(["demo", "--queries", "2", "--gallery", "3", "--locations", "20",
+    assert cli.main(["op-demo", "--queries", "2", "--gallery", "3", "--locations", "20",
                      "--dim", "8", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "q_best (2, 3, 20)" in out and "fused max_sim" in out
@@ -212,4 +212,4 @@ def test_demo_command_prints_the_comparison(capsys):
 
 def test_demo_rejects_bad_sizes():
     with pytest.raises(SystemExit):
-        cli.main(["demo", "--queries", "0"])
+        cli.main(["op-demo", "--queries", "0"])

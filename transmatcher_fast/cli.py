@@ -1,12 +1,19 @@
 """Command-line interface: ``transmatcher-fast <command>``.
 
-``demo`` matches random query features against random gallery features with the fused op and with
-upstream's materialised reference, and prints shapes, time, peak memory and agreement.
+``demo`` is the built-in end-to-end run: synthetic persons, an untrained small model evaluated,
+trained on the CPU for a few minutes, evaluated again; results and pictures in ``./demo_out/``.
+
+``op-demo`` matches random query features against random gallery features with the fused op and
+with upstream's materialised reference, and prints shapes, time, peak memory and agreement.
 
 ``synth`` writes a procedural synthetic person dataset in Market-1501 layout.
 
 ``train`` trains a feature model and matcher with upstream's recipe (``--config file.yaml`` sets
 any option; flags given on the command line win). Under ``torchrun`` it trains on every rank.
+
+``eval`` evaluates a checkpoint with upstream's protocol (CMC, mAP, mINP; top-k and re-ranking
+options), ``extract`` writes features, ``visualize`` draws ranked lists, local correspondences
+and training curves.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ def _mib(n: Optional[int]) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_op_demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     query = torch.randn(args.queries, args.locations, args.dim, generator=generator).to(device)
@@ -117,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transmatcher-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the fused op on random features against the reference")
+    add_demo_parser(commands)
+    demo = commands.add_parser("op-demo", help="run the fused op on random features against the reference")
     demo.add_argument("--queries", type=_positive_int, default=32)
     demo.add_argument("--gallery", type=_positive_int, default=128)
     demo.add_argument("--locations", type=_positive_int, default=192,
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--skip-reference", action="store_true",
                       help="do not run the materialised reference (large sizes)")
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(run=run_op_demo)
     synth = commands.add_parser("synth", help="write a synthetic person dataset in Market-1501 layout")
     synth.add_argument("--out", required=True, help="output folder (its split folders must be empty)")
     synth.add_argument("--ids", type=_positive_int, default=100,
@@ -140,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=_positive_int, default=64)
     synth.set_defaults(run=run_synth)
     add_train_parser(commands)
+    add_eval_parsers(commands)
     parser.commands = commands.choices  # name -> subparser, for --config defaults
     return parser
 
@@ -242,6 +251,183 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                      help="TensorBoard logs in EXP_DIR/tensorboard")
     train.set_defaults(run=run_train)
     return train
+
+
+def run_end_to_end_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import DemoConfig, run_demo
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    run_demo(DemoConfig(**values))
+    return 0
+
+
+def add_demo_parser(commands) -> None:
+    from .engine.demo import DemoConfig
+
+    d = DemoConfig()
+    demo = commands.add_parser(
+        "demo", help="end to end: synthetic data, evaluate, train on CPU, evaluate, pictures",
+        description="Generate a synthetic person dataset, evaluate an untrained small TransMatcher "
+                    "(resnet18, neck 64), train it for a few minutes, evaluate it again, and write the "
+                    "before/after table, the training curve, ranked lists and correspondence pictures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--out", default=d.out, help="output folder (data, checkpoint, results, pictures)")
+    demo.add_argument("--ids", type=_positive_int, default=d.ids, help="identities (half train, half test)")
+    demo.add_argument("--cams", type=_positive_int, default=d.cams)
+    demo.add_argument("--images-per-cam", dest="images_per_cam", type=_positive_int, default=d.images_per_cam)
+    demo.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    demo.add_argument("--step-size", dest="step_size", type=_positive_int, default=d.step_size)
+    demo.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=d.batch_size)
+    demo.add_argument("--num-instances", dest="num_instances", type=_positive_int, default=d.num_instances)
+    demo.add_argument("--lr", type=float, default=d.lr)
+    demo.add_argument("--backbone-lr-factor", dest="backbone_lr_factor", type=float, default=d.backbone_lr_factor)
+    demo.add_argument("-j", "--workers", type=int, default=d.workers)
+    demo.add_argument("--seed", type=int, default=d.seed)
+    demo.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=_optional_int,
+                      default=d.max_steps_per_epoch, help="cut epochs short (quick runs)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
+    demo.set_defaults(run=run_end_to_end_demo)
+
+
+def _load_for_eval(args):
+    """(model, matcher, height, width, device) of ``--checkpoint`` and the size flags."""
+    from .engine.evaluate import load_trained
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, matcher, config = load_trained(args.checkpoint, device)
+    return model, matcher, args.height or config["height"], args.width or config["width"], device
+
+
+def _dataset(args):
+    from .data import build_dataset
+    from .engine.trainer import dataset_root
+
+    return build_dataset(args.dataset, dataset_root(args.data_dir, args.dataset))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine.evaluate import evaluate, results_table
+
+    model, matcher, height, width, device = _load_for_eval(args)
+    dataset = _dataset(args)
+    print(dataset.summary())
+    result = evaluate(model, matcher, dataset.query, dataset.gallery, height=height, width=width,
+                      batch_size=args.batch_size, workers=args.workers, device=device, amp=args.amp,
+                      probe_chunk=args.probe_chunk, gallery_chunk=args.gallery_chunk, topk=args.topk,
+                      rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
+                      protocol=args.protocol, progress=args.progress)
+    print(results_table({f"{args.dataset}{' (re-ranked)' if args.rerank else ''}": result.metrics}))
+    m = result.metrics
+    print(f"features {m['features_seconds']:.1f} s, matching {m['matching_seconds']:.1f} s"
+          + (f", re-ranking {m['rerank_seconds']:.1f} s" if "rerank_seconds" in m else ""))
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump({"checkpoint": args.checkpoint, "dataset": args.dataset, **m}, file, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from .engine.evaluate import extract
+
+    model, _, height, width, device = _load_for_eval(args)
+    items = getattr(_dataset(args), args.split)
+    features = extract(model, items, height=height, width=width, batch_size=args.batch_size,
+                       workers=args.workers, device=device, amp=args.amp, progress=args.progress)
+    torch.save({"features": features.features.cpu(), "pids": features.pids, "cams": features.cams,
+                "paths": [path for path, _, _ in items]}, args.out)
+    print(f"wrote {tuple(features.features.shape)} {features.features.dtype} features of "
+          f"{len(items)} {args.split} images to {args.out}")
+    return 0
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine import visualize
+    from .engine.demo import _correspondence_pictures
+    from .engine.evaluate import evaluate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if args.log:
+        written.append(visualize.plot_training_curves(args.log, out / "training_curve.png"))
+    if args.checkpoint:
+        model, matcher, height, width, device = _load_for_eval(args)
+        dataset = _dataset(args)
+        result = evaluate(model, matcher, dataset.query, dataset.gallery, height=height, width=width,
+                          batch_size=args.batch_size, workers=args.workers, device=device, amp=args.amp,
+                          progress=args.progress)
+        written += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
+                                               result.distances.numpy(), num_queries=args.num_queries,
+                                               topk=args.topk, seed=args.seed)
+        written += _correspondence_pictures(model, matcher, dataset, result, out / "correspondences",
+                                            pairs=args.pairs)
+    if not written:
+        raise SystemExit("visualize: give --checkpoint (ranked lists, correspondences) and/or --log (curves)")
+    print(f"wrote {len(written)} pictures under {out}")
+    return 0
+
+
+def _add_model_and_data(parser, checkpoint_required: bool = True) -> None:
+    parser.add_argument("--checkpoint", required=checkpoint_required,
+                        help="checkpoint.pt of transmatcher-fast train, or upstream's checkpoint.pth.tar")
+    parser.add_argument("-d", "--dataset", default="market1501")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder of the dataset, or its parent holding a folder named like --dataset")
+    parser.add_argument("--height", type=_optional_int, default=None, help="input height (default: the checkpoint's)")
+    parser.add_argument("--width", type=_optional_int, default=None, help="input width (default: the checkpoint's)")
+    parser.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=128,
+                        help="feature extraction batch")
+    parser.add_argument("-j", "--workers", type=int, default=2)
+    parser.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--amp", default=None, help="autocast dtype bf16/fp16/none (default: bf16 on CUDA, none on CPU)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def add_eval_parsers(commands) -> None:
+    from .engine.metrics import PROTOCOLS
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    evaluation = commands.add_parser("eval", help="evaluate a checkpoint (CMC, mAP, mINP)", formatter_class=fmt,
+                                     description="Upstream's protocol: same-id-same-camera gallery images "
+                                                 "ignored, distance 1 - sigmoid(score/10), memory bounded by the "
+                                                 "chunk sizes (default: from free memory).")
+    _add_model_and_data(evaluation)
+    evaluation.add_argument("--probe-chunk", dest="probe_chunk", type=_optional_int, default=None,
+                            help="query images per block (default 256)")
+    evaluation.add_argument("--gallery-chunk", dest="gallery_chunk", type=_optional_int, default=None,
+                            help="gallery images per block (default: from free memory)")
+    evaluation.add_argument("--topk", type=_optional_int, default=None,
+                            help="keep only the k nearest gallery images per query (mAP becomes AP@k)")
+    evaluation.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    evaluation.add_argument("--k1", type=_positive_int, default=20)
+    evaluation.add_argument("--k2", type=_positive_int, default=6)
+    evaluation.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+    evaluation.add_argument("--protocol", choices=PROTOCOLS, default="market",
+                            help="market (also CUHK03-NP, as upstream) or cuhk03 (classic single-gallery-shot CMC)")
+    evaluation.add_argument("--out", help="write the metrics as JSON here")
+    evaluation.set_defaults(run=run_eval)
+
+    extraction = commands.add_parser("extract", help="write the features of a split", formatter_class=fmt)
+    _add_model_and_data(extraction)
+    extraction.add_argument("--split", choices=("query", "gallery", "train"), default="query")
+    extraction.add_argument("--out", required=True, help="output .pt (features, pids, cams, paths)")
+    extraction.set_defaults(run=run_extract)
+
+    pictures = commands.add_parser("visualize", help="ranked lists, correspondences, training curves",
+                                   formatter_class=fmt)
+    _add_model_and_data(pictures, checkpoint_required=False)
+    pictures.add_argument("--out", default="pictures", help="output folder")
+    pictures.add_argument("--log", help="a training log.jsonl to plot")
+    pictures.add_argument("--num-queries", dest="num_queries", type=_positive_int, default=8)
+    pictures.add_argument("--topk", type=_positive_int, default=10)
+    pictures.add_argument("--pairs", type=_positive_int, default=3, help="correspondence pictures")
+    pictures.add_argument("--seed", type=int, default=0)
+    pictures.set_defaults(run=run_visualize)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

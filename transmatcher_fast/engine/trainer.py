@@ -195,7 +195,7 @@ def _init_distributed() -> tuple[int, int, int]:
     return 1, 0, 0
 
 
-def _dataset_root(data_dir: str, dataset: str) -> Path:
+def dataset_root(data_dir: str, dataset: str) -> Path:
     """``data_dir`` itself, or upstream's ``<data_dir>/<dataset>`` when that folder exists."""
     nested = Path(data_dir).expanduser() / dataset
     return nested if nested.is_dir() else Path(data_dir).expanduser()
@@ -231,7 +231,7 @@ class Trainer:
         self.exp_dir = Path(config.exp_dir)
         _seed_everything(config.seed)
 
-        self.dataset = build_dataset(config.dataset, _dataset_root(config.data_dir, config.dataset))
+        self.dataset = build_dataset(config.dataset, dataset_root(config.data_dir, config.dataset))
         if self.is_main:
             print(self.dataset.summary())
         self.model, self.matcher = build_model(

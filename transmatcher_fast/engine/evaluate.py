@@ -1,0 +1,125 @@
+"""Evaluation: features of query and gallery, matcher distances in bounded memory, the re-ID
+protocol's CMC / mAP / mINP, optional k-reciprocal re-ranking, and loading trained models.
+
+Memory: features are stored once (16-bit on a GPU); distances are either the dense ``[Nq, Ng]``
+float32 matrix (what re-ranking and upstream need) or, with ``topk``, only the ``k`` nearest
+gallery items per query, so that memory follows ``Nq * k`` and the chunk size, never
+``Nq * Ng * L``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..data import build_test_transform, make_loader
+from ..models import build_model, load_upstream_checkpoint
+from . import checkpoint as checkpoints
+from . import matching
+from .features import Features, extract_features
+from .metrics import RankingMetrics, topk_margin
+from .rerank import k_reciprocal_rerank
+
+Item = Tuple[str, int, int]
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation produced: the metrics (and timings), the distances (a dense tensor or
+    a :class:`matching.TopK`), and the features."""
+    metrics: Dict[str, Any]
+    distances: Union[torch.Tensor, matching.TopK]
+    query: Features
+    gallery: Features
+
+
+def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
+                 ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
+    """``(model, matcher, config)`` from a checkpoint of ``transmatcher-fast train`` (the
+    configuration is in it) or from upstream's ``checkpoint.pth.tar``; both in eval mode."""
+    state = checkpoints.load(path)
+    if "config" in state and "matcher" in state:
+        config = dict(state["config"])
+        model, matcher = build_model(config["arch"], config["ibn"], config["final_layer"], config["neck"],
+                                     config["nhead"], config["num_trans_layers"], config["dim_feedforward"],
+                                     config["dropout"], config["height"], config["width"], config["matcher"])
+        model.load_state_dict(state["model"])
+        matcher.load_state_dict(state["matcher"])
+    elif "model" in state and "criterion" in state:
+        model, matcher = load_upstream_checkpoint(str(path))
+        config = {"height": 384, "width": 128}
+    else:
+        raise ValueError(f"{path}: neither a transmatcher-fast checkpoint (model, matcher, config) "
+                         f"nor an upstream one (model, criterion); keys: {sorted(state)}")
+    return model.to(device).eval(), matcher.to(device).eval(), config
+
+
+def extract(model: nn.Module, items: Sequence[Item], *, height: int, width: int, batch_size: int = 128,
+            workers: int = 2, device=None, amp=None, progress: bool = True, desc: str = "features") -> Features:
+    """Features of ``items`` with the test transform (resize, to tensor)."""
+    loader = make_loader(items, build_test_transform(height, width), batch_size, num_workers=workers)
+    return extract_features(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+
+
+def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], gallery: Sequence[Item], *,
+             height: int, width: int, batch_size: int = 128, workers: int = 2, device=None, amp=None,
+             probe_chunk: Optional[int] = None, gallery_chunk: Optional[int] = None,
+             topk: Optional[int] = None, rerank: bool = False, k1: int = 20, k2: int = 6,
+             lambda_value: float = 0.3, protocol: str = "market", progress: bool = True) -> Evaluation:
+    """Upstream's protocol: query features matched against the gallery, distance
+    ``1 - sigmoid(score / 10)``, same-id-same-camera gallery items ignored, CMC and mAP (+ mINP).
+
+    ``topk``: keep only the ``topk`` nearest gallery items per query (CMC up to ``topk`` is
+    exact, mAP becomes AP@topk); ``rerank``: k-reciprocal re-ranking (needs the dense matrices,
+    so not with ``topk``)."""
+    if rerank and topk is not None:
+        raise ValueError("rerank needs the full query x gallery distances: use it without topk")
+    if not query or not gallery:
+        raise ValueError(f"query ({len(query)} items) and gallery ({len(gallery)} items) must not be empty")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    q = extract(model, query, height=height, width=width, batch_size=batch_size, workers=workers,
+                device=device, amp=amp, progress=progress, desc="query features")
+    g = extract(model, gallery, height=height, width=width, batch_size=batch_size, workers=workers,
+                device=device, amp=amp, progress=progress, desc="gallery features")
+    timings["features_seconds"] = time.perf_counter() - start
+    margin = topk_margin(q.pids, q.cams, g.pids, g.cams) if topk is not None else 0
+    start = time.perf_counter()
+    dist = matching.match(matcher, q.features, g.features, device=device, amp=amp,
+                          probe_chunk=probe_chunk, gallery_chunk=gallery_chunk,
+                          topk=None if topk is None else topk + margin, progress=progress)
+    timings["matching_seconds"] = time.perf_counter() - start
+    if rerank:
+        start = time.perf_counter()
+        q_q = matching.match(matcher, q.features, None, device=device, amp=amp, probe_chunk=probe_chunk,
+                             gallery_chunk=gallery_chunk, progress=progress)
+        g_g = matching.match(matcher, g.features, None, device=device, amp=amp, probe_chunk=probe_chunk,
+                             gallery_chunk=gallery_chunk, progress=progress)
+        dist = torch.from_numpy(k_reciprocal_rerank(dist.numpy(), q_q.numpy(), g_g.numpy(), k1, k2,
+                                                    lambda_value))
+        timings["rerank_seconds"] = time.perf_counter() - start
+    ranking = RankingMetrics(g.pids.numpy(), g.cams.numpy(), protocol=protocol)
+    if topk is None:
+        ranking.add(dist, q.pids.numpy(), q.cams.numpy())
+    else:
+        ranking.add_topk(dist.dist, dist.index, q.pids.numpy(), q.cams.numpy(), k=topk)
+    metrics = {**ranking.result(), **timings, "num_query_images": len(query),
+               "num_gallery_images": len(gallery), "rerank": rerank}
+    return Evaluation(metrics, dist, q, g)
+
+
+def results_table(rows: Dict[str, Dict[str, Any]]) -> str:
+    """A Markdown table of Rank-1/5/10/20, mAP and mINP (in %) per named result."""
+    keys = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+    lines = ["| model | " + " | ".join(k.replace("rank", "Rank-") for k in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for name, m in rows.items():
+        cells = ["n/a" if m.get(k) is None else f"{100 * m[k]:.1f}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
