@@ -69,3 +69,15 @@ def test_bench_train_reports_throughput(tmp_path):
     result = json.loads((tmp_path / "bench_train.json").read_text())
     assert result["throughput"]["steps"] == 2 and result["throughput"]["images_per_s_epoch"] > 0
     assert result["config"]["arch"] == "resnet18"
+
+
+def test_bench_eval_compares_with_upstreams_chunked_evaluation(tmp_path):
+    import bench_eval
+
+    assert bench_eval.main(["--queries", "3", "--gallery", "5", "--layers", "2", "--height", "4", "--width", "2",
+                            "--d-model", "16", "--dim-feedforward", "32", "--topk", "2", "--device", "cpu",
+                            "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_eval.json").read_text())
+    assert result["max_abs_distance_difference"] < 1e-5  # both evaluations give the same distances
+    assert result["ours"]["seconds"] > 0 and result["upstream"]["peak_bytes"] is not None
+    assert result["flops"] == 2 * 3 * 5 * 8 * 8 * 16 * 2
