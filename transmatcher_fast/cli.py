@@ -347,7 +347,7 @@ def run_visualize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .engine import visualize
-    from .engine.demo import _correspondence_pictures
+    from .engine.demo import save_query_correspondences
     from .engine.evaluate import evaluate
 
     out = Path(args.out)
@@ -364,7 +364,7 @@ def run_visualize(args: argparse.Namespace) -> int:
         written += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
                                                result.distances.numpy(), num_queries=args.num_queries,
                                                topk=args.topk, seed=args.seed)
-        written += _correspondence_pictures(model, matcher, dataset, result, out / "correspondences",
+        written += save_query_correspondences(model, matcher, dataset, result, out / "correspondences",
                                             pairs=args.pairs)
     if not written:
         raise SystemExit("visualize: give --checkpoint (ranked lists, correspondences) and/or --log (curves)")

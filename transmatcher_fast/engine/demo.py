@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
     pictures += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
                                             after.distances.numpy(), num_queries=6, topk=10,
                                             seed=config.seed)
-    pictures += _correspondence_pictures(model, matcher, dataset, after, out / "correspondences")
+    pictures += save_query_correspondences(model, matcher, dataset, after, out / "correspondences")
 
     summary = {"before": before.metrics, "after": after.metrics, "train_seconds": train_seconds,
                "total_seconds": time.perf_counter() - started, "config": vars(config),
@@ -106,7 +106,7 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
     return summary
 
 
-def _correspondence_pictures(model, matcher, dataset, evaluation, folder: Path, pairs: int = 3):
+def save_query_correspondences(model, matcher, dataset, evaluation, folder: Path, pairs: int = 3):
     """For the first few queries: the correspondences with their nearest correct gallery image."""
     folder.mkdir(parents=True, exist_ok=True)
     dist = evaluation.distances

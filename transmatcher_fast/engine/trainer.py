@@ -30,10 +30,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data import build_dataset, build_test_transform, build_train_transform, make_loader
+from ..data import build_dataset, build_train_transform, make_loader
 from ..models import build_model
 from . import checkpoint, matching
-from .features import autocast, extract_features, parse_dtype
+from .evaluate import extract
+from .features import autocast, parse_dtype
 from .losses import PairwiseMatchingLoss, TripletLoss
 from .samplers import GraphSampler, RandomIdentitySampler
 
@@ -294,10 +295,9 @@ class Trainer:
         """The graph sampler's [P, P] distances of one image per identity (rank 0 only)."""
         c = self.config
         items = [self.dataset.train[i] for i in indices]
-        loader = make_loader(items, build_test_transform(c.height, c.width), c.test_batch,
-                             num_workers=c.workers)
-        features = extract_features(self.model, loader, device=self.device, amp=self.amp_dtype,
-                                    progress=False, desc="graph sampler").features
+        features = extract(self.model, items, height=c.height, width=c.width, batch_size=c.test_batch,
+                           workers=c.workers, device=self.device, amp=self.amp_dtype, progress=False,
+                           desc="graph sampler").features
         return matching.match(self.matcher, features, None, device=self.device, amp=self.amp_dtype,
                               probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
                               distributed=False)
