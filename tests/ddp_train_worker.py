@@ -23,4 +23,5 @@ if dist.get_rank() == 0:
     with open(out, "w") as f:
         json.dump({"world_size": dist.get_world_size(), "checksums": [g.tolist() for g in gathered],
                    "steps": history[-1]["steps"], "loss": history[-1]["loss"]}, f)
-dist.destroy_process_group()
+trainer.close()  # the trainer started the process group, so it also destroys it
+assert not dist.is_initialized()

@@ -109,7 +109,9 @@ def run_train(args: argparse.Namespace) -> int:
     from .engine.trainer import Trainer, TrainConfig
 
     values = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
-    Trainer(TrainConfig.from_dict(values)).fit()
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.fit()
+    trainer.close()
     return 0
 
 

@@ -16,6 +16,7 @@ each rank takes whole batches of the sampler's plan.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -183,17 +184,20 @@ class _TrainStep(nn.Module):
         return self.criterion(self.model(images), targets)
 
 
-def _init_distributed() -> tuple[int, int, int]:
-    """(world size, rank, local rank); starts the process group under ``torchrun``."""
+def _init_distributed() -> tuple[int, int, int, bool]:
+    """(world size, rank, local rank, whether this call started the process group); starts the
+    process group under ``torchrun``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    started = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        started = True
     if dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 1, 0, 0
+        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), started
+    return 1, 0, 0, started
 
 
 def dataset_root(data_dir: str, dataset: str) -> Path:
@@ -217,7 +221,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.world, self.rank, local_rank = _init_distributed()
+        self.world, self.rank, local_rank, self._owns_process_group = _init_distributed()
         self.is_main = self.rank == 0
         if config.device is not None:
             self.device = torch.device(config.device)
@@ -501,3 +505,17 @@ class Trainer:
             if self._writer is not None:
                 self._writer.close()
         return self.history
+
+    def close(self) -> None:
+        """Ends distributed training cleanly; call it on every rank after a successful ``fit()``.
+        It drops the DistributedDataParallel wrapper (its reducer holds the process group and
+        pending gloo work) and, when this trainer started the group, waits for every rank and
+        destroys it. A group left to interpreter shutdown can abort the process with
+        ``std::terminate``. After a failure, skip it: torchrun stops the other ranks."""
+        if isinstance(self.step_module, nn.parallel.DistributedDataParallel):
+            self.step_module = self.step_module.module
+            gc.collect()
+        if self._owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self._owns_process_group = False
