@@ -73,6 +73,7 @@ setup(
     packages=find_packages(include=["transmatcher_fast", "transmatcher_fast.*"])
     + ["transmatcher_fast.kernels"],
     package_dir={"transmatcher_fast.kernels": "kernels"},
+    package_data={"transmatcher_fast.ops": ["tuning.json"]},  # the committed launch table
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -12,11 +12,15 @@ namespace transmatcher_fast {
 // max_t S and their int32 argmax (lowest index among equal maxima; NaN wins). Inputs: contiguous,
 // one dtype: float32/float64 on CPU (outputs in that dtype); float32/float16/bfloat16 on CUDA
 // (cuda/max_sim_cuda.cpp: outputs, gate and gradients in float32).
+// allow_tf32: float32 inputs may use TF32 tensor cores (the caller reads torch's precision
+// setting, legacy or new API, once in Python); query_group: CUDA launch order, query block
+// regions per gallery strip (0 = the kernel's default). The CPU kernel ignores both.
 // max_sim_backward: gradients from the saved argmax only; the gradients given are overwritten.
 TORCH_LIBRARY(transmatcher_fast_C, m) {
   m.def(
       "max_sim_forward(Tensor query, Tensor gallery, Tensor? score_embed, Tensor(a!) q_best, "
-      "Tensor(b!) g_best, Tensor(c!) q_index, Tensor(d!) g_index) -> ()");
+      "Tensor(b!) g_best, Tensor(c!) q_index, Tensor(d!) g_index, bool allow_tf32=False, "
+      "int query_group=0) -> ()");
   m.def(
       "max_sim_backward(Tensor? grad_q_best, Tensor? grad_g_best, Tensor query, Tensor gallery, "
       "Tensor? score_embed, Tensor q_best, Tensor g_best, Tensor q_index, Tensor g_index, "

@@ -242,7 +242,9 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 void max_sim_forward_cpu(const at::Tensor& query, const at::Tensor& gallery,
                          const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
-                         at::Tensor g_best, at::Tensor q_index, at::Tensor g_index) {
+                         at::Tensor g_best, at::Tensor q_index, at::Tensor g_index,
+                         bool /*allow_tf32: no tensor cores here*/,
+                         int64_t /*query_group: a CUDA launch order*/) {
   check_kernel_inputs(query, gallery, score_embed);
   check_cpu(query, "query");
   check_cpu(gallery, "gallery");

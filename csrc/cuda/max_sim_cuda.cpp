@@ -2,7 +2,6 @@
 // (gate, d score_embed partials) and the registration under the CUDA dispatch key. The kernels
 // themselves (max_sim_*.cu) see raw pointers only.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -100,7 +99,10 @@ std::optional<at::Tensor> gate_of(const std::optional<at::Tensor>& score_embed,
 
 void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
                           const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
-                          at::Tensor g_best, at::Tensor q_index, at::Tensor g_index) {
+                          at::Tensor g_best, at::Tensor q_index, at::Tensor g_index,
+                          bool allow_tf32, int64_t query_group) {
+  TORCH_CHECK(query_group >= 0, "max_sim cuda kernel: query_group must be >= 0, got ",
+              query_group);
   const cuda::Shape sh =
       check_common(query, gallery, score_embed, q_best, g_best, q_index, g_index);
   if (sh.nq == 0 || sh.ng == 0) return;
@@ -117,9 +119,10 @@ void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
   args.g_best = g_best.mutable_data_ptr<float>();
   args.q_index = q_index.mutable_data_ptr<int32_t>();
   args.g_index = g_index.mutable_data_ptr<int32_t>();
-  // float32 follows torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision, as
-  // torch.matmul does.
-  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  // Read in Python (ops/precision.py): torch's legacy TF32 getters raise once the new
+  // fp32_precision API has been used.
+  args.allow_tf32 = allow_tf32;
+  args.query_group = query_group;
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
 }
 

@@ -27,6 +27,7 @@ struct ForwardArgs {
   int32_t* q_index;     // [nq, ng, lq]
   int32_t* g_index;     // [nq, ng, lg]
   bool allow_tf32;      // float32 inputs: TF32 tensor cores, else exact FP32 FMA
+  int64_t query_group;  // launch order: query regions per gallery strip; 0 = default
 };
 
 struct BackwardArgs {
