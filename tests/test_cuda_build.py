@@ -2,6 +2,8 @@
 what we meant: tensor-core (HMMA) instructions in the forward kernels' own SASS, no local-memory
 spills in any forward kernel. Runs on a CPU-only machine (nvcc compiles, nothing runs); skipped
 without nvcc. `pytest -s` prints the ptxas resource table (also: benchmarks/cuda_resources.py).
+The forward's block launch order (grouped_block_region in common.cuh) is a host+device function,
+so a small host program built with nvcc checks it here, on the CPU.
 """
 
 import os
@@ -96,3 +98,145 @@ def test_glue_compiles_without_warnings(source):
            *defines, *includes, os.path.join(cuda_resources.CUDA_DIR, source)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+# Host program: the forward's block -> (query region, gallery region) order. Exits non-zero with
+# a message on the first failure.
+BLOCK_ORDER_TEST = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "common.cuh"
+
+using transmatcher_fast::cuda::BlockRegion;
+using transmatcher_fast::cuda::effective_query_group;
+using transmatcher_fast::cuda::grouped_block_region;
+using transmatcher_fast::cuda::kDefaultQueryGroup;
+
+static int failures = 0;
+#define CHECK(cond, ...)                                       \
+  do {                                                         \
+    if (!(cond) && failures++ < 20) {                          \
+      std::printf("FAIL %s:%d %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                \
+      std::printf("\n");                                       \
+    }                                                          \
+  } while (0)
+
+// The block a region should get: bands of g query regions, inside a band gi fastest.
+static int64_t expected_pid(int64_t gi, int64_t gj, int64_t nq, int64_t ng, int64_t g) {
+  if (g > nq) g = nq;
+  const int64_t band = gi / g, first = band * g;
+  const int64_t rows = nq - first < g ? nq - first : g;
+  return band * g * ng + gj * rows + (gi - first);
+}
+
+static void check_exhaustive(int64_t nq, int64_t ng, int64_t g) {
+  std::vector<int> seen(static_cast<size_t>(nq * ng), 0);
+  const int64_t gg = g > nq ? nq : g;
+  for (int64_t pid = 0; pid < nq * ng; ++pid) {
+    const BlockRegion<int64_t> r = grouped_block_region<int64_t>(pid, nq, ng, g);
+    const BlockRegion<uint32_t> r32 = grouped_block_region<uint32_t>(
+        static_cast<uint32_t>(pid), static_cast<uint32_t>(nq), static_cast<uint32_t>(ng),
+        static_cast<uint32_t>(g));
+    CHECK(r.gi >= 0 && r.gi < nq && r.gj >= 0 && r.gj < ng, "nq=%lld ng=%lld g=%lld pid=%lld",
+          (long long)nq, (long long)ng, (long long)g, (long long)pid);
+    if (!(r.gi >= 0 && r.gi < nq && r.gj >= 0 && r.gj < ng)) continue;
+    CHECK(r32.gi == r.gi && r32.gj == r.gj, "32/64-bit differ: nq=%lld ng=%lld g=%lld pid=%lld",
+          (long long)nq, (long long)ng, (long long)g, (long long)pid);
+    ++seen[static_cast<size_t>(r.gi * ng + r.gj)];
+    CHECK(expected_pid(r.gi, r.gj, nq, ng, g) == pid, "nq=%lld ng=%lld g=%lld pid=%lld",
+          (long long)nq, (long long)ng, (long long)g, (long long)pid);
+    // The band of pid holds query regions [band * g, band * g + g) only.
+    CHECK(r.gi / gg == pid / (gg * ng), "band: nq=%lld ng=%lld g=%lld pid=%lld", (long long)nq,
+          (long long)ng, (long long)g, (long long)pid);
+    if (g == 1)  // the plain gallery sweep of earlier versions
+      CHECK(r.gi == pid / ng && r.gj == pid % ng, "g=1 order: nq=%lld ng=%lld pid=%lld",
+            (long long)nq, (long long)ng, (long long)pid);
+    if (g >= nq)  // one band: column-major over the whole grid
+      CHECK(r.gi == pid % nq && r.gj == pid / nq, "one band: nq=%lld ng=%lld g=%lld pid=%lld",
+            (long long)nq, (long long)ng, (long long)g, (long long)pid);
+  }
+  for (size_t k = 0; k < seen.size(); ++k)
+    CHECK(seen[k] == 1, "nq=%lld ng=%lld g=%lld: region %zu visited %d times", (long long)nq,
+          (long long)ng, (long long)g, k, seen[k]);
+}
+
+// Near the 2**31 - 1 block limit: sampled blocks, 64- and 32-bit, against the formula.
+static void check_large(int64_t nq, int64_t ng, int64_t g) {
+  const int64_t blocks = nq * ng;
+  for (int64_t pid = 0; pid < blocks; pid += (pid < 4096 || pid > blocks - 4096) ? 1 : 999983) {
+    const BlockRegion<int64_t> r = grouped_block_region<int64_t>(pid, nq, ng, g);
+    const BlockRegion<uint32_t> r32 = grouped_block_region<uint32_t>(
+        static_cast<uint32_t>(pid), static_cast<uint32_t>(nq), static_cast<uint32_t>(ng),
+        static_cast<uint32_t>(g));
+    CHECK(r.gi >= 0 && r.gi < nq && r.gj >= 0 && r.gj < ng && expected_pid(r.gi, r.gj, nq, ng, g) == pid,
+          "large nq=%lld ng=%lld g=%lld pid=%lld", (long long)nq, (long long)ng, (long long)g,
+          (long long)pid);
+    CHECK(static_cast<int64_t>(r32.gi) == r.gi && static_cast<int64_t>(r32.gj) == r.gj,
+          "large 32/64-bit differ: nq=%lld ng=%lld g=%lld pid=%lld", (long long)nq,
+          (long long)ng, (long long)g, (long long)pid);
+  }
+  const BlockRegion<int64_t> last = grouped_block_region<int64_t>(blocks - 1, nq, ng, g);
+  CHECK(last.gi == nq - 1 && last.gj == ng - 1, "last block: nq=%lld ng=%lld g=%lld",
+        (long long)nq, (long long)ng, (long long)g);
+}
+
+int main() {
+  const int64_t sizes[][2] = {{1, 1}, {1, 7}, {7, 1}, {2, 3}, {5, 4}, {7, 3}, {8, 8},
+                              {9, 5}, {13, 17}, {16, 16}, {17, 2}, {33, 31}, {128, 64}};
+  const int64_t groups[] = {1, 2, 3, 4, 7, 8, 9, 16, 100, 1 << 30};
+  for (const auto& s : sizes)
+    for (const int64_t g : groups) check_exhaustive(s[0], s[1], g);
+  // The evaluation-size grid (256 x 4096 images, 2 per region) with the default band.
+  check_exhaustive(128, 2048, kDefaultQueryGroup);
+  // 65536 * 32767 = 2**31 - 32768 blocks; 3 leaves a ragged band (65536 % 3 = 1).
+  for (const int64_t g : {int64_t(1), int64_t(3), int64_t(8), int64_t(16), int64_t(65535)})
+    check_large(65536, 32767, g);
+  check_large(46341, 46340, 8);  // both sides past 2**15, product just below 2**31
+  CHECK(kDefaultQueryGroup >= 1, "default %lld", (long long)kDefaultQueryGroup);
+  CHECK(effective_query_group(0, 128) == (kDefaultQueryGroup < 128 ? kDefaultQueryGroup : 128),
+        "default band");
+  CHECK(effective_query_group(0, 3) == (kDefaultQueryGroup < 3 ? kDefaultQueryGroup : 3),
+        "default band, few regions");
+  CHECK(effective_query_group(1, 128) == 1, "g=1");
+  CHECK(effective_query_group(100, 7) == 7, "clamped to the regions");
+  CHECK(effective_query_group(5, 5) == 5, "exact");
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("block order ok\n");
+  return 0;
+}
+"""
+
+
+def test_block_order_host(tmp_path):
+    """Every (query region, gallery region) is launched exactly once for every band height,
+    ragged last bands included; band height 1 is the plain gallery sweep; the 32- and 64-bit
+    index types give the same order up to the 2**31 - 1 block limit."""
+    src = tmp_path / "block_order_test.cu"
+    src.write_text(BLOCK_ORDER_TEST)
+    exe = tmp_path / "block_order_test"
+    cmd = [NVCC, *cuda_resources.TORCH_LIKE_FLAGS, *cuda_resources.WARNINGS_AS_ERRORS,
+           "-gencode=arch=compute_80,code=sm_80", f"-I{cuda_resources.CUDA_DIR}", str(src),
+           "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    assert "warning" not in (build.stdout + build.stderr).lower(), build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "block order ok" in run.stdout
+
+
+def test_forward_kernel_uses_block_order():
+    """The kernel maps blockIdx.x through grouped_block_region (what the host test checks) and
+    passes the requested band height on, rather than an order of its own."""
+    with open(os.path.join(cuda_resources.CUDA_DIR, "max_sim_forward.cu")) as f:
+        text = f.read()
+    assert "grouped_block_region<I>(\n      blockIdx.x" in text or \
+        "grouped_block_region<I>(blockIdx.x" in text, "forward kernel no longer uses grouped_block_region"
+    assert "blockIdx.x /" not in text and "blockIdx.x %" not in text
+    assert "effective_query_group(a.query_group" in text

@@ -1,5 +1,6 @@
-// Device helpers shared by the max_sim CUDA kernels: the max rule, element conversion and thin
-// wrappers of the sm_80+ PTX the forward kernel uses (cp.async, ldmatrix, mma.sync).
+// Device helpers shared by the max_sim CUDA kernels: the forward's block launch order (host and
+// device, so tests/test_cuda_build.py checks it on a CPU), the max rule, element conversion and
+// thin wrappers of the sm_80+ PTX the forward kernel uses (cp.async, ldmatrix, mma.sync).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,6 +17,57 @@ namespace cuda {
     const cudaError_t tmf_err_ = (expr);     \
     if (tmf_err_ != cudaSuccess) return tmf_err_; \
   } while (0)
+
+// Launch order of the forward kernel's block regions (a grid of num_q query regions x num_g
+// gallery regions, one block each). Grouped like Triton's GROUP_M matmul swizzle: blocks come in
+// bands of `group` query regions; inside a band consecutive blocks walk the band's query regions
+// (gi fastest) for one gallery region gj, then the next gj, so the gallery region is fetched from
+// DRAM once per band and served from L2 to the other group - 1 blocks, while the band's query
+// regions stay resident in L2 for the band's whole gallery sweep. The last band is ragged when
+// group does not divide num_q. group == 1 is the plain gallery sweep (gi = pid / num_g,
+// gj = pid % num_g). Every (gi, gj) is visited exactly once for any group >= 1 (group > num_q
+// acts as num_q).
+//
+// I: the index type. Every intermediate is <= max(pid, num_q * num_g), so any type that holds
+// the block count is exact: int64_t, or uint32_t since the 1-D grid has at most 2**31 - 1
+// blocks (launch_typed checks). The kernel picks per architecture (RegionIndex in
+// max_sim_forward.cu); the host test checks that both give the same order.
+template <typename I>
+struct BlockRegion {
+  I gi, gj;
+};
+
+template <typename I>
+__host__ __device__ __forceinline__ BlockRegion<I> grouped_block_region(I pid, I num_q, I num_g,
+                                                                        I group) {
+  group = group < 1 ? I(1) : (group > num_q ? num_q : group);
+  const I band_blocks = group * num_g;  // <= num_q * num_g: no overflow
+  const I band = pid / band_blocks;
+  const I first_q = band * group;
+  const I rows = num_q - first_q < group ? I(num_q - first_q) : group;  // ragged last band
+  const I within = pid - band * band_blocks;
+  const I gj = within / rows;
+  return {I(first_q + (within - gj * rows)), gj};
+}
+
+// Query regions per band when the caller passes query_group = 0. At evaluation sizes (256 x 4096
+// images, L = 192, D = 512, bf16: regions of 2 images, 393 KB each; 128 x 2048 regions; 264
+// resident blocks on an H100/H200) the plain sweep keeps one query region and ~264 gallery
+// regions (~100 MB) in flight against a 50-60 MB L2, so each gallery region comes from DRAM on
+// each of its 128 row passes (~100 GB). With 8 a wave covers 8 query x ~33 gallery regions
+// (~16 MB with the query band), each gallery region is fetched 16 times (8x less DRAM traffic,
+// ~13 GB: ~3 ms at H200 bandwidth next to an estimated ~60 ms of mma.sync math: not near a
+// limit). 16 would halve that again but doubles the band that must stay in L2, which for large
+// regions (L = 768, D = 2048: 3 MB per region) would reach the L2 size; 8 is also Triton's
+// GROUP_M default. Not measured on a GPU yet: the launch table (ops/tuning.py) can override it.
+constexpr int64_t kDefaultQueryGroup = 8;
+
+// The band height a launch uses: 0 = the default, clamped to [1, num_q].
+__host__ __device__ __forceinline__ int64_t effective_query_group(int64_t requested,
+                                                                  int64_t num_q) {
+  const int64_t g = requested <= 0 ? kDefaultQueryGroup : requested;
+  return g > num_q ? (num_q < 1 ? 1 : num_q) : g;
+}
 
 // The max update rule of every backend: strictly greater wins, so among equal maxima the lowest
 // index (visited first) is kept; a NaN wins once and then stays (torch.max keeps the first NaN).

@@ -13,6 +13,13 @@
 // by gallery image) and threads 128..255 one column each (max over query locations). Each
 // segment is merged into the output (q_best/g_best + index) that this block alone owns, tiles
 // visited in increasing location order, so the strict `beats` rule keeps the lowest index.
+//
+// Block order: grouped (common.cuh, grouped_block_region): bands of query_group query regions,
+// each band walked gallery region by gallery region, so a gallery region is read from DRAM once
+// per band rather than once per query region. Only the order in which blocks are scheduled
+// changes with query_group: every block computes the same region with the same tile and k order
+// and writes outputs no other block touches, so the results are bit-identical for every
+// query_group (1 = the plain gallery sweep of earlier versions).
 #include <algorithm>
 
 #include "common.cuh"
@@ -47,7 +54,10 @@ struct FwdParams {
   int64_t nq, ng;
   int lq, lg, d;
   int group_q, group_g;  // images per block region
-  int64_t groups_g;      // number of gallery groups
+  // Launch order (grouped_block_region); groups_q * groups_g = the block count < 2**31.
+  int64_t groups_q;     // number of query regions
+  int64_t groups_g;     // number of gallery regions
+  int64_t query_group;  // query regions per band, in [1, groups_q]
 };
 
 // Loads the D slice [k0, k0 + kBk) of tile rows r0.. (query) and c0.. (gallery) into one stage.
@@ -339,14 +349,29 @@ __device__ __forceinline__ void reduce_tile(const FwdParams<T>& p, const float* 
   }
 }
 
+// Index type of the block -> region mapping. Both are exact (every intermediate is below the block
+// count, < 2**31), so this changes no result, only what ptxas makes of the kernel at the
+// 128-register bound of the vectorised tensor-core kernels: measured (nvcc 13.0), 64-bit
+// divisions cost 8-16 B of spills on sm_90a and 32-bit ones 48-56 B on sm_80, the other
+// choice none. Re-check with benchmarks/cuda_resources.py when touching the kernel.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+using RegionIndex = uint32_t;
+#else
+using RegionIndex = int64_t;
+#endif
+
 // Two resident blocks per SM for the tensor-core paths (one block's epilogue overlaps the
 // other's main loop); the SIMT path and the element-wise loader need the registers of one.
 template <typename T, int kMath, bool kVec>
 __global__ void __launch_bounds__(kThreads, kMath == kSimt || !kVec ? 1 : 2)
     max_sim_forward_kernel(const FwdParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t gi = blockIdx.x / p.groups_g, gj = blockIdx.x % p.groups_g;
-  const int64_t i0 = gi * p.group_q, j0 = gj * p.group_g;
+  using I = RegionIndex;
+  const BlockRegion<I> region = grouped_block_region<I>(
+      blockIdx.x, static_cast<I>(p.groups_q), static_cast<I>(p.groups_g),
+      static_cast<I>(p.query_group));
+  const int64_t i0 = static_cast<int64_t>(region.gi) * p.group_q;
+  const int64_t j0 = static_cast<int64_t>(region.gj) * p.group_g;
   const int rows = static_cast<int>(min(static_cast<int64_t>(p.group_q), p.nq - i0)) * p.lq;
   const int cols = static_cast<int>(min(static_cast<int64_t>(p.group_g), p.ng - j0)) * p.lg;
   const T* qbase = p.query + i0 * p.lq * p.d;
@@ -422,9 +447,13 @@ cudaError_t launch_typed(const ForwardArgs& a, cudaStream_t stream) {
   p.d = static_cast<int>(sh.d);
   p.group_q = choose_group(sh.nq, sh.lq);
   p.group_g = choose_group(sh.ng, sh.lg);
-  p.groups_g = (sh.ng + p.group_g - 1) / p.group_g;
-  const int64_t blocks = (sh.nq + p.group_q - 1) / p.group_q * p.groups_g;
+  const int64_t groups_q = (sh.nq + p.group_q - 1) / p.group_q;
+  const int64_t groups_g = (sh.ng + p.group_g - 1) / p.group_g;
+  const int64_t blocks = groups_q * groups_g;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  p.groups_q = groups_q;
+  p.groups_g = groups_g;
+  p.query_group = effective_query_group(a.query_group, groups_q);
   // 16-byte copies need every row start 16-byte aligned.
   const bool vec = (sh.d * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(a.query) % 16 == 0 &&
