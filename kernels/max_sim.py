@@ -25,7 +25,8 @@ and a NaN wins over any number (as ``torch.max``). Offsets that can pass 2**31 a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -37,14 +38,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _max_with_index(x, axis: tl.constexpr):
-    """Maximum along ``axis`` and its position in the block. The compiled max drops NaN, so a
-    second reduction finds the first NaN, which then wins."""
-    best, arg = tl.max(x, axis, return_indices=True, return_indices_tie_break_left=True)
-    is_nan = (x != x).to(tl.int32)
-    any_nan, first_nan = tl.max(is_nan, axis, return_indices=True,
-                                return_indices_tie_break_left=True)
-    return tl.where(any_nan > 0, float("nan"), best), tl.where(any_nan > 0, first_nan, arg)
+def _max_with_index(x, index, axis: tl.constexpr):
+    """Maximum of float32 ``x`` along ``axis`` and the int32 ``index`` (same shape) where it is.
+
+    One integer max over a 64-bit key: the float's bits made order-preserving in the high half
+    (every NaN above +inf; -0.0 made +0.0, so the two tie as in torch), ``2**31 - 1 - index`` in
+    the low half (a tie goes to the lower index). An integer max has no NaN semantics to differ
+    between the interpreter and the compiled code, and it is one reduction, not two."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    ordered = tl.where(x != x, 0x7FFFFFFF, ordered)
+    key = tl.max((ordered.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64), axis)
+    high = (key >> 32).to(tl.int32)
+    best = tl.where(high >= 0, high, high ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    return best, 0x7FFFFFFF - key.to(tl.int32)
 
 
 @triton.jit
@@ -52,6 +59,28 @@ def _follows(v_new, v_old):
     """Whether a later block's maximum replaces the running one (its indices are all higher, so
     a tie keeps the old)."""
     return (v_new > v_old) | ((v_new != v_new) & (v_old == v_old))
+
+
+@triton.jit
+def _pair_of(pid, num_query, num_gallery, GROUP_Q: tl.constexpr):
+    """The (query, gallery) image pair of program ``pid``. Consecutive programs walk GROUP_Q query
+    images for one gallery image, then the next gallery image, so the images in flight stay in L2."""
+    pairs_per_group = GROUP_Q * num_gallery
+    first_q = (pid // pairs_per_group) * GROUP_Q
+    group_size = tl.minimum(num_query - first_q, GROUP_Q)
+    i = first_q + (pid % pairs_per_group) % group_size
+    j = (pid % pairs_per_group) // group_size
+    return i, j
+
+
+@triton.jit
+def _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE: tl.constexpr):
+    """A score tile: the dot products times the gate, -inf where the tile is padding."""
+    if HAS_GATE:
+        sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
+                      mask=s_in[:, None] & t_in[None, :], other=0.0)
+        acc = acc * sig
+    return tl.where(s_in[:, None] & t_in[None, :], acc, float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,15 +96,9 @@ def _max_sim_forward_kernel(
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # One program per (query image, gallery image) pair. Consecutive programs walk GROUP_Q query
-    # images for one gallery image, then the next gallery image, so the images in flight stay in L2.
-    pid = tl.program_id(0)
-    pairs_per_group = GROUP_Q * num_gallery
-    first_q = (pid // pairs_per_group) * GROUP_Q
-    group_size = tl.minimum(num_query - first_q, GROUP_Q)
-    i = first_q + (pid % pairs_per_group) % group_size
-    j = (pid % pairs_per_group) // group_size
-
+    # One program per (query image, gallery image) pair, one [BLOCK_S, BLOCK_T] score tile at a
+    # time; the running g_best across query blocks lives in the output itself.
+    i, j = _pair_of(tl.program_id(0), num_query, num_gallery, GROUP_Q)
     q_image = q_ptr + i.to(tl.int64) * len_q * dim
     g_image = g_ptr + j.to(tl.int64) * len_g * dim
     pair = i.to(tl.int64) * num_gallery + j
@@ -100,23 +123,19 @@ def _max_sim_forward_kernel(
                 q = tl.load(q_image + offs_t[:, None] * dim + offs_k[None, :],
                             mask=t_in[:, None] & k_in[None, :], other=0.0)
                 acc = tl.dot(g, tl.trans(q), acc, input_precision=INPUT_PRECISION)
-            if HAS_GATE:
-                sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
-                              mask=s_in[:, None] & t_in[None, :], other=0.0)
-                acc = acc * sig
-            acc = tl.where(s_in[:, None] & t_in[None, :], acc, float("-inf"))
+            acc = _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE)
 
             # Best gallery location per query location: this block's, then the running one.
-            block_max, block_arg = _max_with_index(acc, 0)
-            block_arg += s0
+            block_max, block_arg = _max_with_index(
+                acc, tl.broadcast_to(offs_s[:, None], (BLOCK_S, BLOCK_T)), 0)
             take = _follows(block_max, q_run)
             q_run = tl.where(take, block_max, q_run)
             q_arg = tl.where(take, block_arg, q_arg)
 
             # Best query location per gallery location. With several query blocks, the running
             # value lives in the output itself (this program alone owns these elements).
-            row_max, row_arg = _max_with_index(acc, 1)
-            row_arg += t0
+            row_max, row_arg = _max_with_index(
+                acc, tl.broadcast_to(offs_t[None, :], (BLOCK_S, BLOCK_T)), 1)
             g_offs = pair * len_g + offs_s
             if t0 > 0:
                 old_max = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
@@ -131,6 +150,116 @@ def _max_sim_forward_kernel(
         tl.store(q_index_ptr + q_offs, q_arg, mask=t_in)
         # The next query block reads back the g_best just written, maybe by other threads.
         tl.debug_barrier()
+
+
+@triton.jit
+def _strip_dot(g_image, offs_s, s_in, offs_k, k_in, q_t, acc, dim,
+               INPUT_PRECISION: tl.constexpr):
+    g = tl.load(g_image + offs_s[:, None] * dim + offs_k[None, :],
+                mask=s_in[:, None] & k_in[None, :], other=0.0)
+    return tl.dot(g, q_t, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _strip_epilogue(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, q_run, q_arg, g_run, g_arg,
+                    HAS_GATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Folds one gallery block's score tile into the query tile's running q_best and into the
+    block's running g_best (both in registers; later blocks have higher indices)."""
+    acc = _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE)
+    col_max, col_arg = _max_with_index(acc, tl.broadcast_to(offs_s[:, None], (BLOCK_S, BLOCK_T)), 0)
+    take = _follows(col_max, q_run)
+    q_run = tl.where(take, col_max, q_run)
+    q_arg = tl.where(take, col_arg, q_arg)
+    row_max, row_arg = _max_with_index(acc, tl.broadcast_to(offs_t[None, :], (BLOCK_S, BLOCK_T)), 1)
+    take = _follows(row_max, g_run)
+    g_run = tl.where(take, row_max, g_run)
+    g_arg = tl.where(take, row_arg, g_arg)
+    return q_run, q_arg, g_run, g_arg
+
+
+@triton.jit
+def _store_best(best_ptr, index_ptr, offs, mask, best, arg):
+    tl.store(best_ptr + offs, best, mask=mask)
+    tl.store(index_ptr + offs, arg, mask=mask)
+
+
+@triton.jit
+def _max_sim_forward_strip_kernel(
+    q_ptr, g_ptr, sig_ptr,
+    q_best_ptr, g_best_ptr, q_index_ptr, g_index_ptr,
+    num_query, num_gallery, len_q, len_g, dim,
+    HAS_GATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NUM_S: tl.constexpr,
+    GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # One program per image pair, as the tiled kernel, but each query tile meets the whole
+    # gallery image at once: NUM_S (<= 4) accumulators, one per gallery block, share every query
+    # load, so each query tile is read once instead of once per gallery block, q_best is complete
+    # after one pass, and g_best runs in registers across query tiles (no read-back).
+    i, j = _pair_of(tl.program_id(0), num_query, num_gallery, GROUP_Q)
+    q_image = q_ptr + i.to(tl.int64) * len_q * dim
+    g_image = g_ptr + j.to(tl.int64) * len_g * dim
+    pair = i.to(tl.int64) * num_gallery + j
+    arange_t = tl.arange(0, BLOCK_T)
+    arange_k = tl.arange(0, BLOCK_K)
+    offs_s0 = tl.arange(0, BLOCK_S)
+    offs_s1 = offs_s0 + BLOCK_S
+    offs_s2 = offs_s1 + BLOCK_S
+    offs_s3 = offs_s2 + BLOCK_S
+    s_in0, s_in1, s_in2, s_in3 = offs_s0 < len_g, offs_s1 < len_g, offs_s2 < len_g, offs_s3 < len_g
+    g_run0 = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+    g_run1, g_run2, g_run3 = g_run0, g_run0, g_run0
+    g_arg0 = tl.zeros((BLOCK_S,), tl.int32)
+    g_arg1, g_arg2, g_arg3 = g_arg0, g_arg0, g_arg0
+
+    for t0 in range(0, len_q, BLOCK_T):
+        offs_t = t0 + arange_t
+        t_in = offs_t < len_q
+        acc0 = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+        acc1, acc2, acc3 = acc0, acc0, acc0
+        for k0 in range(0, dim, BLOCK_K):
+            offs_k = k0 + arange_k
+            k_in = offs_k < dim
+            q = tl.load(q_image + offs_t[:, None] * dim + offs_k[None, :],
+                        mask=t_in[:, None] & k_in[None, :], other=0.0)
+            q_t = tl.trans(q)
+            acc0 = _strip_dot(g_image, offs_s0, s_in0, offs_k, k_in, q_t, acc0, dim, INPUT_PRECISION)
+            if NUM_S > 1:
+                acc1 = _strip_dot(g_image, offs_s1, s_in1, offs_k, k_in, q_t, acc1, dim,
+                                  INPUT_PRECISION)
+            if NUM_S > 2:
+                acc2 = _strip_dot(g_image, offs_s2, s_in2, offs_k, k_in, q_t, acc2, dim,
+                                  INPUT_PRECISION)
+            if NUM_S > 3:
+                acc3 = _strip_dot(g_image, offs_s3, s_in3, offs_k, k_in, q_t, acc3, dim,
+                                  INPUT_PRECISION)
+        q_run = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        q_arg = tl.zeros((BLOCK_T,), tl.int32)
+        q_run, q_arg, g_run0, g_arg0 = _strip_epilogue(
+            acc0, sig_ptr, offs_s0, offs_t, s_in0, t_in, len_q, q_run, q_arg, g_run0, g_arg0,
+            HAS_GATE, BLOCK_S, BLOCK_T)
+        if NUM_S > 1:
+            q_run, q_arg, g_run1, g_arg1 = _strip_epilogue(
+                acc1, sig_ptr, offs_s1, offs_t, s_in1, t_in, len_q, q_run, q_arg, g_run1, g_arg1,
+                HAS_GATE, BLOCK_S, BLOCK_T)
+        if NUM_S > 2:
+            q_run, q_arg, g_run2, g_arg2 = _strip_epilogue(
+                acc2, sig_ptr, offs_s2, offs_t, s_in2, t_in, len_q, q_run, q_arg, g_run2, g_arg2,
+                HAS_GATE, BLOCK_S, BLOCK_T)
+        if NUM_S > 3:
+            q_run, q_arg, g_run3, g_arg3 = _strip_epilogue(
+                acc3, sig_ptr, offs_s3, offs_t, s_in3, t_in, len_q, q_run, q_arg, g_run3, g_arg3,
+                HAS_GATE, BLOCK_S, BLOCK_T)
+        _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_run, q_arg)
+
+    g_offs = pair * len_g
+    _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s0, s_in0, g_run0, g_arg0)
+    if NUM_S > 1:
+        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s1, s_in1, g_run1, g_arg1)
+    if NUM_S > 2:
+        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s2, s_in2, g_run2, g_arg2)
+    if NUM_S > 3:
+        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s3, s_in3, g_run3, g_arg3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +299,17 @@ def _routed_tile(
 
 
 @triton.jit
+def _routed_dot(routed, features, acc, ROUTE_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += routed @ features on tensor cores. The routed gradient is float32; in fp16 it would
+    overflow above 65504 (GradScaler-scaled gradients) and flush below ~6e-8, so for fp16
+    features (ROUTE_FP32) both operands go in as TF32, which keeps fp16's 10-bit mantissa with
+    float32's range. bfloat16 already has float32's range: its dot stays bf16."""
+    if ROUTE_FP32:
+        return tl.dot(routed, features.to(tl.float32), acc, input_precision="tf32")
+    return tl.dot(routed.to(features.dtype), features, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _max_sim_backward_query_kernel(
     g_ptr, sig_ptr,
     grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr,
@@ -177,7 +317,7 @@ def _max_sim_backward_query_kernel(
     num_gallery, len_q, len_g, dim,
     HAS_GATE: tl.constexpr, HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    ROUTE_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Program (query image i, query block, feature block): dq_i[t, d] = sum_j sum_s P_ij[s,t] g_j[s,d].
     i = tl.program_id(0)
@@ -204,7 +344,7 @@ def _max_sim_backward_query_kernel(
                 routed = routed * sig
             g = tl.load(g_image + offs_s[:, None] * dim + offs_d[None, :],
                         mask=s_in[:, None] & d_in[None, :], other=0.0)
-            acc = tl.dot(tl.trans(routed.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
+            acc = _routed_dot(tl.trans(routed), g, acc, ROUTE_FP32, INPUT_PRECISION)
             pair += 1
             g_image += len_g * dim
     tl.store(dq_ptr + i.to(tl.int64) * len_q * dim + offs_t[:, None] * dim + offs_d[None, :],
@@ -251,7 +391,7 @@ def _max_sim_backward_gallery_kernel(
     num_query, num_gallery, len_q, len_g, dim,
     HAS_GATE: tl.constexpr, HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    ROUTE_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Program (gallery image j, gallery block, feature block): dg_j[s, d] = sum_i sum_t P_ij[s,t] q_i[t,d].
     j = tl.program_id(0)
@@ -278,7 +418,7 @@ def _max_sim_backward_gallery_kernel(
                 routed = routed * sig
             q = tl.load(q_image + offs_t[:, None] * dim + offs_d[None, :],
                         mask=t_in[:, None] & d_in[None, :], other=0.0)
-            acc = tl.dot(routed.to(q.dtype), q, acc, input_precision=INPUT_PRECISION)
+            acc = _routed_dot(routed, q, acc, ROUTE_FP32, INPUT_PRECISION)
             pair += num_gallery
             q_image += len_q * dim
     tl.store(dg_ptr + j.to(tl.int64) * len_g * dim + offs_s[:, None] * dim + offs_d[None, :],
@@ -288,15 +428,26 @@ def _max_sim_backward_gallery_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration.
 
+VARIANTS = ("tiled", "strip")
+MAX_STRIP_BLOCKS = 4  # gallery blocks (accumulators) one strip program holds
+
 
 @dataclass(frozen=True)
 class ForwardConfig:
+    """A forward launch. ``variant``: "tiled" (one score tile at a time) or "strip" (a query
+    tile against every gallery block of the image at once; needs Lg <= 4 * block_s)."""
     block_s: int = 64
     block_t: int = 64
     block_k: int = 64
     group_q: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    variant: str = "tiled"
+
+    @property
+    def name(self) -> str:
+        return (f"{self.variant}-{self.block_s}x{self.block_t}x{self.block_k}-g{self.group_q}"
+                f"-w{self.num_warps}-s{self.num_stages}")
 
 
 @dataclass(frozen=True)
@@ -313,27 +464,74 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(n))
 
 
-def forward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> ForwardConfig:
-    """Default forward tiles: 64x64 locations. Wider tiles (one query block for all of Lq) keep
-    the g_best reduction in registers but spill on sm_90 (benchmarks/triton_resources.py)."""
-    block_k = min(64 if dtype.itemsize <= 2 else 32, _pow2_at_least(dim))
-    return ForwardConfig(block_s=min(64, _pow2_at_least(len_g)),
-                         block_t=min(64, _pow2_at_least(len_q)), block_k=block_k)
+def _fitted(config: ForwardConfig, len_q: int, len_g: int, dim: int,
+            dtype: torch.dtype) -> ForwardConfig:
+    """``config`` with blocks no larger than the shape needs. A strip becomes tiled where it
+    cannot hold the whole gallery image, and for float32 with D % 16 != 0 (no divisibility to
+    specialise on: it spills there on sm_90, benchmarks/triton_resources.py)."""
+    config = replace(config, block_s=min(config.block_s, _pow2_at_least(len_g)),
+                     block_t=min(config.block_t, _pow2_at_least(len_q)),
+                     block_k=min(config.block_k, _pow2_at_least(dim)))
+    too_long = triton.cdiv(len_g, config.block_s) > MAX_STRIP_BLOCKS
+    unaligned_fp32 = dtype.itemsize == 4 and dim % 16 != 0
+    if config.variant == "strip" and (too_long or unaligned_fp32):
+        config = replace(config, variant="tiled")
+    return config
+
+
+def forward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype,
+                   measured: Optional[dict] = None) -> ForwardConfig:
+    """The forward launch: the built-in default (64x64 location tiles), or the fields that a
+    measured launch table names (ops/tuning.py), fitted to the shape."""
+    default = ForwardConfig(block_k=64 if dtype.itemsize <= 2 else 32)
+    if measured:
+        unknown = set(measured) - {f.name for f in fields(ForwardConfig)}
+        if unknown or measured.get("variant", "tiled") not in VARIANTS:
+            raise ValueError(f"Triton max_sim: launch table entry {measured} names unknown "
+                             f"fields {sorted(unknown)} or variant (expected one of {VARIANTS})")
+        default = replace(default, **measured)
+    return _fitted(default, len_q, len_g, dim, dtype)
+
+
+def forward_candidates(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> list:
+    """The launches the GPU suite measures for a shape (distinct after fitting), default first.
+    Each compiles for sm_90 without spills (tests/test_triton_compile.py)."""
+    block_k = 64 if dtype.itemsize <= 2 else 32
+    tiled = ForwardConfig(block_k=block_k)
+    strip = replace(tiled, variant="strip", num_warps=8, num_stages=2)  # 4 warps spill
+    raw = [forward_config(len_q, len_g, dim, dtype)]
+    raw += [replace(tiled, group_q=g) for g in (1, 4, 16)]
+    raw += [replace(tiled, num_stages=n) for n in (2, 4)]
+    raw += [replace(tiled, num_warps=8), replace(tiled, block_t=128, block_k=32, num_warps=8)]
+    raw += [strip, replace(strip, num_stages=3), replace(strip, group_q=16),
+            replace(strip, block_k=32, num_stages=3)]
+    unique = []
+    for config in raw:
+        config = _fitted(config, len_q, len_g, dim, dtype)
+        if config not in unique:
+            unique.append(config)
+    return unique
 
 
 def backward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> BackwardConfig:
+    # fp16 routes in float32 (TF32 dots, _routed_dot): float32 operand tiles, so half the D block.
+    block_d = 32 if dtype == torch.float16 else 64
     return BackwardConfig(block_s=min(64, _pow2_at_least(len_g)),
                           block_t=min(64, _pow2_at_least(len_q)),
-                          block_d=min(64, _pow2_at_least(dim)))
+                          block_d=min(block_d, _pow2_at_least(dim)))
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """float32 follows torch's TF32 setting, as torch.matmul does; 16-bit inputs use the tensor
-    cores with float32 accumulation either way."""
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """float32 in TF32 or exact ("ieee"), as torch's matmul precision says (the caller reads it:
+    ops/precision.py); 16-bit inputs use the tensor cores with float32 accumulation either way."""
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit dots
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if tf32 else "ieee"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (cuda:1 stays on 1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +553,7 @@ def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tens
     """Fills ``outputs = (q_best, g_best, q_index, g_index)`` and returns them.
 
     ``sig`` is ``sigmoid(score_embed)`` as contiguous float32 ``[Lg, Lq]``, or None for no gate.
+    ``precision`` ("tf32" / "ieee") applies to float32 inputs; default exact.
     """
     _check(query, gallery, sig)
     num_query, len_q, dim = query.shape
@@ -362,16 +561,23 @@ def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tens
     q_best, g_best, q_index, g_index = outputs
     if num_query == 0 or num_gallery == 0:
         return outputs
-    config = config or forward_config(len_q, len_g, dim, query.dtype)
-    _max_sim_forward_kernel[(num_query * num_gallery,)](
-        query, gallery, sig if sig is not None else query,
-        q_best, g_best, q_index, g_index,
-        num_query, num_gallery, len_q, len_g, dim,
-        HAS_GATE=sig is not None,
-        BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_K=config.block_k,
-        GROUP_Q=config.group_q, INPUT_PRECISION=precision or input_precision(query.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    config = (_fitted(config, len_q, len_g, dim, query.dtype) if config
+              else forward_config(len_q, len_g, dim, query.dtype))
+    if config.variant == "strip":
+        kernel, extra = _max_sim_forward_strip_kernel, {"NUM_S": triton.cdiv(len_g, config.block_s)}
+    else:
+        kernel, extra = _max_sim_forward_kernel, {}
+    with _on_device(query):
+        kernel[(num_query * num_gallery,)](
+            query, gallery, sig if sig is not None else query,
+            q_best, g_best, q_index, g_index,
+            num_query, num_gallery, len_q, len_g, dim,
+            HAS_GATE=sig is not None,
+            BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_K=config.block_k,
+            GROUP_Q=config.group_q, **extra,
+            INPUT_PRECISION=precision or input_precision(query.dtype, False),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return outputs
 
 
@@ -400,41 +606,43 @@ def backward(grad_q_best: Optional[torch.Tensor], grad_g_best: Optional[torch.Te
                 grad.zero_()
         return
     config = config or backward_config(len_q, len_g, dim, query.dtype)
-    precision = precision or input_precision(query.dtype)
+    precision = precision or input_precision(query.dtype, False)
     has_gate = sig is not None
     any_grad = grad_q_best if grad_q_best is not None else grad_g_best
     grads = dict(grad_q_ptr=grad_q_best if grad_q_best is not None else any_grad,
                  grad_g_ptr=grad_g_best if grad_g_best is not None else any_grad,
                  HAS_GRAD_Q=grad_q_best is not None, HAS_GRAD_G=grad_g_best is not None)
     blocks = dict(BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
-                  INPUT_PRECISION=precision, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+                  ROUTE_FP32=query.dtype == torch.float16, INPUT_PRECISION=precision,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
     gate = sig if has_gate else q_best
-
-    if grad_query is not None:
-        grid = (num_query, triton.cdiv(len_q, config.block_t), triton.cdiv(dim, config.block_d))
-        _max_sim_backward_query_kernel[grid](
-            gallery, gate, q_index_ptr=q_index, g_index_ptr=g_index, dq_ptr=grad_query,
-            num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
-            HAS_GATE=has_gate, **grads, **blocks,
-        )
-    if grad_score_embed is not None:
-        # One fp32 partial per slice of query images, summed in a fixed order: deterministic.
-        num_partials = min(num_query, config.score_embed_partials)
-        partial = torch.empty((num_partials, len_g, len_q), dtype=torch.float32, device=query.device)
-        grid = (num_partials, triton.cdiv(len_g, config.block_s), triton.cdiv(len_q, config.block_t))
-        _max_sim_backward_score_embed_kernel[grid](
-            q_index_ptr=q_index, g_index_ptr=g_index, q_best_ptr=q_best, g_best_ptr=g_best,
-            partial_ptr=partial, num_query=num_query, num_gallery=num_gallery,
-            len_q=len_q, len_g=len_g, BLOCK_S=config.block_s, BLOCK_T=config.block_t,
-            num_warps=config.num_warps, **grads,
-        )
-        torch.sum(partial, dim=0, out=grad_score_embed)
-        grad_score_embed.mul_(1.0 - sig)
-    if grad_gallery is not None:
-        grid = (num_gallery, triton.cdiv(len_g, config.block_s), triton.cdiv(dim, config.block_d))
-        _max_sim_backward_gallery_kernel[grid](
-            query, gate, q_index_ptr=q_index, g_index_ptr=g_index, dg_ptr=grad_gallery,
-            num_query=num_query, num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
-            HAS_GATE=has_gate, **grads, **blocks,
-        )
+    with _on_device(query):
+        if grad_query is not None:
+            grid = (num_query, triton.cdiv(len_q, config.block_t), triton.cdiv(dim, config.block_d))
+            _max_sim_backward_query_kernel[grid](
+                gallery, gate, q_index_ptr=q_index, g_index_ptr=g_index, dq_ptr=grad_query,
+                num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
+                HAS_GATE=has_gate, **grads, **blocks,
+            )
+        if grad_score_embed is not None:
+            # One fp32 partial per slice of query images, summed in a fixed order: deterministic.
+            num_partials = min(num_query, config.score_embed_partials)
+            partial = torch.empty((num_partials, len_g, len_q), dtype=torch.float32,
+                                  device=query.device)
+            grid = (num_partials, triton.cdiv(len_g, config.block_s),
+                    triton.cdiv(len_q, config.block_t))
+            _max_sim_backward_score_embed_kernel[grid](
+                q_index_ptr=q_index, g_index_ptr=g_index, q_best_ptr=q_best, g_best_ptr=g_best,
+                partial_ptr=partial, num_query=num_query, num_gallery=num_gallery,
+                len_q=len_q, len_g=len_g, BLOCK_S=config.block_s, BLOCK_T=config.block_t,
+                num_warps=config.num_warps, **grads,
+            )
+            torch.sum(partial, dim=0, out=grad_score_embed)
+            grad_score_embed.mul_(1.0 - sig)
+        if grad_gallery is not None:
+            grid = (num_gallery, triton.cdiv(len_g, config.block_s), triton.cdiv(dim, config.block_d))
+            _max_sim_backward_gallery_kernel[grid](
+                query, gate, q_index_ptr=q_index, g_index_ptr=g_index, dg_ptr=grad_gallery,
+                num_query=num_query, num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
+                HAS_GATE=has_gate, **grads, **blocks,
+            )

@@ -37,18 +37,20 @@ def kernels():
 
 # Small tiles exercise the multi-block paths (running maxima across gallery blocks, the g_best
 # read-back across query blocks, several feature blocks); None is the default configuration.
-def small_configs():
+def small_configs(variant="tiled"):
     k = kernels()
-    return (k.ForwardConfig(block_s=16, block_t=16, block_k=16, group_q=2, num_warps=4),
+    return (k.ForwardConfig(block_s=16, block_t=16, block_k=16, group_q=2, num_warps=4,
+                            variant=variant),
             k.BackwardConfig(block_s=16, block_t=16, block_d=16, score_embed_partials=2))
 
 
-@pytest.fixture(params=["default", "small"])
+@pytest.fixture(params=["default", "small", "strip"])
 def configs(request, monkeypatch):
-    """Runs the op with the default or the small tiles (patched into the launch wrappers)."""
-    if request.param == "small":
+    """Runs the op with the default or the small tiles, or the strip forward with small tiles
+    (up to 4 gallery blocks per program), patched into the launch wrappers."""
+    if request.param != "default":
         k = kernels()
-        forward, backward = small_configs()
+        forward, backward = small_configs("strip" if request.param == "strip" else "tiled")
         monkeypatch.setattr(k, "forward_config", lambda *args: forward)
         monkeypatch.setattr(k, "backward_config", lambda *args: backward)
     with transmatcher_fast.use_backend("triton"):
@@ -137,9 +139,9 @@ def test_grads_float32_within_1e5(rng, configs, shape):
 @pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:4], ids=SHAPE_IDS[:2] + SHAPE_IDS[3:4])
 def test_grads_float16_within_2x_rounding(rng, configs, shape):
     *dims, gate = shape
-    # The routed gradient is rounded to float16 before the tensor-core product, as the
-    # reference's autocast backward rounds dS: twice the rounding of the exact result, plus one
-    # float16 ulp of the largest term.
+    # The routed gradient goes into the tensor-core product as TF32 (float16's 10-bit mantissa,
+    # float32's range), as the reference's autocast backward rounds dS to float16: twice the
+    # rounding of the exact result, plus one float16 ulp of the largest term.
     routed_grads_check(rng, dims, gate, torch.float16,
                        lambda truth: 2 * rel_err(truth.half(), truth) + 2e-3)
 
@@ -257,12 +259,129 @@ def test_every_output_element_is_written():
 
 def test_float32_precision_follows_torch():
     k = kernels()
-    assert k.input_precision(torch.float32) == "ieee"
-    torch.set_float32_matmul_precision("high")
-    assert k.input_precision(torch.float32) == "tf32"
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    assert k.input_precision(torch.float32) == "tf32"
+    assert k.input_precision(torch.float32, False) == "ieee"
+    assert k.input_precision(torch.float32, True) == "tf32"
+    assert k.input_precision(torch.float16, False) == "tf32"  # 16-bit dots ignore it
+
+
+@pytest.mark.parametrize("variant", ["tiled", "strip"])
+@pytest.mark.parametrize("length", [64, 192])
+def test_nan_and_ties_in_full_blocks(rng, variant, length):
+    """Default 64-location tiles that are full (L = 64, and 192 = 3 x 64 as in the paper): a NaN
+    query location, a NaN gallery location and exact ties (zero features) give the reference's
+    values and argmax: the first NaN wins, then the lowest index among equal maxima."""
+    k = kernels()
+    query, gallery, embed = inputs(rng, (2, 3, length, length, 32), True, torch.float32)
+    query[1, 5, 3] = float("nan")
+    gallery[2, length - 1, 0] = float("nan")
+    query[0] = 0.0  # every score of query image 0 ties at 0 (and -0.0 ties with +0.0)
+    query[0, 7] = -query[0, 7]
+    gallery[0, 3] = 0.0
+    config = k.ForwardConfig(block_k=32, variant=variant)
+    outs = k.forward(query, gallery, torch.sigmoid(embed).contiguous(),
+                     tuple(dispatch.new_output(t.shape, t.dtype, query.device) for t in (
+                         torch.empty(2, 3, length), torch.empty(2, 3, length),
+                         torch.empty(2, 3, length, dtype=torch.int32),
+                         torch.empty(2, 3, length, dtype=torch.int32))), config, "ieee")
+    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()),
+                                 return_indices=True)
+    for ours, theirs in zip(outs[:2], expected[:2]):
+        ours = ours.cpu()
+        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+        assert rel_err(ours[~theirs.isnan()], theirs[~theirs.isnan()]) < 1e-5
+    for ours, theirs in zip(outs[2:], expected[2:]):
+        assert torch.equal(ours.cpu(), theirs.int())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_every_forward_candidate_matches_the_reference(rng, dtype):
+    """Every launch the GPU suite sweeps (both variants), on a shape with two location blocks."""
+    k = kernels()
+    query, gallery, embed = inputs(rng, (2, 3, 70, 66, 48), True, dtype)
+    sig = torch.sigmoid(embed).contiguous()
+    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()))
+    candidates = k.forward_candidates(70, 66, 48, dtype)
+    assert {c.variant for c in candidates} == {"tiled", "strip"}
+    for config in candidates:
+        outs = tuple(dispatch.new_output(shape, dt, query.device) for shape, dt in (
+            ((2, 3, 70), torch.float32), ((2, 3, 66), torch.float32),
+            ((2, 3, 70), torch.int32), ((2, 3, 66), torch.int32)))
+        k.forward(query, gallery, sig, outs, config, "ieee")
+        limit = 1e-5 if dtype == torch.float32 else 1e-4
+        assert rel_err(outs[0].cpu(), expected[0]) < limit, config.name
+        assert rel_err(outs[1].cpu(), expected[1]) < limit, config.name
+        check_indices_select_the_max(query, gallery, embed, *outs[2:], rtol=limit)
+
+
+def test_fp16_backward_keeps_scaled_gradients_in_range(rng, configs):
+    """GradScaler multiplies the loss by 2**16 and more. The routed gradient (grad * sig at the
+    argmax) must reach the tensor-core product without overflowing above 65504 or flushing to
+    zero below ~6e-8 in fp16, as in the CUDA backward: the float32 gradient buffers then hold
+    the exact result, even where a routed value is far outside fp16's range."""
+    k = kernels()
+    nq, ng, lq, lg, d = 2, 3, 9, 7, 20
+    for scale, feature_scale in ((2.0**20, 0.01), (2.0**-30, 100.0)):
+        query, gallery, embed = inputs(rng, (nq, ng, lq, lg, d), True, torch.float32)
+        query, gallery = (feature_scale * query).half(), (feature_scale * gallery).half()
+        sig = torch.sigmoid(embed).contiguous()
+        outs = k.forward(query, gallery, sig, tuple(dispatch.new_output(shape, dt, query.device)
+                         for shape, dt in (((nq, ng, lq), torch.float32),
+                                           ((nq, ng, lg), torch.float32),
+                                           ((nq, ng, lq), torch.int32),
+                                           ((nq, ng, lg), torch.int32))))
+        grad_q = (scale * randn((nq, ng, lq), rng, torch.float32)).to(DEVICE)
+        grad_g = (scale * randn((nq, ng, lg), rng, torch.float32)).to(DEVICE)
+        grads = [dispatch.new_output(t.shape, torch.float32, query.device)
+                 for t in (query, gallery, sig)]
+        k.backward(grad_q, grad_g, query, gallery, sig, *outs, *grads)
+        exact = expected_grads(query.cpu(), gallery.cpu(), embed.cpu(), grad_q.cpu(),
+                               grad_g.cpu(), outs[2].cpu(), outs[3].cpu())
+        for ours, truth in zip(grads, exact):
+            assert torch.isfinite(ours).all() and ours.abs().max() > 0
+            assert rel_err(ours.cpu(), truth) <= 2e-3, scale
+
+
+def test_launches_run_on_the_inputs_device(rng, monkeypatch):
+    """Triton launches on the current CUDA device; the wrappers make it the tensors' device (a
+    tensor on cuda:1 is launched on device 1, not 0)."""
+    k = kernels()
+    guard = k._on_device(type("FakeCudaTensor", (), {"is_cuda": True,
+                                                    "device": torch.device("cuda", 1)})())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    seen = []
+    real = k._on_device
+    monkeypatch.setattr(k, "_on_device", lambda t: seen.append(t.device) or real(t))
+    with transmatcher_fast.use_backend("triton"):
+        leaves = [t.requires_grad_() for t in inputs(rng, (2, 2, 5, 4, 8), True, torch.float32)]
+        q_best, g_best = max_sim(*leaves)
+        (q_best.sum() + g_best.sum()).backward()
+    assert seen == [torch.device(DEVICE)] * 2  # the forward and the backward launches
+
+
+def test_float32_calls_work_with_torchs_new_precision_api(rng):
+    """After torch.backends.cuda.matmul.fp32_precision = "tf32", torch's legacy getters raise
+    ("mix of the legacy and new APIs"); the op reads the new API first."""
+    from transmatcher_fast.ops import precision
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    query, gallery, embed = inputs(rng, (2, 2, 5, 4, 8), True, torch.float32)
+    try:
+        for setting, tf32 in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = setting
+            assert precision.float32_matmul_allows_tf32() is tf32
+            with transmatcher_fast.use_backend("triton"):
+                q_best, _ = max_sim(query, gallery, embed)
+            assert rel_err(q_best.cpu(), reference.max_sim(*as64(query.cpu(), gallery.cpu(),
+                                                                 embed.cpu()))[0]) < 5e-3
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"  # the generic setting is inherited
+        assert precision.float32_matmul_allows_tf32() is True
+    finally:
+        torch.backends.fp32_precision = "none"
+        matmul.fp32_precision = "none"
+    assert precision.float32_matmul_allows_tf32() is False  # legacy flags readable again
 
 
 def test_float64_on_the_triton_device_falls_back_to_reference():

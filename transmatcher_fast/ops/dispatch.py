@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from . import precision, tuning
+
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_BACKEND = "TRANSMATCHER_FAST_BACKEND"
 ENV_POISON = "TRANSMATCHER_FAST_POISON"
@@ -102,9 +104,11 @@ def by_name(name: str) -> Backend:
     return _registry[name]
 
 
-def select(device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend:
+def select(device: torch.device, dtype: Optional[torch.dtype] = None,
+           num_pairs: Optional[int] = None) -> Backend:
     """The backend that runs a call on ``device`` with ``dtype`` inputs (float64 on a GPU, for
-    instance, falls back to ``reference``)."""
+    instance, falls back to ``reference``). For a call of ``num_pairs`` image pairs on CUDA, the
+    committed launch table (``tuning``) may name the faster backend for its shape class."""
     kind = device.type
     if _choice is not None:
         backend = _registry.get(_choice)
@@ -114,7 +118,13 @@ def select(device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend
                 f"{dtype} here; available for {kind}: {available_backends(kind)}"
             )
         return backend
-    for name in _PREFERENCE.get(kind, ()) + ("reference",):
+    preference = _PREFERENCE.get(kind, ())
+    if kind == "cuda" and num_pairs is not None and dtype is not None:
+        tf32 = dtype == torch.float32 and precision.float32_matmul_allows_tf32()
+        measured = tuning.entry(num_pairs, dtype, tf32).get("backend")
+        if measured is not None:
+            preference = (measured,) + preference
+    for name in preference + ("reference",):
         backend = _registry.get(name)
         if backend is not None and backend.is_available() and backend.serves(kind, dtype):
             return backend

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, reference
-from . import dispatch
+from . import dispatch, precision, tuning
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -140,9 +140,11 @@ def _gradient_buffers(q, g, score_embed, dtype, need_query, need_gallery, need_s
 
 
 def _kernel_dtype(t: Tensor) -> torch.dtype:
-    """The dtype the compiled kernels read: the CPU kernels compute in float32/float64; the CUDA
-    kernels read 16-bit inputs as they are and accumulate in float32."""
-    if t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16):
+    """The dtype the compiled kernels read: the CUDA kernels read 16-bit inputs as they are; the
+    CPU kernel reads bfloat16 as it is (its block GEMMs run on bfloat16 operands where the CPU has
+    bfloat16 dot products) and float16 as float32 (torch's CPU float16 GEMM is slower than
+    converting). Both accumulate in float32."""
+    if t.dtype == torch.bfloat16 or (t.device.type == "cuda" and t.dtype == torch.float16):
         return t.dtype
     return reference.output_dtype(t.dtype)
 
@@ -158,7 +160,9 @@ def _extension_forward(query, gallery, score_embed):
     g = q if gallery is query else _as_kernel_input(gallery, dtype)
     e = None if score_embed is None else _as_kernel_input(score_embed, reference.output_dtype(dtype))
     outs = _new_outputs(q, g)
-    torch.ops.transmatcher_fast_C.max_sim_forward(q, g, e, *outs)
+    tf32 = q.is_cuda and _allows_tf32(q.dtype)
+    query_group = _launch_entry(q, g, tf32).get("cuda", {}).get("query_group", 0) if q.is_cuda else 0
+    torch.ops.transmatcher_fast_C.max_sim_forward(q, g, e, *outs, tf32, query_group)
     return outs
 
 
@@ -177,6 +181,16 @@ def _extension_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q
         *grads, q, g, e, q_best, g_best, q_index, g_index, dq, dg, de
     )
     return dq, dg, de
+
+
+def _allows_tf32(dtype: torch.dtype) -> bool:
+    """float32 follows torch's matmul precision setting, as torch.matmul does."""
+    return dtype == torch.float32 and precision.float32_matmul_allows_tf32()
+
+
+def _launch_entry(query: Tensor, gallery: Tensor, tf32: bool) -> dict:
+    """The committed launch table's entry for this call's shape class (ops/tuning.py)."""
+    return tuning.entry(query.shape[0] * gallery.shape[0], query.dtype, tf32)
 
 
 def _in_compute_dtype(dtype, *tensors):
@@ -225,9 +239,14 @@ def _gate(score_embed: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _triton_forward(query, gallery, score_embed):
+    kernels = _triton_kernels()
     q = query.contiguous()
     g = q if gallery is query else gallery.contiguous()
-    return _triton_kernels().forward(q, g, _gate(score_embed), _new_outputs(q, g))
+    tf32 = _allows_tf32(q.dtype)
+    measured = _launch_entry(q, g, tf32).get("triton")
+    config = kernels.forward_config(q.shape[1], g.shape[1], q.shape[2], q.dtype, measured)
+    return kernels.forward(q, g, _gate(score_embed), _new_outputs(q, g), config,
+                           kernels.input_precision(q.dtype, tf32))
 
 
 def _triton_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_best, g_best,
@@ -238,8 +257,9 @@ def _triton_backward(grad_q_best, grad_g_best, query, gallery, score_embed, q_be
              for grad in (grad_q_best, grad_g_best)]
     dq, dg, de = _gradient_buffers(q, g, score_embed, torch.float32,
                                    need_query, need_gallery, need_score_embed)
-    _triton_kernels().backward(*grads, q, g, _gate(score_embed), q_best, g_best,
-                               q_index, g_index, dq, dg, de)
+    kernels = _triton_kernels()
+    kernels.backward(*grads, q, g, _gate(score_embed), q_best, g_best, q_index, g_index, dq, dg,
+                     de, precision=kernels.input_precision(q.dtype, _allows_tf32(q.dtype)))
     return dq, dg, de
 
 
@@ -273,12 +293,16 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _select(query: Tensor, gallery: Tensor) -> dispatch.Backend:
+    return dispatch.select(query.device, query.dtype, query.shape[0] * gallery.shape[0])
+
+
 @torch.library.custom_op("transmatcher_fast::max_sim", mutates_args=())
 def _max_sim_op(
     query: Tensor, gallery: Tensor, score_embed: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(query.device):
-        return tuple(dispatch.select(query.device, query.dtype).forward(query, gallery, score_embed))
+        return tuple(_select(query, gallery).forward(query, gallery, score_embed))
 
 
 @_max_sim_op.register_fake
@@ -332,7 +356,7 @@ def _setup_context(ctx, inputs, output):
     q_best, g_best, q_index, g_index = output
     ctx.mark_non_differentiable(q_index, g_index)
     ctx.save_for_backward(query, gallery, score_embed, q_best, g_best, q_index, g_index)
-    ctx.backend = dispatch.select(query.device, query.dtype).name  # the backend that just ran the forward
+    ctx.backend = _select(query, gallery).name  # the backend that just ran the forward
 
 
 def _backward(ctx, grad_q_best, grad_g_best, _grad_q_index, _grad_g_index):
