@@ -11,6 +11,14 @@
 #
 # Environment: OUT (output folder), GPU_RUN_DEADLINE (seconds for the suite, default 480),
 # PYTHON (default python3), TRANSMATCHER_FAST_CUDA_ARCH (default 90a).
+#
+# Expected timeline on an H200 (estimates, cold Triton cache, 16 cores; the suite skips what
+# no longer fits): build ~100 s (at most 240, then at most 60 without the extension); start
+# ~10; correctness ~90 with tests/test_triton_kernels.py running beside it; ties ~15; NaN ~10;
+# 2**31 offset ~20; ceilings ~5; variant sweep 30-150 (what is left minus 100); training ~20-60;
+# evaluation ~30-70; Market-size matching ~150 only if that much is left. The suite ends by
+# the deadline (a watchdog saves and exits 30 s after it); this script's timeout is the backstop.
+# Files in $OUT: gpu_suite_<device>.json/.log/.png, gpu_tuning_<device>.json, market/ (<= 6).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 

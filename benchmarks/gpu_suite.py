@@ -120,6 +120,12 @@ class Suite:
             tmp.write_text(json.dumps(self.results, indent=1, default=_json_default))
             tmp.replace(self.json_path)
 
+    def partial(self, name: str, value) -> None:
+        """A section's results so far, saved (a kill keeps them; the section's end replaces them)."""
+        with self._lock:
+            self.results[name] = value
+            self.save()
+
     def section(self, name: str, fn, estimate_s: float | None = None, skip_reason: str | None = None):
         """Runs ``fn()`` unless skipped; records status, time and result; saves. A raised
         exception is recorded, never propagated."""
@@ -280,9 +286,14 @@ def build_extension(log, cmd=None, timeout: float = 300.0, fallback_timeout: flo
     env = {**os.environ, **(env or {})}
     env.setdefault("TRANSMATCHER_FAST_CUDA_ARCH", "90a")  # H100/H200 only: half the compile time
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    # The interpreter's own bin first: torch's BuildExtension runs `ninja` from PATH (else a slow
+    # sequential build), and the ninja package installs it beside python.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = cmd or default_build_cmd()
     record = {"cmd": cmd if isinstance(cmd, str) else " ".join(map(str, cmd)),
-              "arch": env["TRANSMATCHER_FAST_CUDA_ARCH"], "attempts": []}
+              "arch": env["TRANSMATCHER_FAST_CUDA_ARCH"], "max_jobs": env["MAX_JOBS"],
+              "ninja": shutil.which("ninja", path=env["PATH"]),
+              "nvcc": shutil.which("nvcc", path=env["PATH"]), "attempts": []}
     if cmd == default_build_cmd():
         probe = _run([sys.executable, "-m", "pip", "--version"], 60, log, env=env)
         if probe["returncode"] != 0:
@@ -852,12 +863,15 @@ def report_rows(flops: float, times: dict, peaks: dict, errors: dict | None = No
     return rows
 
 
-def _measure(methods: dict, copies: int, log, name: str, flops: float, skip=()) -> dict:
-    import torch
-
+def _measure(methods: dict, copies: int, log, name: str, flops: float, remaining=None) -> dict:
+    """Peak memory and time of each method; near the deadline the rest are skipped (a
+    torch.compile method, whose first call compiles, needs a minute)."""
     times, peaks, errors = {}, {}, {}
     for method, fn in methods.items():
-        if method in skip:
+        left = remaining() if remaining is not None else float("inf")
+        if left < (60 if method.startswith("compiled") else 10):
+            errors[method] = f"skipped: {left:.0f} s left before the deadline"
+            log(f"{name} {method}: {errors[method]}")
             continue
         try:
             peaks[method] = None if method.startswith("gemm") else _peak_bytes(fn)
@@ -985,7 +999,7 @@ def check_rows(outputs, reference_rows, rows, limit) -> dict:
             "ok": written and index_ok and q_err <= limit and g_err <= limit}
 
 
-def sweep_variants(backends, log, budget_s: float, classes=None) -> dict:
+def sweep_variants(backends, log, budget_s: float, classes=None, progress=None) -> dict:
     """Each class: every Triton candidate and CUDA query_group, checked on float64 rows and
     timed (do_bench median; fresh poisoned outputs for the check, reused outputs for timing)."""
     import torch
@@ -1051,9 +1065,10 @@ def sweep_variants(backends, log, budget_s: float, classes=None) -> dict:
         first = launches[0][0]["name"] if launches else None
         launches.sort(key=lambda item: (0 if item[0]["name"] in (first, "cuda-qg0")
                                         else 1 if item[0]["backend"] == "cuda" else 2))
-        for info, run in launches:
+        for position, (info, run) in enumerate(launches):
             row = dict(info)
-            if time.time() > class_end:
+            defaults = 2 if cuda_op is not None and kernels is not None else 1
+            if position >= defaults and time.time() > class_end:  # the defaults always run
                 row["skipped"] = "sweep budget"
                 entry["variants"].append(row)
                 continue
@@ -1091,6 +1106,8 @@ def sweep_variants(backends, log, budget_s: float, classes=None) -> dict:
             entry["gemm_error"] = traceback.format_exc(limit=2)
         del data, sigs, outputs, reference_rows
         _empty_cache()
+        if progress is not None:
+            progress(result)
     dispatch.poison_outputs(False)
     return result
 
@@ -1192,7 +1209,7 @@ def verify_table(table: dict, log) -> dict:
 
 
 def bench_training(backends, log, table=None, compile_reference=True,
-                   shape=(64, 64, 192, 192, 512)) -> dict:
+                   shape=(64, 64, 192, 192, 512), remaining=None) -> dict:
     """64x64 pairs, forward + backward under fp16 autocast (upstream's AMP training)."""
     import torch
 
@@ -1231,7 +1248,7 @@ def bench_training(backends, log, table=None, compile_reference=True,
     # fwd + bwd of the matcher is three GEMMs of this size in the materialised computation.
     methods["gemm"] = lambda k: (a @ b.T, a @ b.T, a @ b.T)
     flops = 3 * _flops(*shape)
-    rows = _measure(methods, copies, log, "training fwd+bwd fp16", flops)
+    rows = _measure(methods, copies, log, "training fwd+bwd fp16", flops, remaining)
     return {"shape": dict(zip(("nq", "ng", "lq", "lg", "d"), shape)), "flops": flops,
             "methods": rows, "compiled_reference": compile_reference,
             "note": "flops = 3 x 2*Nq*Ng*Lq*Lg*D (fwd + bwd); gemm = 3 bf16 GEMMs "
@@ -1240,7 +1257,7 @@ def bench_training(backends, log, table=None, compile_reference=True,
 
 def bench_evaluation(backends, log, table=None, compile_reference=True, remaining=None,
                      shape=(256, 4096, 192, 192, 512), chunk=128,
-                     dtypes=(("bf16", "bfloat16"), ("fp32-tf32", "float32"))) -> dict:
+                     dtypes=(("bf16", "bfloat16"), ("fp32-tf32", "float32")), progress=None) -> dict:
     """256x4096 pairs, forward only, bf16 and fp32 (ours with TF32 allowed; the reference with
     TF32 off, upstream's setting, and with it on). ``chunk``: gallery images per reference
     chunk (256*128*192*192 scores: 2.4 GB in bf16); a divisor of Ng."""
@@ -1287,10 +1304,13 @@ def bench_evaluation(backends, log, table=None, compile_reference=True, remainin
                         chunked(reference.max_sim)(*data[k])
                 methods["reference" + ("_tf32" if tf32 else "")] = ref
             if compiled_chunk is not None:
-                def compiled(k):
-                    with float32_precision(True):
-                        chunked(compiled_chunk)(*data[k])
-                methods["compiled_reference"] = compiled
+                if dtype == torch.float32:  # compiled with TF32 on, as ours runs
+                    def compiled(k):
+                        with float32_precision(True):
+                            chunked(compiled_chunk)(*data[k])
+                    methods["compiled_reference_tf32"] = compiled
+                else:
+                    methods["compiled_reference"] = lambda k: chunked(compiled_chunk)(*data[k])
             a = torch.randn(nq * lq, d, device=DEVICE, dtype=torch.bfloat16)
             b = torch.randn(ng * lg, d, device=DEVICE, dtype=torch.bfloat16)
             out = torch.empty(nq * lq, chunk * lg, device=DEVICE, dtype=torch.bfloat16)
@@ -1299,7 +1319,8 @@ def bench_evaluation(backends, log, table=None, compile_reference=True, remainin
                 for j0 in range(0, ng * lg, chunk * lg):
                     torch.mm(a, b[j0:j0 + chunk * lg].T, out=out)
             methods["gemm"] = gemm
-            rows = _measure(methods, copies, log, f"evaluation fwd {label}", _flops(*shape))
+            rows = _measure(methods, copies, log, f"evaluation fwd {label}", _flops(*shape),
+                            remaining)
         reports[label] = {"shape": dict(zip(("nq", "ng", "lq", "lg", "d"), shape)),
                           "flops": _flops(*shape), "methods": rows,
                           "note": "gemm = bf16 [Nq*Lq, D] x [D, 128*Lg] chunks (the limit for "
@@ -1307,6 +1328,8 @@ def bench_evaluation(backends, log, table=None, compile_reference=True, remainin
                                   "in 128-image gallery chunks"}
         del data, a, b, out
         _empty_cache()
+        if progress is not None:
+            progress(reports)
     return reports
 
 
@@ -1336,6 +1359,9 @@ def summary_table(results: dict) -> str:
     lines = [f"== gpu_suite: {results.get('device', '?')} "
              f"(deadline {results.get('deadline_s', '?')} s, "
              f"{results.get('seconds_left_before_deadline', '?')} s left) =="]
+    if "backends" in results or "import" in results:
+        lines.append(f"backends: {', '.join(results.get('backends') or []) or '-'}; package "
+                     f"import: {(results.get('import') or {}).get('mode', '?')}")
     lines.append(f"{'section':14} {'status':8} {'s':>7} {'est':>5}  note")
     for name, entry in results.get("sections", {}).items():
         note = entry.get("reason", "")
@@ -1349,7 +1375,8 @@ def summary_table(results: dict) -> str:
         if name == "build" and isinstance(results.get("build"), dict):
             b = results["build"]
             note = (f"extension {'built' if b.get('with_extension') else 'NOT built'}"
-                    f"{' (fallback SKIP_EXT=1)' if b.get('fallback') else ''}, ok={b.get('ok')}")
+                    f"{' (fallback SKIP_EXT=1)' if b.get('fallback') else ''}, ok={b.get('ok')}"
+                    f"{'; ' + b['note'] if b.get('note') else ''}")
         if name == "pytest" and isinstance(section, dict):
             note = f"rc={section.get('returncode')} {' '.join(section.get('summary') or [])}"
         lines.append(f"{name:14} {entry.get('status', '?'):8} {_fmt(entry.get('seconds'), '7.1f'):>7} "
@@ -1357,22 +1384,27 @@ def summary_table(results: dict) -> str:
     reports = []
     if isinstance(results.get("training"), dict) and "methods" in results["training"]:
         reports.append(("training fwd+bwd fp16 (64x64, L192, D512)", results["training"]))
+    skipped = []
     for label, report in (results.get("evaluation") or {}).items():
         if isinstance(report, dict) and "methods" in report:
             reports.append((f"evaluation fwd {label} (256x4096)", report))
+        elif isinstance(report, dict) and "skipped" in report:
+            skipped.append(f"evaluation fwd {label}: skipped ({report['skipped']})")
     if reports:
         lines.append(f"{'method':22} {'ms':>10} {'TFLOP/s':>8} {'of gemm':>8} {'x ref':>7} {'peak MB':>9}")
     for title, report in reports:
         lines.append(title)
         for method, row in report["methods"].items():
             if "error" in row:
-                lines.append(f"  {method:20} ERROR")
+                lines.append(f"  {method:20} " + ("skipped (deadline)" if row["error"].startswith("skipped")
+                                                   else "ERROR"))
                 continue
             peak = row.get("peak_extra_bytes")
             lines.append(f"  {method:20} {row['ms']:10.3f} {row['tflops']:8.1f} "
                          f"{_fmt(row.get('fraction_of_gemm'), '8.1%'):>8} "
                          f"{_fmt(row.get('speedup_vs_reference'), '7.2f'):>7} "
                          f"{_fmt(None if peak is None else peak / 2**20, '9.0f'):>9}")
+    lines += skipped
     sweep = (results.get("variants") or {}).get("summary") or {}
     for cls, entry in sweep.items():
         if entry.get("best"):
@@ -1382,6 +1414,11 @@ def summary_table(results: dict) -> str:
                          f"x{_fmt(entry.get('gain_over_default'), '.2f')} over {entry.get('default')})")
         else:
             lines.append(f"variants {cls:16} no correct launch measured")
+    variants = results.get("variants") or {}
+    if variants.get("proposed_table_path"):
+        lines.append(f"launch table: {variants['proposed_table_path']} "
+                     + " ".join(f"{c}={e.get('backend')}" for c, e in
+                                variants.get("proposed_table", {}).get("classes", {}).items()))
     ceil = results.get("ceilings")
     if isinstance(ceil, dict) and "gemm_bf16_8192_tflops" in ceil:
         lines.append(f"ceilings: bf16 GEMM {ceil['gemm_bf16_8192_tflops']:.0f} TFLOP/s, "
@@ -1435,7 +1472,8 @@ def parse_args(argv=None):
     parser.add_argument("--build-cmd", default=None,
                         help="the install command (shell words; default: pip install --no-index "
                              "--no-build-isolation --no-deps -e .)")
-    parser.add_argument("--build-timeout", type=float, default=300.0)
+    parser.add_argument("--build-timeout", type=float, default=240.0,
+                        help="seconds for the install with the extension (then one without)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip")
     parser.add_argument("--only", default="", help="comma-separated sections to run (and no other)")
     parser.add_argument("--skip-pytest", action="store_true")
@@ -1469,8 +1507,8 @@ def main(argv=None) -> int:
     def build():
         record = build_extension(
             suite.log, cmd=build_cmd,
-            timeout=min(args.build_timeout, max(30.0, suite.remaining() - 120)),
-            fallback_timeout=min(120.0, max(30.0, suite.remaining() - 60)))
+            timeout=min(args.build_timeout, max(30.0, suite.remaining() - 180)),
+            fallback_timeout=60.0)  # the install without the extension: seconds
         if args.build_cmd:
             record["note"] = "install command replaced (--build-cmd)" + (
                 ": dry run" if args.dry_run else "")
@@ -1617,7 +1655,8 @@ def _sections(suite, args, backends, device_name, reason, pytest_job) -> None:
     def variants():
         nonlocal table
         budget = max(SWEEP_MIN_S, min(SWEEP_BUDGET_S, suite.remaining() - SWEEP_RESERVE_S))
-        sweep = sweep_variants(backends, log, budget)
+        sweep = sweep_variants(backends, log, budget,
+                               progress=lambda partial: suite.partial("variants", partial))
         sweep["summary"] = sweep_summary(sweep)
         try:
             table = propose_tuning_table(sweep, device_name,
@@ -1633,10 +1672,11 @@ def _sections(suite, args, backends, device_name, reason, pytest_job) -> None:
 
     suite.section("variants", variants, skip_reason=reason("variants"))
     suite.section("training", lambda: bench_training(
-        backends, log, table, compile_reference=suite.remaining() > 150),
-        skip_reason=reason("training"))
+        backends, log, table, compile_reference=suite.remaining() > 150,
+        remaining=suite.remaining), skip_reason=reason("training"))
     suite.section("evaluation", lambda: bench_evaluation(
-        backends, log, table, compile_reference=suite.remaining() > 110, remaining=suite.remaining),
+        backends, log, table, compile_reference=suite.remaining() > 110, remaining=suite.remaining,
+        progress=lambda reports: suite.partial("evaluation", reports)),
         skip_reason=reason("evaluation"))
     market_reason = reason("market_eval")
     if market_reason is None and importlib.util.find_spec("tqdm") is None:
