@@ -467,14 +467,13 @@ def _pow2_at_least(n: int, low: int = 16) -> int:
 def _fitted(config: ForwardConfig, len_q: int, len_g: int, dim: int,
             dtype: torch.dtype) -> ForwardConfig:
     """``config`` with blocks no larger than the shape needs. A strip becomes tiled where it
-    cannot hold the whole gallery image, and for float32 with D % 16 != 0 (no divisibility to
-    specialise on: it spills there on sm_90, benchmarks/triton_resources.py)."""
+    cannot hold the whole gallery image, and where D % 16 != 0 (no divisibility to specialise
+    on: it spills there, float32 on sm_90 and 16-bit on sm_80; benchmarks/triton_resources.py)."""
     config = replace(config, block_s=min(config.block_s, _pow2_at_least(len_g)),
                      block_t=min(config.block_t, _pow2_at_least(len_q)),
                      block_k=min(config.block_k, _pow2_at_least(dim)))
     too_long = triton.cdiv(len_g, config.block_s) > MAX_STRIP_BLOCKS
-    unaligned_fp32 = dtype.itemsize == 4 and dim % 16 != 0
-    if config.variant == "strip" and (too_long or unaligned_fp32):
+    if config.variant == "strip" and (too_long or dim % 16 != 0):
         config = replace(config, variant="tiled")
     return config
 
@@ -484,6 +483,8 @@ def forward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype,
     """The forward launch: the built-in default (64x64 location tiles), or the fields that a
     measured launch table names (ops/tuning.py), fitted to the shape."""
     default = ForwardConfig(block_k=64 if dtype.itemsize <= 2 else 32)
+    if dtype == torch.float32 and dim % 16 != 0:
+        default = replace(default, num_warps=8)  # 4 warps spill there in exact FP32 on sm_90
     if measured:
         unknown = set(measured) - {f.name for f in fields(ForwardConfig)}
         if unknown or measured.get("variant", "tiled") not in VARIANTS:

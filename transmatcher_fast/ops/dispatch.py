@@ -121,7 +121,7 @@ def select(device: torch.device, dtype: Optional[torch.dtype] = None,
     preference = _PREFERENCE.get(kind, ())
     if kind == "cuda" and num_pairs is not None and dtype is not None:
         tf32 = dtype == torch.float32 and precision.float32_matmul_allows_tf32()
-        measured = tuning.entry(num_pairs, dtype, tf32).get("backend")
+        measured = tuning.entry(num_pairs, dtype, tf32, device).get("backend")
         if measured is not None:
             preference = (measured,) + preference
     for name in preference + ("reference",):

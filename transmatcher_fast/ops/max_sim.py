@@ -190,7 +190,7 @@ def _allows_tf32(dtype: torch.dtype) -> bool:
 
 def _launch_entry(query: Tensor, gallery: Tensor, tf32: bool) -> dict:
     """The committed launch table's entry for this call's shape class (ops/tuning.py)."""
-    return tuning.entry(query.shape[0] * gallery.shape[0], query.dtype, tf32)
+    return tuning.entry(query.shape[0] * gallery.shape[0], query.dtype, tf32, query.device)
 
 
 def _in_compute_dtype(dtype, *tensors):

@@ -11,7 +11,8 @@ table in this format (``gpu_tuning_<device>.json``); the one committed as
 
 ``size`` is ``small`` below ``LARGE_PAIRS`` image pairs per call (a training batch against
 itself), else ``large`` (evaluation blocks); ``dtype`` is ``fp16``, ``bf16``, ``fp32-tf32`` or
-``fp32-ieee``. A class, or a field, that the table does not name keeps the built-in default.
+``fp32-ieee``. A class, or a field, that the table does not name keeps the built-in default, and
+so does a GPU whose name differs from the table's ``device``.
 """
 
 from __future__ import annotations
@@ -76,7 +77,20 @@ def use_table(table: dict) -> Iterator[None]:
         _override = previous
 
 
-def entry(num_pairs: int, dtype: torch.dtype, tf32: bool) -> dict:
-    """The table's entry for a call's class ({} where it names none)."""
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def entry(num_pairs: int, dtype: torch.dtype, tf32: bool,
+          device: Optional[torch.device] = None) -> dict:
+    """The table's entry for a call's class ({} where it names none). A table measured on one
+    GPU model (its "device") does not steer another: on a CUDA ``device`` of another name the
+    built-in defaults apply."""
     table = _override if _override is not None else load()
+    measured_on = table.get("device")
+    if measured_on and device is not None and device.type == "cuda":
+        if _device_name(device.index if device.index is not None else
+                        torch.cuda.current_device()) != measured_on:
+            return {}
     return table["classes"].get(shape_class(num_pairs, dtype, tf32), {})
