@@ -99,6 +99,24 @@ def test_resume_in_process_repeats_the_next_epoch_exactly(data_dir, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_resume_drops_a_partial_last_log_line(data_dir, tmp_path):
+    """A kill or a full disk can cut the log's last record; resuming drops it and goes on."""
+    Trainer(tiny_config(data_dir, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2")).fit()
+    log = tmp_path / "log.jsonl"
+    first_epoch = log.read_text()
+    with open(log, "a") as file:  # epoch 2 had started: one whole record, then a cut one
+        file.write(json.dumps({"kind": "step", "epoch": 1, "step": 3, "loss": 0.0}) + "\n")
+        file.write('{"kind": "step", "epoch": 1, "st')
+    Trainer(tiny_config(data_dir, tmp_path, "--epochs", "2", "--max-steps-per-epoch", "2",
+                        "--resume")).fit()
+    text = log.read_text()
+    assert text.startswith(first_epoch) and text.endswith("\n")
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is whole again
+    assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [0, 1]
+    assert [r["step"] for r in lines if r["kind"] == "step"] == [1, 2, 3, 4]
+    assert all(r["loss"] != 0.0 for r in lines if r["kind"] == "step")  # epoch 2's records are new
+
+
 def _train_cli(data_dir, exp_dir, *extra):
     return [sys.executable, "-m", "transmatcher_fast.cli", "train", *TINY, "--data-dir", str(data_dir),
             "--exp-dir", str(exp_dir), "--epochs", "2", "--max-steps-per-epoch", "4", *extra]

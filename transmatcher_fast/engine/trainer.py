@@ -357,13 +357,28 @@ class Trainer:
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
 
     def _truncate_log(self, epochs_done: int) -> None:
-        """Drop the records of the epoch a killed run did not finish (it runs again)."""
+        """Drop the records of the epoch a killed run did not finish (it runs again), and any
+        record that is not a whole JSON line: a kill or a full disk can leave the last one cut."""
         path = self.exp_dir / LOG_NAME
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) < epochs_done]
-        tmp = path.with_suffix(".tmp")
+        kept, torn = [], 0
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if not isinstance(record, dict):
+                torn += 1
+            elif record.get("epoch", 0) < epochs_done:
+                kept.append(line)
+        if torn:
+            print(f"{path}: dropped {torn} incomplete record{'s' if torn > 1 else ''} "
+                  "(cut by a kill or a full disk)")
+        tmp = self.exp_dir / f".{LOG_NAME}.tmp"
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
