@@ -148,6 +148,42 @@ def test_killed_run_resumes_with_the_uninterrupted_runs_losses(data_dir, tmp_pat
     assert len(records(killed, "epoch")) == 2
 
 
+def _wait_for_step(process, exp_dir, epoch=0, timeout=120):
+    """Waits until the run logged a step of ``epoch`` (complete lines only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        log = Path(exp_dir) / "log.jsonl"
+        lines = log.read_text().split("\n")[:-1] if log.exists() else []
+        if any(r["kind"] == "step" and r["epoch"] == epoch for r in map(json.loads, lines)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before a step of epoch {epoch + 1} "
+                         f"(exit status {process.poll()})")
+
+
+def test_second_run_on_a_folder_fails_at_once_naming_the_holder(data_dir, tmp_path):
+    """While a training holds EXP_DIR, another one there exits 1 with one line naming the
+    holder's pid, before it builds anything, and leaves the folder as it was."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(_train_cli(data_dir, run, "--epochs", "100"), env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(holder, run)
+        second = subprocess.run(_train_cli(data_dir, run, "--resume"), env=ENV, capture_output=True,
+                                text=True, timeout=120)
+        assert holder.poll() is None, "the holder ended before the second run tried"
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert second.stdout == ""  # failed before it read the dataset
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"pid {holder.pid}" in second.stderr and str(run) in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    whole = (run / "log.jsonl").read_text().split("\n")[:-1]  # the kill may have cut the last one
+    steps = [r["step"] for r in map(json.loads, whole) if r["kind"] == "step"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records only
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -106,11 +106,15 @@ def load_config(path: str) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .engine.rundir import RunDirError
     from .engine.trainer import Trainer, TrainConfig
 
     values = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
-    trainer = Trainer(TrainConfig.from_dict(values))
-    trainer.fit()
+    try:
+        trainer = Trainer(TrainConfig.from_dict(values))
+        trainer.fit()
+    except RunDirError as error:  # the folder is in use or holds a run: one line, exit status 1
+        raise SystemExit(f"train: {error}") from None
     trainer.close()
     return 0
 

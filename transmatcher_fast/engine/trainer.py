@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..data import build_dataset, build_train_transform, make_loader
 from ..models import build_model
-from . import checkpoint, matching
+from . import checkpoint, matching, rundir
 from .evaluate import extract
 from .features import autocast, parse_dtype
 from .losses import PairwiseMatchingLoss, TripletLoss
@@ -234,6 +234,17 @@ class Trainer:
             amp = "fp16" if self.device.type == "cuda" else "none"
         self.amp_dtype = parse_dtype(amp, "amp")
         self.exp_dir = Path(config.exp_dir)
+        self._lock: Optional[rundir.RunLock] = None
+        self._claim_exp_dir()  # before anything slow: a second run on the folder fails at once
+        try:
+            self._build()
+        except BaseException:
+            self._release_exp_dir()
+            raise
+
+    # --- construction ------------------------------------------------------------------------
+    def _build(self) -> None:
+        config = self.config
         _seed_everything(config.seed)
 
         self.dataset = build_dataset(config.dataset, dataset_root(config.data_dir, config.dataset))
@@ -279,7 +290,6 @@ class Trainer:
         self.global_step = 0
         self._writer = None
 
-    # --- construction ------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         backbone = [p for p in self.model.base.parameters() if p.requires_grad]
@@ -305,6 +315,31 @@ class Trainer:
         return matching.match(self.matcher, features, None, device=self.device, amp=self.amp_dtype,
                               probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
                               distributed=False)
+
+    # --- the experiment folder ---------------------------------------------------------------
+    def _claim_exp_dir(self) -> None:
+        """Rank 0 locks EXP_DIR for the run's lifetime (the other ranks write nothing there);
+        if it cannot, every rank raises the same :class:`~.rundir.RunDirError`."""
+        error = None
+        if self.is_main and self._lock is None:
+            try:
+                self._lock = rundir.RunLock(self.exp_dir).acquire()
+            except rundir.RunDirError as failure:
+                error = str(failure)
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            if self._owns_process_group and dist.is_initialized():
+                dist.destroy_process_group()
+                self._owns_process_group = False
+            raise rundir.RunDirError(error)
+
+    def _release_exp_dir(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     # --- checkpoints -------------------------------------------------------------------------
     @property
@@ -493,7 +528,15 @@ class Trainer:
                 "images_per_s": images_seen * self.world / max(seconds, 1e-9)}
 
     def fit(self) -> List[Dict[str, Any]]:
-        """Train until the schedule ends; returns the epoch records (also in ``log.jsonl``)."""
+        """Train until the schedule ends; returns the epoch records (also in ``log.jsonl``).
+        EXP_DIR stays locked until it returns or raises."""
+        self._claim_exp_dir()
+        try:
+            return self._fit()
+        finally:
+            self._release_exp_dir()
+
+    def _fit(self) -> List[Dict[str, Any]]:
         if self.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
         if self.config.resume:
@@ -527,6 +570,7 @@ class Trainer:
         pending gloo work) and, when this trainer started the group, waits for every rank and
         destroys it. A group left to interpreter shutdown can abort the process with
         ``std::terminate``. After a failure, skip it: torchrun stops the other ranks."""
+        self._release_exp_dir()
         if isinstance(self.step_module, nn.parallel.DistributedDataParallel):
             self.step_module = self.step_module.module
             gc.collect()
