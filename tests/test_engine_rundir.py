@@ -1,5 +1,6 @@
 """The experiment folder of a training run: one run at a time holds its lock, and the lock names
-its holder."""
+its holder; a fresh start never replaces a run unless told to, and --overwrite removes only the
+trainer's own files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from transmatcher_fast.engine.rundir import LOCK_NAME, RunDirError, RunLock
+from transmatcher_fast.engine.rundir import LOCK_NAME, RunDirError, RunLock, open_run, run_files
 
 # A process that takes the lock, says so, and sleeps until it is killed.
 HOLDER = ("import sys, time; from transmatcher_fast.engine.rundir import RunLock; "
@@ -47,3 +48,50 @@ def test_lock_held_by_another_process_names_its_pid_and_dies_with_it(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _old_run(folder):
+    """A folder holding a finished run's files and a user's files next to them."""
+    (folder / "tensorboard" / "mine").mkdir(parents=True)
+    for name in ("checkpoint.pt", "log.jsonl", "tensorboard/events.out.tfevents.1.host.2.0"):
+        (folder / name).write_text("old run")
+    for name in ("notes.txt", "tensorboard/mine/events.out.tfevents.3", "tensorboard/README"):
+        (folder / name).write_text("not the trainer's")
+    return folder
+
+
+def test_a_fresh_start_refuses_a_folder_that_holds_a_run(tmp_path):
+    run = open_run(tmp_path / "new")  # a missing or empty folder is fine
+    assert run.mode == "fresh" and run.lock.held and run.prepare() == []
+    run.release()
+    _old_run(tmp_path)
+    def contents():  # the lock file is the only one a refusal may create
+        return {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    before = contents()
+    with pytest.raises(RunDirError) as info:
+        open_run(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path} already holds a training run")
+    assert "checkpoint.pt, log.jsonl, tensorboard/" in message
+    for choice in ("--resume", "--overwrite", "another --exp-dir"):
+        assert choice in message
+    assert contents() == before
+    assert open_run(tmp_path, resume=True).mode == "resume"  # the refusal released the lock
+    with pytest.raises(RunDirError, match="give one of them"):
+        open_run(tmp_path, resume=True, overwrite=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match="not a folder"):
+        open_run(tmp_path / "file")
+
+
+def test_overwrite_removes_only_the_trainers_files(tmp_path):
+    _old_run(tmp_path)
+    run = open_run(tmp_path, overwrite=True)
+    assert len(run_files(tmp_path)) == 3  # nothing is removed before prepare()
+    assert sorted(p.name for p in run.prepare()) == ["checkpoint.pt", "events.out.tfevents.1.host.2.0",
+                                                     "log.jsonl"]
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([LOCK_NAME, "notes.txt", "tensorboard/README", "tensorboard/mine/events.out.tfevents.3"])
+    run.release()
+    with pytest.raises(RuntimeError, match="not locked"):
+        run.prepare()  # removing files needs the lock

@@ -117,6 +117,34 @@ def test_resume_drops_a_partial_last_log_line(data_dir, tmp_path):
     assert all(r["loss"] != 0.0 for r in lines if r["kind"] == "step")  # epoch 2's records are new
 
 
+def test_train_refuses_to_replace_a_run_and_overwrite_starts_afresh(data_dir, tmp_path):
+    quick = ["train", *TINY, "--data-dir", str(data_dir), "--exp-dir", str(tmp_path), "--epochs", "1",
+             "--max-steps-per-epoch", "1"]
+    assert main(quick) == 0
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1.host.2.0").write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    with open(tmp_path / "log.jsonl", "a") as log:  # marks the old run's log
+        log.write(json.dumps({"kind": "old"}) + "\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.lock"}
+    with pytest.raises(SystemExit) as info:
+        main(quick)
+    message = str(info.value.code)
+    assert "\n" not in message and str(tmp_path) in message
+    assert all(choice in message for choice in ("--resume", "--overwrite", "another --exp-dir"))
+    after = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.lock"}
+    assert after == before  # nothing was replaced or truncated
+    assert main(quick + ["--overwrite"]) == 0
+    assert [r["kind"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == \
+        ["step", "epoch"]  # the new run's records only
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["global_step"] == 1
+    assert not (tmp_path / "tensorboard").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        build_parser().parse_args(quick + ["--overwrite", "--resume"])
+    with pytest.raises(ValueError, match="exclude each other"):
+        TrainConfig(resume=True, overwrite=True)
+
+
 def _train_cli(data_dir, exp_dir, *extra):
     return [sys.executable, "-m", "transmatcher_fast.cli", "train", *TINY, "--data-dir", str(data_dir),
             "--exp-dir", str(exp_dir), "--epochs", "2", "--max-steps-per-epoch", "4", *extra]

@@ -111,7 +111,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     values = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
     try:
-        trainer = Trainer(TrainConfig.from_dict(values))
+        config = TrainConfig.from_dict(values)
+    except ValueError as error:  # an option's value: one line, exit status 1
+        raise SystemExit(f"train: {error}") from None
+    try:
+        trainer = Trainer(config)
         trainer.fit()
     except RunDirError as error:  # the folder is in use or holds a run: one line, exit status 1
         raise SystemExit(f"train: {error}") from None
@@ -176,8 +180,10 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
         description="Train with upstream's recipe: graph sampler, pairwise matching loss, SGD "
                     "Nesterov, AMP, gradient clipping. A checkpoint is written atomically after every "
                     "epoch to EXP_DIR/checkpoint.pt; --resume continues a killed run. Logs: "
-                    "EXP_DIR/log.jsonl and EXP_DIR/tensorboard. Multi-GPU: torchrun --nproc_per_node N "
-                    "-m transmatcher_fast.cli train ...",
+                    "EXP_DIR/log.jsonl and EXP_DIR/tensorboard. A run locks EXP_DIR (EXP_DIR/train.lock "
+                    "holds its pid): a second run there fails at once, and a fresh start refuses a "
+                    "folder that holds a run unless --overwrite is given. Multi-GPU: torchrun "
+                    "--nproc_per_node N -m transmatcher_fast.cli train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", help="YAML file of options (keys as below, e.g. batch_size: 32); "
                        "command-line flags override it")
@@ -244,7 +250,13 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                     default=d.test_gal_batch, help="gallery chunk (default: from free memory)")
     run = train.add_argument_group("run")
     run.add_argument("--exp-dir", dest="exp_dir", default=d.exp_dir, help="checkpoint and logs folder")
-    run.add_argument("--resume", action="store_true", help="continue from EXP_DIR/checkpoint.pt")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", default=d.resume,
+                       help="continue from EXP_DIR/checkpoint.pt")
+    start.add_argument("--overwrite", action="store_true", default=d.overwrite,
+                       help="start afresh in an EXP_DIR that holds a run: removes its checkpoint.pt, "
+                            "log.jsonl and tensorboard/ event files (nothing else). Without --resume or "
+                            "--overwrite, training refuses a folder that holds a run")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--device", type=_optional_str, default=d.device, help="default: cuda[:LOCAL_RANK] if available, else cpu")
     run.add_argument("--log-every", dest="log_every", type=_positive_int, default=d.log_every,

@@ -1,5 +1,13 @@
 """An experiment folder (``--exp-dir``) owned by one training run at a time.
 
+A run's files are ``checkpoint.pt``, ``log.jsonl`` and ``tensorboard/events.out.tfevents.*``.
+:func:`open_run` decides, before anything is written, what a start does with them:
+
+- a fresh start (neither ``resume`` nor ``overwrite``) needs a folder without a run: it refuses
+  to replace one;
+- ``overwrite`` removes the old run's files (those above, nothing else) and starts fresh;
+- ``resume`` continues from ``checkpoint.pt``.
+
 While a run lives it holds an exclusive ``flock`` on ``EXP_DIR/train.lock`` holding its pid, so
 a second run on the same folder fails at once and names the holder; the operating system drops
 the lock when the holder exits, however it exits. Every refusal is a :class:`RunDirError` whose
@@ -11,10 +19,15 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+TENSORBOARD_NAME = "tensorboard"
 LOCK_NAME = "train.lock"
+TENSORBOARD_PATTERN = "events.out.tfevents.*"
 
 PathLike = Union[str, os.PathLike]
 
@@ -22,6 +35,25 @@ PathLike = Union[str, os.PathLike]
 class RunDirError(RuntimeError):
     """An experiment folder cannot be used as asked; ``str(error)`` is a one-line message that
     names the folder and what to do."""
+
+
+def run_files(folder: PathLike) -> List[Path]:
+    """The files of a training run in ``folder``: checkpoint, log and TensorBoard event files."""
+    folder = Path(folder)
+    found = [folder / name for name in (CHECKPOINT_NAME, LOG_NAME) if (folder / name).is_file()]
+    tensorboard = folder / TENSORBOARD_NAME
+    if tensorboard.is_dir():
+        found += sorted(p for p in tensorboard.glob(TENSORBOARD_PATTERN) if p.is_file())
+    return found
+
+
+def _describe(folder: Path, files: List[Path]) -> str:
+    names = []
+    for path in files:
+        name = path.relative_to(folder).parent.as_posix() + "/" if path.parent != folder else path.name
+        if name not in names:
+            names.append(name)
+    return ", ".join(names)
 
 
 class RunLock:
@@ -101,3 +133,56 @@ class RunLock:
 
     def __del__(self):
         self.release()
+
+
+@dataclass
+class RunDir:
+    """The outcome of :func:`open_run`: the locked folder and what the start does with it."""
+    folder: Path
+    lock: RunLock
+    mode: str  # "fresh", "overwrite" or "resume"
+
+    def prepare(self) -> List[Path]:
+        """Under the lock: for ``overwrite``, removes the old run's files; returns what it
+        removed."""
+        if not self.lock.held:
+            raise RuntimeError(f"{self.folder} is not locked: open it again with open_run")
+        removed = run_files(self.folder) if self.mode == "overwrite" else []
+        for path in removed:
+            path.unlink(missing_ok=True)
+        tensorboard = self.folder / TENSORBOARD_NAME
+        if self.mode == "overwrite" and tensorboard.is_dir() and not any(tensorboard.iterdir()):
+            tensorboard.rmdir()
+        return removed
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def open_run(folder: PathLike, *, resume: bool = False, overwrite: bool = False) -> RunDir:
+    """Locks ``folder`` (creating it) and checks that a start with these options may use it;
+    raises :class:`RunDirError` (and holds no lock) if not. Nothing is removed yet: see
+    :meth:`RunDir.prepare`."""
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in the folder and --overwrite replaces it: "
+                          "give one of them")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"--exp-dir {folder} is not a folder")
+    lock = RunLock(folder).acquire()
+    try:
+        existing = run_files(folder)
+        if overwrite:
+            mode = "overwrite"
+        elif resume:
+            mode = "resume"
+        else:
+            mode = "fresh"
+            if existing:
+                raise RunDirError(
+                    f"{folder} already holds a training run ({_describe(folder, existing)}): pass "
+                    f"--resume to continue it, --overwrite to replace it, or choose another --exp-dir")
+    except BaseException:
+        lock.release()
+        raise
+    return RunDir(folder, lock, mode)

@@ -43,8 +43,7 @@ SAMPLERS = ("graph", "pk")
 LOSSES = ("pairwise", "triplet")
 SCHEDULES = ("step", "adaptive")
 AMP_CHOICES = ("auto", "none", "fp16", "bf16")
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
+CHECKPOINT_NAME, LOG_NAME = rundir.CHECKPOINT_NAME, rundir.LOG_NAME
 
 
 @dataclass
@@ -94,6 +93,7 @@ class TrainConfig:
     # bookkeeping
     exp_dir: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False  # start afresh in an exp_dir that holds a run, removing its files
     seed: int = 0
     device: Optional[str] = None
     log_every: int = 10
@@ -117,6 +117,9 @@ class TrainConfig:
         for name in ("lr", "clip_value", "margin"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume (continue the run in exp_dir) and overwrite (replace it) "
+                             "exclude each other")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
@@ -217,7 +220,11 @@ def _seed_everything(seed: int) -> None:
 
 class Trainer:
     """Builds data, model, matcher, loss, optimizer and sampler from a :class:`TrainConfig`;
-    ``fit()`` trains (resuming from ``exp_dir/checkpoint.pt`` when ``config.resume``)."""
+    ``fit()`` trains (resuming from ``exp_dir/checkpoint.pt`` when ``config.resume``).
+
+    The trainer owns ``exp_dir`` from its construction until ``fit()`` ends (see
+    :mod:`.rundir`): a second trainer there, or a fresh start in a folder that holds a run
+    without ``config.overwrite``, raises :class:`~.rundir.RunDirError` at construction."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -234,7 +241,7 @@ class Trainer:
             amp = "fp16" if self.device.type == "cuda" else "none"
         self.amp_dtype = parse_dtype(amp, "amp")
         self.exp_dir = Path(config.exp_dir)
-        self._lock: Optional[rundir.RunLock] = None
+        self._run: Optional[rundir.RunDir] = None
         self._claim_exp_dir()  # before anything slow: a second run on the folder fails at once
         try:
             self._build()
@@ -318,12 +325,14 @@ class Trainer:
 
     # --- the experiment folder ---------------------------------------------------------------
     def _claim_exp_dir(self) -> None:
-        """Rank 0 locks EXP_DIR for the run's lifetime (the other ranks write nothing there);
-        if it cannot, every rank raises the same :class:`~.rundir.RunDirError`."""
+        """Rank 0 locks EXP_DIR for the run's lifetime (the other ranks write nothing there) and
+        checks that it may start there (no run is replaced without ``overwrite``); if not, every
+        rank raises the same :class:`~.rundir.RunDirError`."""
         error = None
-        if self.is_main and self._lock is None:
+        if self.is_main and self._run is None:
             try:
-                self._lock = rundir.RunLock(self.exp_dir).acquire()
+                self._run = rundir.open_run(self.exp_dir, resume=self.config.resume,
+                                            overwrite=self.config.overwrite)
             except rundir.RunDirError as failure:
                 error = str(failure)
         if self.world > 1:
@@ -337,9 +346,9 @@ class Trainer:
             raise rundir.RunDirError(error)
 
     def _release_exp_dir(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.release()
+        run, self._run = self._run, None
+        if run is not None:
+            run.release()
 
     # --- checkpoints -------------------------------------------------------------------------
     @property
@@ -426,7 +435,7 @@ class Trainer:
             warnings.warn("tensorboard is not installed: logging JSON lines only "
                           "(pip install tensorboard)")
             return
-        self._writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.global_step + 1)
+        self._writer = SummaryWriter(str(self.exp_dir / rundir.TENSORBOARD_NAME), purge_step=self.global_step + 1)
 
     # --- training ----------------------------------------------------------------------------
     def _set_epoch(self, epoch: int) -> None:
@@ -538,11 +547,11 @@ class Trainer:
 
     def _fit(self) -> List[Dict[str, Any]]:
         if self.is_main:
-            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            removed = self._run.prepare()
+            if self._run.mode == "overwrite" and removed:
+                print(f"--overwrite: removed the previous run's {len(removed)} files from {self.exp_dir}")
         if self.config.resume:
             self._resume()
-        elif self.is_main and (self.exp_dir / LOG_NAME).exists():
-            (self.exp_dir / LOG_NAME).unlink()
         self._open_writer()
         try:
             epoch = self.start_epoch
