@@ -1,6 +1,7 @@
 """The experiment folder of a training run: one run at a time holds its lock, and the lock names
 its holder; a fresh start never replaces a run unless told to, and --overwrite removes only the
-trainer's own files."""
+trainer's own files; --resume without a checkpoint starts only where no run is; stale
+temporaries are removed by the lock's holder only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 
 import pytest
 
-from transmatcher_fast.engine.rundir import LOCK_NAME, RunDirError, RunLock, open_run, run_files
+from transmatcher_fast.engine import checkpoint
+from transmatcher_fast.engine.rundir import LOCK_NAME, RunDirError, RunLock, open_run, run_files, temporaries
 
 # A process that takes the lock, says so, and sleeps until it is killed.
 HOLDER = ("import sys, time; from transmatcher_fast.engine.rundir import RunLock; "
@@ -95,3 +97,34 @@ def test_overwrite_removes_only_the_trainers_files(tmp_path):
     run.release()
     with pytest.raises(RuntimeError, match="not locked"):
         run.prepare()  # removing files needs the lock
+
+
+def test_resume_without_a_checkpoint_starts_only_where_no_run_is(tmp_path):
+    run = open_run(tmp_path / "empty", resume=True)
+    assert run.mode == "resume"
+    run.release()
+    (tmp_path / "log.jsonl").write_text('{"kind": "step", "epoch": 0, "step": 1}\n')
+    with pytest.raises(RunDirError) as info:
+        open_run(tmp_path, resume=True)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path} has no checkpoint.pt to resume from")
+    assert "log.jsonl" in message and "--overwrite" in message and "another --exp-dir" in message
+    assert (tmp_path / "log.jsonl").read_text() == '{"kind": "step", "epoch": 0, "step": 1}\n'
+
+
+def test_stale_temporaries_are_removed_by_the_lock_holder_only(tmp_path):
+    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp", tmp_path / ".log.jsonl.tmp", tmp_path / "log.tmp"]
+    others = [tmp_path / "sub" / ".checkpoint.pt.k1ll3d.tmp", tmp_path / ".other.pt.x.tmp",
+              tmp_path / ".checkpoint.pt.x.tmp.keep", tmp_path / "checkpoint.pt.x.tmp"]
+    (tmp_path / "sub").mkdir()
+    for path in stale + others:
+        path.write_text("")
+    assert sorted(temporaries(tmp_path)) == sorted(stale)
+    assert checkpoint.temporaries(tmp_path / "checkpoint.pt") == stale[:1]
+    holder = open_run(tmp_path)  # holds the lock, has not cleaned yet
+    with pytest.raises(RunDirError, match="in use"):
+        open_run(tmp_path, resume=True).prepare()
+    assert all(path.exists() for path in stale)  # the second start touched nothing
+    assert sorted(holder.prepare()) == sorted(stale)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in others)
+    holder.release()

@@ -145,6 +145,26 @@ def test_train_refuses_to_replace_a_run_and_overwrite_starts_afresh(data_dir, tm
         TrainConfig(resume=True, overwrite=True)
 
 
+def test_resume_without_a_checkpoint_never_mixes_logs_and_start_up_removes_stale_temporaries(
+        data_dir, tmp_path):
+    quick = ["train", *TINY, "--data-dir", str(data_dir), "--epochs", "1", "--max-steps-per-epoch", "1",
+             "--resume"]
+    killed = tmp_path / "killed"  # killed in its first epoch: a log, no checkpoint
+    killed.mkdir()
+    (killed / "log.jsonl").write_text(json.dumps({"kind": "step", "epoch": 0, "step": 1}) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(quick + ["--exp-dir", str(killed)])
+    assert "no checkpoint.pt to resume from" in str(info.value.code) and "--overwrite" in str(info.value.code)
+    assert len((killed / "log.jsonl").read_text().splitlines()) == 1  # not appended to
+    fresh = tmp_path / "fresh"  # no run yet, but a killed save's temporary: starts from scratch
+    fresh.mkdir()
+    (fresh / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"torn")
+    assert main(quick + ["--exp-dir", str(fresh)]) == 0
+    assert not list(fresh.glob(".checkpoint.pt.*")) and not (fresh / ".log.jsonl.tmp").exists()
+    assert [r["step"] for r in records(fresh, "step")] == [1]
+    assert checkpoint.load(fresh / "checkpoint.pt")["epoch"] == 1
+
+
 def _train_cli(data_dir, exp_dir, *extra):
     return [sys.executable, "-m", "transmatcher_fast.cli", "train", *TINY, "--data-dir", str(data_dir),
             "--exp-dir", str(exp_dir), "--epochs", "2", "--max-steps-per-epoch", "4", *extra]
@@ -197,6 +217,8 @@ def test_second_run_on_a_folder_fails_at_once_naming_the_holder(data_dir, tmp_pa
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_step(holder, run)
+        saving = run / ".checkpoint.pt.inflight.tmp"  # as if the holder were saving right now
+        saving.write_text("")
         second = subprocess.run(_train_cli(data_dir, run, "--resume"), env=ENV, capture_output=True,
                                 text=True, timeout=120)
         assert holder.poll() is None, "the holder ended before the second run tried"
@@ -204,6 +226,7 @@ def test_second_run_on_a_folder_fails_at_once_naming_the_holder(data_dir, tmp_pa
         assert second.stdout == ""  # failed before it read the dataset
         assert second.stderr.count("\n") == 1, second.stderr
         assert f"pid {holder.pid}" in second.stderr and str(run) in second.stderr
+        assert saving.exists()  # only the lock's holder removes temporaries
     finally:
         holder.kill()
         holder.wait()

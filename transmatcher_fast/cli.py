@@ -252,7 +252,9 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     run.add_argument("--exp-dir", dest="exp_dir", default=d.exp_dir, help="checkpoint and logs folder")
     start = run.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", default=d.resume,
-                       help="continue from EXP_DIR/checkpoint.pt")
+                       help="continue from EXP_DIR/checkpoint.pt; without one it starts from scratch "
+                            "if EXP_DIR holds no run (no log.jsonl or tensorboard/ events; so one "
+                            "command can start and restart a job), and refuses otherwise")
     start.add_argument("--overwrite", action="store_true", default=d.overwrite,
                        help="start afresh in an EXP_DIR that holds a run: removes its checkpoint.pt, "
                             "log.jsonl and tensorboard/ event files (nothing else). Without --resume or "

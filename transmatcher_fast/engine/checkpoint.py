@@ -8,11 +8,12 @@ either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import numpy as np
 import torch
@@ -20,11 +21,27 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 
+# The temporary of a save is ``.<name>.<random>.tmp`` beside the checkpoint.
+_TMP_PREFIX, _TMP_SUFFIX = ".{name}.", ".tmp"
+
+
+def temporaries(path: PathLike) -> List[Path]:
+    """The temporaries that killed :func:`save_atomic` calls to ``path`` left beside it. Only the
+    process that owns ``path`` (a training run holding its folder's lock) may remove them: a save
+    in progress has one too."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = f"{_TMP_PREFIX.format(name=glob.escape(path.name))}*{_TMP_SUFFIX}"
+    return sorted(p for p in path.parent.glob(pattern) if p.is_file())
+
+
 def save_atomic(state: Dict[str, Any], path: PathLike) -> Path:
     """``torch.save(state)`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX.format(name=path.name), suffix=_TMP_SUFFIX,
+                                   dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)

@@ -1,17 +1,22 @@
 """An experiment folder (``--exp-dir``) owned by one training run at a time.
 
-A run's files are ``checkpoint.pt``, ``log.jsonl`` and ``tensorboard/events.out.tfevents.*``.
-:func:`open_run` decides, before anything is written, what a start does with them:
+A run's files are ``checkpoint.pt``, ``log.jsonl`` and ``tensorboard/events.out.tfevents.*``; its
+temporaries are ``.checkpoint.pt.*.tmp`` (an atomic save that was killed) and ``.log.jsonl.tmp``
+(a log rewrite that was killed). :func:`open_run` decides, before anything is written, what a
+start does with them:
 
 - a fresh start (neither ``resume`` nor ``overwrite``) needs a folder without a run: it refuses
   to replace one;
 - ``overwrite`` removes the old run's files (those above, nothing else) and starts fresh;
-- ``resume`` continues from ``checkpoint.pt``.
+- ``resume`` continues from ``checkpoint.pt``; without one it starts fresh only if the folder
+  holds no run files either (so a new log never follows an old run's records), and refuses
+  otherwise.
 
 While a run lives it holds an exclusive ``flock`` on ``EXP_DIR/train.lock`` holding its pid, so
 a second run on the same folder fails at once and names the holder; the operating system drops
-the lock when the holder exits, however it exits. Every refusal is a :class:`RunDirError` whose
-``str`` is one line.
+the lock when the holder exits, however it exits. Stale temporaries are removed at start-up, by
+the holder of the lock only (a save in progress has one too). Every refusal is a
+:class:`RunDirError` whose ``str`` is one line.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
+from . import checkpoint
+
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 TENSORBOARD_NAME = "tensorboard"
 LOCK_NAME = "train.lock"
 TENSORBOARD_PATTERN = "events.out.tfevents.*"
+# Written by older versions when the log was rewritten on resume.
+_LEGACY_LOG_TMP = "log.tmp"
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,6 +46,11 @@ class RunDirError(RuntimeError):
     names the folder and what to do."""
 
 
+def log_temporary(folder: PathLike) -> Path:
+    """The temporary file a rewrite of ``log.jsonl`` goes through (``Trainer._truncate_log``)."""
+    return Path(folder) / f".{LOG_NAME}.tmp"
+
+
 def run_files(folder: PathLike) -> List[Path]:
     """The files of a training run in ``folder``: checkpoint, log and TensorBoard event files."""
     folder = Path(folder)
@@ -44,6 +58,14 @@ def run_files(folder: PathLike) -> List[Path]:
     tensorboard = folder / TENSORBOARD_NAME
     if tensorboard.is_dir():
         found += sorted(p for p in tensorboard.glob(TENSORBOARD_PATTERN) if p.is_file())
+    return found
+
+
+def temporaries(folder: PathLike) -> List[Path]:
+    """The temporaries a killed trainer may leave in ``folder`` (not in its sub-folders)."""
+    folder = Path(folder)
+    found = checkpoint.temporaries(folder / CHECKPOINT_NAME)
+    found += [p for p in (log_temporary(folder), folder / _LEGACY_LOG_TMP) if p.is_file()]
     return found
 
 
@@ -143,11 +165,13 @@ class RunDir:
     mode: str  # "fresh", "overwrite" or "resume"
 
     def prepare(self) -> List[Path]:
-        """Under the lock: for ``overwrite``, removes the old run's files; returns what it
-        removed."""
+        """Under the lock: removes stale temporaries and, for ``overwrite``, the old run's files;
+        returns what it removed."""
         if not self.lock.held:
             raise RuntimeError(f"{self.folder} is not locked: open it again with open_run")
-        removed = run_files(self.folder) if self.mode == "overwrite" else []
+        removed = temporaries(self.folder)
+        if self.mode == "overwrite":
+            removed += run_files(self.folder)
         for path in removed:
             path.unlink(missing_ok=True)
         tensorboard = self.folder / TENSORBOARD_NAME
@@ -176,6 +200,11 @@ def open_run(folder: PathLike, *, resume: bool = False, overwrite: bool = False)
             mode = "overwrite"
         elif resume:
             mode = "resume"
+            if not (folder / CHECKPOINT_NAME).is_file() and existing:
+                raise RunDirError(
+                    f"{folder} has no {CHECKPOINT_NAME} to resume from but holds another run's files "
+                    f"({_describe(folder, existing)}; killed before its first checkpoint?): pass "
+                    f"--overwrite to start afresh there, or choose another --exp-dir")
         else:
             mode = "fresh"
             if existing:

@@ -378,8 +378,10 @@ class Trainer:
 
     def _resume(self) -> None:
         if not self.checkpoint_path.is_file():
+            # open_run made sure that the folder holds no run either: nothing to mix with.
             if self.is_main:
-                print(f"no checkpoint at {self.checkpoint_path}: starting from scratch")
+                print(f"no checkpoint at {self.checkpoint_path} and no run in {self.exp_dir}: "
+                      "starting from scratch")
             return
         self.load_state_dict(checkpoint.load(self.checkpoint_path, map_location=self.device))
         if self.is_main:
@@ -422,7 +424,7 @@ class Trainer:
         if torn:
             print(f"{path}: dropped {torn} incomplete record{'s' if torn > 1 else ''} "
                   "(cut by a kill or a full disk)")
-        tmp = self.exp_dir / f".{LOG_NAME}.tmp"
+        tmp = rundir.log_temporary(self.exp_dir)
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
@@ -547,9 +549,13 @@ class Trainer:
 
     def _fit(self) -> List[Dict[str, Any]]:
         if self.is_main:
+            stale = rundir.temporaries(self.exp_dir)
             removed = self._run.prepare()
-            if self._run.mode == "overwrite" and removed:
-                print(f"--overwrite: removed the previous run's {len(removed)} files from {self.exp_dir}")
+            if stale:
+                print(f"removed {len(stale)} temporary files that a killed run left in {self.exp_dir}")
+            if self._run.mode == "overwrite" and len(removed) > len(stale):
+                print(f"--overwrite: removed the previous run's {len(removed) - len(stale)} files "
+                      f"from {self.exp_dir}")
         if self.config.resume:
             self._resume()
         self._open_writer()
