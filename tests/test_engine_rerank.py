@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from transmatcher_fast.engine import rerank as rerank_module
 from transmatcher_fast.engine.rerank import k_reciprocal_rerank
 
 
@@ -73,7 +77,11 @@ def clustered(rng, nq, ng, n_ids=6, dim=8, asymmetric=False):
 def test_matches_dense_reference(nq, ng, k1, k2, lam, chunk, asym):
     rng = np.random.default_rng(nq * 1000 + ng)
     q_g, q_q, g_g = clustered(rng, nq, ng, asymmetric=asym)
-    out = k_reciprocal_rerank(q_g, q_q, g_g, k1, k2, lam, chunk=chunk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = k_reciprocal_rerank(q_g, q_q, g_g, k1, k2, lam, chunk=chunk)
+    too_big = k1 >= nq + ng or k2 > nq + ng  # clamped to the whole set, with a warning
+    assert len([w for w in caught if "re-ranking" in str(w.message)]) == int(too_big)
     assert out.shape == (nq, ng) and out.dtype == np.float32
     np.testing.assert_allclose(out, dense_rerank(q_g, q_q, g_g, k1, k2, lam), rtol=0, atol=1e-5)
 
@@ -138,4 +146,47 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="NaN"):
         k_reciprocal_rerank(np.full_like(q_g, np.nan), q_q, g_g)
     with pytest.raises(ValueError, match="non-negative"):
-        k_reciprocal_rerank(-q_g, -q_q, -g_g)
+        k_reciprocal_rerank(-q_g, -q_q, -g_g, k1=3, k2=2)
+
+
+def test_k_larger_than_the_set_is_clamped_with_a_warning():
+    rng = np.random.default_rng(5)
+    q_g, q_q, g_g = clustered(rng, 4, 6)  # 10 images
+    with pytest.warns(RuntimeWarning, match=r"k1=10 .*10 images \(4 queries \+ 6 gallery\)"):
+        out = k_reciprocal_rerank(q_g, q_q, g_g, k1=10, k2=3)
+    np.testing.assert_allclose(out, dense_rerank(q_g, q_q, g_g, 10, 3, 0.3), atol=1e-5)
+    with pytest.warns(RuntimeWarning, match=r"k2=11 .*10 images"):
+        k_reciprocal_rerank(q_g, q_q, g_g, k1=3, k2=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # k1 + 1 = 10 neighbours, k2 = 10: fits exactly, no warning
+        out = k_reciprocal_rerank(q_g, q_q, g_g, k1=9, k2=10)
+    np.testing.assert_allclose(out, dense_rerank(q_g, q_q, g_g, 9, 10, 0.3), atol=1e-5)
+
+
+@pytest.mark.parametrize("k1, k2, chunk", [(20, 6, 7), (39, 3, 5), (8, 1, 64)])
+def test_row_blocks_of_every_step(monkeypatch, k1, k2, chunk):
+    """A budget of one row per block (a row alone is over it): every step runs in many blocks."""
+    monkeypatch.setattr(rerank_module, "_MIN_BUDGET", 1)
+    rng = np.random.default_rng(k1)
+    q_g, q_q, g_g = clustered(rng, 11, 30, asymmetric=True)
+    out = k_reciprocal_rerank(q_g, q_q, g_g, k1, k2, 0.3, chunk=chunk)
+    np.testing.assert_allclose(out, dense_rerank(q_g, q_q, g_g, k1, k2, 0.3), rtol=0, atol=1e-5)
+
+
+def test_memory_is_linear_in_k1_not_cubic():
+    """k1 close to the set size: the old [chunk, k1+1, k1/2+1, k1+1] comparison tensor alone was
+    256 * 181 * 91 * 181 bytes = 763 MiB here. numpy's buffers are traced by tracemalloc."""
+    rng = np.random.default_rng(3)
+    q_g, q_q, g_g = clustered(rng, 40, 160, n_ids=20)
+    n, k1 = 200, 180
+    tracemalloc.start()
+    try:
+        out = k_reciprocal_rerank(q_g, q_q, g_g, k1, 6, 0.3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Bound: 64 bytes per element of a chunk * n block (several int64 temporaries) plus 64 bytes
+    # per (row, neighbour) for neighbours and V (~16 bytes an entry, a few k1 entries a row).
+    budget = max(256 * n, rerank_module._MIN_BUDGET)
+    assert peak < 64 * budget + 64 * n * (k1 + 1) * 6, peak
+    np.testing.assert_allclose(out, dense_rerank(q_g, q_q, g_g, k1, 6, 0.3), rtol=0, atol=1e-5)
