@@ -135,6 +135,43 @@ def test_save_ranked_lists(tmp_path, images, form):
         assert im.size == expected_size(4 if form == "dense" else 3, distances=True, title=True)
 
 
+def test_save_ranked_lists_paginates_the_overview(tmp_path, images):
+    """Many queries: the overview is split into pages of at most rows_per_page rows (so a
+    1000-query run does not write one giant PNG); pages hold the rows in query order."""
+    gallery = [(images[i % 8], i % 4, i % 2) for i in range(6)]
+    query = [(images[i % 8], i % 4, (i + 1) % 2) for i in range(7)]
+    dist = np.random.default_rng(2).uniform(0.1, 1.0, size=(7, 6))
+    row_w, row_h = expected_size(2, distances=True, title=True)
+    paths = vis.save_ranked_lists(tmp_path / "paged", query, gallery, dist, num_queries=7, topk=2,
+                                  cell=CELL, pad=PAD, border=BORDER, rows_per_page=3)
+    singles, pages = paths[:7], paths[7:]
+    assert [p.name for p in singles] == [f"ranked_{i}_q{i % 4}.png" for i in range(7)]
+    assert [p.name for p in pages] == [f"ranked_lists_{i}.png" for i in (1, 2, 3)]
+    assert not (tmp_path / "paged" / "ranked_lists.png").exists()
+    for page, n_rows, first in zip(pages, (3, 3, 1), (0, 3, 6)):
+        with Image.open(page) as im, Image.open(singles[first]) as row:
+            assert im.size == (row_w, n_rows * row_h)
+            # the page's first row is the first query of that page, pixel for pixel
+            top = np.asarray(im.convert("RGB"))[:row_h]
+            assert np.array_equal(top, np.asarray(row.convert("RGB")))
+    # Page numbers are zero-padded when there are 10 or more pages; one page keeps the old name.
+    many = vis.save_ranked_lists(tmp_path / "many", query, gallery, dist, num_queries=7, topk=2,
+                                 cell=CELL, pad=PAD, border=BORDER, rows_per_page=1)
+    assert [p.name for p in many[7:]] == [f"ranked_lists_{i}.png" for i in range(1, 8)]
+    one = vis.save_ranked_lists(tmp_path / "one", query, gallery, dist, num_queries=7, topk=2,
+                                cell=CELL, pad=PAD, border=BORDER, rows_per_page=7)
+    assert [p.name for p in one[7:]] == ["ranked_lists.png"]
+    with Image.open(one[-1]) as im:
+        assert im.size == (row_w, 7 * row_h)
+    big = [(images[i % 8], i % 4, 1) for i in range(12)]
+    paged = vis.save_ranked_lists(tmp_path / "ten", big, gallery, np.ones((12, 6)), num_queries=12,
+                                  topk=1, cell=CELL, pad=PAD, border=BORDER, rows_per_page=1)
+    assert [p.name for p in paged[12:14]] == ["ranked_lists_01.png", "ranked_lists_02.png"]
+    assert vis.OVERVIEW_ROWS_PER_PAGE == 50
+    with pytest.raises(ValueError, match="rows_per_page"):
+        vis.save_ranked_lists(tmp_path, query, gallery, dist, rows_per_page=0)
+
+
 def test_save_ranked_lists_errors(tmp_path, images):
     query, gallery = _items(images)
     with pytest.raises(ValueError, match="dist_or_topk"):

@@ -3,7 +3,7 @@ training curves.
 
 - ``ranked_list_image`` / ``save_ranked_lists``: a query and its nearest gallery images, framed
   green (same identity) or red, after removing same-identity-same-camera gallery images as the
-  Market-1501 protocol does (``rank_gallery``).
+  Market-1501 protocol does (``rank_gallery``); the overview of many queries is paginated.
 - ``correspondences`` / ``correspondence_image`` / ``save_correspondences``: which gallery
   location each probe location matched, read from the argmax indices of ``max_sim`` computed
   exactly as the matcher scores the pair (so the picture shows what the score is made of).
@@ -33,6 +33,7 @@ from ..ops import max_sim
 
 __all__ = [
     "LABEL_HEIGHT",
+    "OVERVIEW_ROWS_PER_PAGE",
     "QUERY_COLOR",
     "CORRECT_COLOR",
     "WRONG_COLOR",
@@ -54,6 +55,7 @@ WRONG_COLOR = (220, 0, 0)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
 PANEL_GAP = 8  # px between the per-layer panels of save_correspondences
+OVERVIEW_ROWS_PER_PAGE = 50  # ranked-list rows per overview page of save_ranked_lists
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -259,17 +261,22 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
                       gallery_items: Sequence[Sequence[Any]], dist_or_topk: Any, *,
                       num_queries: int = 8, topk: int = 10, seed: int = 0,
                       show_distances: bool = True, cell: tuple[int, int] = (128, 64),
-                      pad: int = 4, border: int = 3) -> list[Path]:
+                      pad: int = 4, border: int = 3,
+                      rows_per_page: int = OVERVIEW_ROWS_PER_PAGE) -> list[Path]:
     """Ranked-list pictures of ``num_queries`` queries picked at random (``seed``, so the same
     queries come back run after run and models can be compared).
 
     ``query_items`` / ``gallery_items`` are ``(path, pid, camid)`` as the datasets give them;
     ``dist_or_topk`` is a dense ``[Nq, Ng]`` distance array (lower = closer) or a tuple
     ``(topk_dist [Nq, k], topk_index [Nq, k])``. Writes ``ranked_<i>_q<pid>.png`` per picked
-    query (``i`` its index in ``query_items``) and ``ranked_lists.png`` with all rows stacked;
-    returns the per-query paths in query order, then the overview's path.
+    query (``i`` its index in ``query_items``) and an overview with the rows stacked, paginated
+    at ``rows_per_page`` rows (default 50: 830 x 8,700 px with the default cell and topk=10):
+    ``ranked_lists.png`` when the picked queries fit one page, else ``ranked_lists_<p>.png``
+    for p = 1, 2, ... (zero-padded so the pages sort), each page in query order. Only one page
+    of rows is held in memory at a time. Returns the per-query paths in query order, then the
+    overview page paths in order.
     """
-    _check_positive(num_queries=num_queries, topk=topk)
+    _check_positive(num_queries=num_queries, topk=topk, rows_per_page=rows_per_page)
     num_query, num_gallery = len(query_items), len(gallery_items)
     if num_query == 0:
         raise ValueError("query_items is empty: there is no query to draw")
@@ -279,7 +286,17 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
     picked = sorted(random.Random(seed).sample(range(num_query), min(num_queries, num_query)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, rows = [], []
+    num_pages = math.ceil(len(picked) / rows_per_page)
+    digits = len(str(num_pages))
+    paths, pages, rows = [], [], []
+
+    def flush() -> None:
+        name = ("ranked_lists.png" if num_pages == 1
+                else f"ranked_lists_{len(pages) + 1:0{digits}d}.png")
+        _stack(rows, vertical=True).save(out_dir / name)
+        pages.append(out_dir / name)
+        rows.clear()
+
     for qi in picked:
         q_path, q_pid, q_cam = query_items[qi][:3]
         ranked = rank_gallery(dist[qi], int(q_pid), int(q_cam), gallery_pids, gallery_camids,
@@ -298,9 +315,11 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
         row.save(path)
         paths.append(path)
         rows.append(row)
-    overview = out_dir / "ranked_lists.png"
-    _stack(rows, vertical=True).save(overview)
-    return paths + [overview]
+        if len(rows) == rows_per_page:
+            flush()
+    if rows:
+        flush()
+    return paths + pages
 
 
 # ----------------------------------------------------------------------------- correspondences
