@@ -257,6 +257,23 @@ def test_torchrun_two_processes_train_in_sync(data_dir, tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["world_size"] == 2
 
 
+def test_torchrun_refusal_stops_every_rank_with_the_same_message(data_dir, tmp_path):
+    """Rank 0 alone checks and locks EXP_DIR; when it refuses, every rank raises its message
+    (none waits for a rank that is gone)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(json.dumps({"kind": "step", "epoch": 0, "step": 1}) + "\n")
+    worker = Path(__file__).with_name("ddp_train_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *TINY,
+           "--data-dir", str(data_dir), "--exp-dir", str(run), "--epochs", "1", str(tmp_path / "out.json")]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert output.count(f"RunDirError: {run} already holds a training run") == 2, output[-3000:]
+    assert (run / "log.jsonl").read_text().count("\n") == 1 and not (run / "checkpoint.pt").exists()
+
+
 def test_step_schedule():
     schedule = LRSchedule(TrainConfig(epochs=15, step_size=10, gamma=0.1))
     assert [schedule.factor(e) for e in (0, 9, 10, 14)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
