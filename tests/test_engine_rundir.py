@@ -52,6 +52,32 @@ def test_lock_held_by_another_process_names_its_pid_and_dies_with_it(tmp_path):
         holder.wait()
 
 
+# Takes the lock, forks a child (as a DataLoader worker is forked) that outlives it, and sleeps.
+FORKING_HOLDER = ("import os, sys, time; from transmatcher_fast.engine.rundir import RunLock; "
+                  "lock = RunLock(sys.argv[1]).acquire(); child = os.fork()\n"
+                  "if child == 0: time.sleep(600); os._exit(0)\n"
+                  "print(child, flush=True); time.sleep(600)")
+
+
+def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(RunDirError, match=f"pid {holder.pid}\\b"):
+            RunLock(tmp_path).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the child still lives
+        assert RunLock(tmp_path).acquire().held
+    finally:
+        holder.kill()
+        holder.wait()
+        if child:
+            os.kill(child, signal.SIGKILL)
+
+
 def _old_run(folder):
     """A folder holding a finished run's files and a user's files next to them."""
     (folder / "tensorboard" / "mine").mkdir(parents=True)

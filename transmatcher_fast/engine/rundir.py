@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
@@ -78,10 +79,31 @@ def _describe(folder: Path, files: List[Path]) -> str:
     return ", ".join(names)
 
 
+# The locks this process holds. A forked child (a DataLoader worker) closes its copies at once:
+# a lock belongs to its open file, so a copy in a child that outlives a killed parent would
+# keep the folder locked.
+_HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)  # the child's copy only: the parent's lock stays
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class RunLock:
     """An exclusive, non-blocking ``flock`` on ``folder/train.lock``; the holder's pid and host are
     written into the file. The file is never deleted (deleting a lock file lets two processes
-    lock two different files of the same name)."""
+    lock two different files of the same name). Forked children do not inherit the lock."""
 
     def __init__(self, folder: PathLike):
         self.folder = Path(folder)
@@ -135,17 +157,25 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD.discard(self)
         try:
             os.ftruncate(fd, 0)  # no stale pid once the run is over
         except OSError:
             pass
-        os.close(fd)  # closing the only descriptor of the file drops the lock
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_UN)  # also if a copy of the descriptor is still open
+        except (ImportError, OSError):
+            pass
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -154,7 +184,10 @@ class RunLock:
         self.release()
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter shutdown
+            pass
 
 
 @dataclass
