@@ -257,3 +257,87 @@ def test_qaconv_state_dict_and_initialisation_are_upstreams():
         matcher(torch.randn(2, 128, 24, 7), torch.randn(2, 128, 24, 8))
     with pytest.raises(RuntimeError, match="make_kernel"):
         matcher(torch.randn(2, 128, 24, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# QAConv feature-model neck: 2.0 (conv without bias + neck_bn) and 2.1+ (conv with bias, no BN)
+
+
+def upstream_qaconv_checkpoint(rng, version, neck=64):
+    """A synthetic upstream QAConv checkpoint: ResNet-18 to layer3 (256 channels), a neck in the
+    given layout, a 4x2 QAConv matcher; QAConv 2.1's main.py also saves the adaptive-schedule state."""
+    model = [("base." + k, s) for k, s in upstream_layouts.resnet(18)]
+    model += upstream_layouts.qaconv_neck(256, neck, version)
+    checkpoint = {
+        "model": upstream_layouts.random_state(model, rng),
+        "criterion": {"matcher." + k: v for k, v in upstream_layouts.random_state(
+            upstream_layouts.qaconv(neck, 4, 2), rng).items()},
+        "optim": {}, "epoch": 7,
+    }
+    if version == "2.1":
+        checkpoint.update(final_epochs=12, base_loss=3.5, lr_stepped=True)
+    return checkpoint
+
+
+@pytest.mark.parametrize("version", ["2.0", "2.1"])
+def test_qaconv_neck_layout_is_detected_from_the_keys(version, rng):
+    from transmatcher_fast.models.checkpoint import qaconv_neck_layout
+    state = upstream_qaconv_checkpoint(rng, version)["model"]
+    assert qaconv_neck_layout(state) == version
+    assert qaconv_neck_layout({"module." + k: v for k, v in state.items()}) == version
+    assert qaconv_neck_layout({k: v for k, v in state.items() if "neck" not in k}) is None
+    mixed = dict(state, **{"neck_conv.bias": torch.zeros(64)} if version == "2.0"
+                 else {"neck_bn.weight": torch.ones(64)})
+    with pytest.raises(ValueError, match=r"'neck_conv\.bias'.*'neck_bn\.|neither QAConv 2\.0"):
+        qaconv_neck_layout(mixed, "x.pth")
+    with pytest.raises(ValueError, match="x.pth"):
+        qaconv_neck_layout(mixed, "x.pth")
+
+
+def test_set_qaconv_neck_layout_gives_upstreams_keys():
+    from transmatcher_fast.models.checkpoint import set_qaconv_neck_layout
+    from transmatcher_fast.models import QAConvFeatures
+    model = QAConvFeatures(18, None, "layer3", 64)
+    neck_keys = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()  # noqa: E731
+                           if k.startswith("neck")]
+    assert neck_keys(model) == upstream_layouts.qaconv_neck(256, 64, "2.0")  # our default
+    assert set_qaconv_neck_layout(model, "2.1") is model and model.neck_layout == "2.1"
+    assert neck_keys(model) == upstream_layouts.qaconv_neck(256, 64, "2.1")
+    set_qaconv_neck_layout(model.double(), "2.0")
+    assert neck_keys(model) == upstream_layouts.qaconv_neck(256, 64, "2.0")
+    assert model.neck_conv.weight.dtype == model.neck_bn.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="layout"):
+        set_qaconv_neck_layout(model, "2.2")
+    with pytest.raises(ValueError, match="no neck"):
+        set_qaconv_neck_layout(QAConvFeatures(18, None, "layer3", 0), "2.1")
+    with pytest.raises(TypeError, match="QAConvFeatures"):
+        set_qaconv_neck_layout(tmf.QAConv(8, 2, 2), "2.1")
+
+
+@pytest.mark.parametrize("version", ["2.0", "2.1"])
+def test_load_upstream_qaconv_checkpoint_of_either_neck_layout(tmp_path, rng, version):
+    checkpoint = upstream_qaconv_checkpoint(rng, version)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(checkpoint, path)
+    model, matcher = tmf.load_upstream_checkpoint(str(path), height=64, width=32)
+    own = model.state_dict()
+    expected = {k for k in checkpoint["model"] if not k.startswith(("base.layer4.", "base.fc."))}
+    assert set(own) == expected  # exactly the file's keys (minus the unused stages)
+    for key, value in own.items():
+        assert torch.equal(value, checkpoint["model"][key]), key
+    # The feature model computes upstream's resmap forward for that layout.
+    model.eval()
+    images = torch.rand(2, 3, 64, 32, generator=rng)
+    with torch.no_grad():
+        x = model.base(images)
+        state = checkpoint["model"]
+        x = F.conv2d(x, state["neck_conv.weight"], state.get("neck_conv.bias"), padding=1)
+        if version == "2.0":
+            x = F.batch_norm(x, state["neck_bn.running_mean"], state["neck_bn.running_var"],
+                             state["neck_bn.weight"], state["neck_bn.bias"], training=False)
+        torch.testing.assert_close(model(images), F.normalize(x), rtol=1e-5, atol=1e-6)
+        features = model(images)
+        matcher.eval()
+        torch.testing.assert_close(matcher(features, features),
+                                   reference.qaconv_scores(matcher, features, features),
+                                   rtol=1e-5, atol=1e-5)

@@ -45,6 +45,18 @@ def qaconv(num_features: int, height: int, width: int) -> list:
             *batchnorm("logit_bn", 1)]
 
 
+
+def qaconv_neck(in_channels: int, neck: int, version: str) -> list:
+    """QAConv ``resmap.ResNet`` neck. "2.0" (resmap V1.1, Feb 2021, QAConv <= 2.0): 3x3
+    ``neck_conv`` without bias, then BatchNorm2d ``neck_bn``. "2.1" (resmap V1.2, July 2021, QAConv
+    2.1 and later): 3x3 ``neck_conv`` with bias, no BatchNorm."""
+    conv = [("neck_conv.weight", (neck, in_channels, 3, 3))]
+    if version == "2.0":
+        return conv + batchnorm("neck_bn", neck)
+    if version == "2.1":
+        return conv + [("neck_conv.bias", (neck,))]
+    raise ValueError(f"version must be '2.0' or '2.1', got {version!r}")
+
 RESNET = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}
 
 

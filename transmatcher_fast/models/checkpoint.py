@@ -4,6 +4,18 @@ Upstream saves ``{"model": feature_model.state_dict(), "criterion": loss.state_d
 "optim": ..., "epoch": ...}``; the loss holds the matcher, so its keys are ``matcher.*``. The file
 is read with ``torch.load(weights_only=True)``: a checkpoint from the internet cannot run code.
 The configuration is read off the tensor shapes wherever they determine it.
+
+QAConv's feature model (``reid/models/resmap.py``) has had two neck layouts, told apart by the
+state_dict keys (``qaconv_neck_layout``):
+
+- ``"2.0"`` (QAConv up to 2.0, resmap V1.1 of Feb 2021): ``neck_conv`` 3x3 without bias, then
+  ``neck_bn`` BatchNorm2d: keys ``neck_conv.weight``, ``neck_bn.{weight, bias, running_mean,
+  running_var, num_batches_tracked}``. Our ``QAConvFeatures`` is built this way.
+- ``"2.1"`` (resmap V1.2 of July 2021, shipped with QAConv 2.1 and later): ``neck_conv`` 3x3
+  with bias and no BatchNorm: keys ``neck_conv.weight``, ``neck_conv.bias``.
+
+Both are L2-normalised over channels afterwards. ``set_qaconv_neck_layout`` turns a
+``QAConvFeatures`` into either layout; ``load_upstream_checkpoint`` does it from the keys.
 """
 
 from __future__ import annotations
@@ -20,6 +32,54 @@ from .feature import (QAConvFeatures, TransMatcherFeatures, backbone_channels, f
 from .qaconv import QAConv
 from .resnet import DEPTHS, FINAL_LAYERS, STAGES, describe, load_exactly
 from .transmatcher import TransMatcher
+
+
+QACONV_NECK_LAYOUTS = ("2.0", "2.1")
+
+
+def qaconv_neck_layout(state: dict, source: str = "state_dict") -> Optional[str]:
+    """QAConv feature-model neck layout of a state_dict (``module.`` prefixes allowed):
+    ``"2.0"`` (bias-free ``neck_conv`` + ``neck_bn``), ``"2.1"`` (``neck_conv`` with bias, no
+    ``neck_bn``) or None (no neck: ``neck=0``). A mix of both raises a ValueError naming the keys."""
+    state = _strip_module(state)
+    has_conv = "neck_conv.weight" in state
+    has_bias = "neck_conv.bias" in state
+    bn_keys = sorted(k for k in state if k.startswith("neck_bn."))
+    if not has_conv and not has_bias and not bn_keys:
+        return None
+    if has_conv and has_bias and not bn_keys:
+        return "2.1"
+    if has_conv and not has_bias and bn_keys:
+        return "2.0"
+    found = [k for k in ("neck_conv.weight", "neck_conv.bias") if k in state] + bn_keys
+    raise ValueError(f"{source}: the neck keys {found} are neither QAConv 2.0's layout "
+                     "(neck_conv.weight + neck_bn.*, no neck_conv.bias) nor QAConv 2.1's "
+                     "(neck_conv.weight + neck_conv.bias, no neck_bn)")
+
+
+def set_qaconv_neck_layout(model: QAConvFeatures, layout: str) -> QAConvFeatures:
+    """Rebuild the neck of ``model`` (a ``QAConvFeatures`` with ``neck > 0``) in ``layout``
+    ``"2.0"`` (conv without bias + ``neck_bn`` BatchNorm2d) or ``"2.1"`` (conv with bias,
+    ``neck_bn`` an ``nn.Identity``, so the state_dict holds no ``neck_bn.*`` keys), in place;
+    returns ``model``. The rebuilt modules are freshly initialised (load weights afterwards), on
+    the device and dtype of the old conv; ``model.neck_layout`` records the layout."""
+    if layout not in QACONV_NECK_LAYOUTS:
+        raise ValueError(f"layout must be one of {QACONV_NECK_LAYOUTS}, got {layout!r}")
+    if not isinstance(model, QAConvFeatures):
+        raise TypeError(f"model must be a QAConvFeatures, got {type(model).__name__}")
+    if model.neck <= 0:
+        raise ValueError("model has no neck (neck=0): there is no neck layout to set")
+    old = model.neck_conv
+    conv = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=3, padding=1,
+                     bias=layout == "2.1")
+    model.neck_conv = conv.to(device=old.weight.device, dtype=old.weight.dtype)
+    if layout == "2.1":
+        model.neck_bn = nn.Identity()
+    else:
+        model.neck_bn = nn.BatchNorm2d(old.out_channels).to(device=old.weight.device,
+                                                            dtype=old.weight.dtype)
+    model.neck_layout = layout
+    return model
 
 
 def _strip_module(state: dict) -> dict:
@@ -89,6 +149,9 @@ def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: in
     the ``h x w`` feature map must match the matcher's ``h*w``). For TransMatcher, ``height`` and
     ``width`` when given are checked against ``seq_len``.
 
+    QAConv's neck layout (2.0: conv without bias + ``neck_bn``; 2.1 and later: conv with bias,
+    no BatchNorm) is read off the keys and the feature model built to match.
+
     Unused upstream keys are skipped: the backbone's stages after ``final_layer`` and its ``fc``.
     Any other missing or unexpected key raises a ValueError naming the file and the keys.
     """
@@ -145,6 +208,9 @@ def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: in
                              f"but {height or 384}x{width or 128} images give a {h}x{w} feature "
                              "map; pass height= and width= of the training images")
         model = QAConvFeatures(depth, ibn, final_layer, neck)
+        layout = qaconv_neck_layout(state, f"checkpoint {path!r} ('model')")
+        if layout is not None:
+            set_qaconv_neck_layout(model, layout)
         matcher = QAConv(model.num_features, h, w)
     else:
         raise ValueError(f"checkpoint {path!r}: 'criterion' holds neither a TransMatcher nor a "
