@@ -67,7 +67,8 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
         backbone_lr_factor=config.backbone_lr_factor,
         epochs=config.epochs, step_size=config.step_size, freeze_bn=False, seed=config.seed,
         exp_dir=str(out / "train"), max_steps_per_epoch=config.max_steps_per_epoch,
-        progress=config.progress, log_every=5)
+        progress=config.progress, log_every=5,
+        overwrite=True)  # the demo's own folder: a second demo retrains it from scratch
     trainer = Trainer(train_config)
     evaluation_args = dict(height=config.height, width=config.width, batch_size=64, workers=config.workers,
                            progress=config.progress)
