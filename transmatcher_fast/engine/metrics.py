@@ -25,11 +25,15 @@ seeded by ``(seed, query index)``, so results do not depend on how queries are c
 
 Ties in CMC / INP are broken by gallery order (a stable sort), the AP is tie-aware (see above).
 
-AP variants (``ap_mode``): ``"sklearn"`` (default) is the step-wise definition above. Upstream
-QAConv/TransMatcher's ``reid/evaluation_metrics/ranking.py`` (inherited from open-reid; read at
-QAConv 99f87b3) instead computes ``auc(recall, precision)`` on sklearn's precision-recall curve,
-i.e. the trapezoidal rule with the curve starting at (recall 0, precision 1), the behaviour of
-sklearn < 0.19; ``"trapezoid"`` reproduces that, for comparisons with numbers reported upstream.
+AP variants (``ap_mode``): ``"sklearn"`` (default) is the step-wise definition above, and it is
+what upstream computes since QAConv 1.2 (so QAConv 2.0, QAConv-GS 2.1) and in TransMatcher:
+their ``reid/evaluation_metrics/ranking.py`` is open-reid's, which calls
+``sklearn.metrics.average_precision_score`` (QAConv's CHANGELOG, 2021-03-31, QAConv 1.2: "change
+the ranking.py implementation to the original open-reid version"; TransMatcher was added on that
+code in Sept 2021). Only QAConv's ECCV 2020 code (1.0 / 1.1, e.g. read at QAConv
+99f87b3) replaced it with ``auc(recall, precision)`` on sklearn's precision-recall curve, i.e. the
+trapezoidal rule with the curve starting at (recall 0, precision 1), the behaviour of
+sklearn < 0.19; ``"trapezoid"`` reproduces that, for comparisons with QAConv 1.0/1.1 numbers.
 The two differ by up to about a point of mAP at low accuracy.
 """
 
