@@ -220,3 +220,51 @@ def test_load_upstream_checkpoint_errors(tmp_path, rng):
         tmf.load_upstream_checkpoint(str(path))
     with pytest.raises(FileNotFoundError):
         tmf.load_upstream_checkpoint(str(tmp_path / "missing.pth.tar"))
+
+
+@pytest.mark.parametrize("layout", ["2.0", "2.1"])
+def test_qaconv_neck_layout_argument(layout, rng):
+    from transmatcher_fast.models import qaconv_neck_layout, set_qaconv_neck_layout
+
+    assert set_qaconv_neck_layout is tmf.models.checkpoint.set_qaconv_neck_layout
+    model, matcher = tmf.build_model("resnet18", ibn=None, matcher="qaconv", height=64, width=32,
+                                     neck=16, neck_layout=layout)
+    assert model.neck_layout == layout
+    keys = set(model.state_dict())
+    assert qaconv_neck_layout(model.state_dict()) == layout
+    if layout == "2.1":
+        assert "neck_conv.bias" in keys and not any(k.startswith("neck_bn.") for k in keys)
+        assert isinstance(model.neck_bn, torch.nn.Identity)
+    else:
+        assert "neck_conv.bias" not in keys and "neck_bn.running_mean" in keys
+    with torch.no_grad():
+        features = model.eval()(torch.rand(2, 3, 64, 32, generator=rng))
+    assert features.shape == (2, 16, 4, 2)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(2, 4, 2))
+    # The same keys as a model set to the layout afterwards: a state_dict moves between them.
+    direct = QAConvFeatures(18, None, "layer3", 16, neck_layout=layout)
+    direct.load_state_dict(model.state_dict())
+    assert QAConvFeatures(18, None, "layer3", 0, neck_layout=layout).neck_layout is None
+
+
+def test_qaconv_neck_layout_errors():
+    with pytest.raises(ValueError, match="neck_layout"):
+        QAConvFeatures(18, None, "layer3", 16, neck_layout="2.2")
+    with pytest.raises(ValueError, match="neck_layout"):
+        tmf.build_model("resnet18", ibn=None, matcher="transmatcher", neck_layout="2.1")
+
+
+def test_load_trained_reads_the_qaconv_neck_layout(tmp_path):
+    from transmatcher_fast.engine import checkpoint as checkpoints
+    from transmatcher_fast.engine.evaluate import load_trained
+
+    config = dict(arch="resnet18", ibn=None, final_layer="layer3", neck=16, nhead=1, num_trans_layers=1,
+                  dim_feedforward=32, dropout=0.0, height=64, width=32, matcher="qaconv")
+    for layout in ("2.0", "2.1"):
+        model, matcher = tmf.build_model(**config, neck_layout=layout)
+        path = checkpoints.save_atomic({"model": model.state_dict(), "matcher": matcher.state_dict(),
+                                        "config": config}, tmp_path / f"{layout}.pt")
+        loaded, _, got = load_trained(path)
+        assert loaded.neck_layout == layout and got["neck_layout"] == layout
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key

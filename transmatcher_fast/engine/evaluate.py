@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..data import build_test_transform, make_loader
-from ..models import build_model, load_upstream_checkpoint
+from ..models import build_model, load_upstream_checkpoint, qaconv_neck_layout
 from . import checkpoint as checkpoints
 from . import matching
 from .features import Features, extract_features
@@ -45,9 +45,15 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     state = checkpoints.load(path)
     if "config" in state and "matcher" in state:
         config = dict(state["config"])
+        # QAConv's neck layout (2.0: conv + BN; 2.1: conv with bias) is read off the weights.
+        layout = (qaconv_neck_layout(state["model"], f"{path} ('model')")
+                  if config["matcher"] == "qaconv" else None)
         model, matcher = build_model(config["arch"], config["ibn"], config["final_layer"], config["neck"],
                                      config["nhead"], config["num_trans_layers"], config["dim_feedforward"],
-                                     config["dropout"], config["height"], config["width"], config["matcher"])
+                                     config["dropout"], config["height"], config["width"], config["matcher"],
+                                     neck_layout=layout or "2.0")
+        if layout is not None:
+            config["neck_layout"] = layout
         model.load_state_dict(state["model"])
         matcher.load_state_dict(state["matcher"])
     elif "model" in state and "criterion" in state:

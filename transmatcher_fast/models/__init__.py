@@ -5,7 +5,7 @@
     model, matcher = transmatcher_fast.load_upstream_checkpoint("checkpoint.pth.tar")
 """
 
-from .checkpoint import load_upstream_checkpoint
+from .checkpoint import load_upstream_checkpoint, qaconv_neck_layout, set_qaconv_neck_layout
 from .feature import (QAConvFeatures, TransformerEncoder, TransMatcherFeatures, build_model,
                       feature_map_size)
 from .head import matching_head
@@ -25,5 +25,7 @@ __all__ = [
     "build_model",
     "feature_map_size",
     "load_upstream_checkpoint",
+    "qaconv_neck_layout",
+    "set_qaconv_neck_layout",
     "matching_head",
 ]

@@ -6,8 +6,10 @@ TransMatcher: backbone to ``final_layer`` -> 3x3 neck conv (bias, no BN/ReLU) ->
 encoding), each layer's output one more level; the levels are concatenated channels-last:
 ``[B, h, w, (num_encoder_layers + 1) * neck]``, not normalised.
 
-QAConv: backbone to ``final_layer`` -> 3x3 neck conv (no bias) -> BatchNorm2d -> L2 normalisation
-over channels: ``[B, neck, h, w]`` channels-first.
+QAConv: backbone to ``final_layer`` -> neck -> L2 normalisation over channels: ``[B, neck, h, w]``
+channels-first. The neck has QAConv's two layouts (``neck_layout``): ``"2.0"`` (default; QAConv
+up to 2.0) a 3x3 conv without bias -> BatchNorm2d, ``"2.1"`` (QAConv 2.1 and later) a 3x3 conv
+with bias and no BatchNorm (``models.checkpoint.set_qaconv_neck_layout`` builds either).
 """
 
 from __future__ import annotations
@@ -96,11 +98,20 @@ class TransMatcherFeatures(nn.Module):
 
 
 class QAConvFeatures(nn.Module):
-    """Upstream's ``resmap.ResNet``: ``[B, 3, H, W]`` -> L2-normalised ``[B, neck, H/s, W/s]``."""
+    """Upstream's ``resmap.ResNet``: ``[B, 3, H, W]`` -> L2-normalised ``[B, neck, H/s, W/s]``.
+
+    ``neck_layout``: ``"2.0"`` (default: 3x3 conv without bias + ``neck_bn`` BatchNorm2d, QAConv
+    up to 2.0) or ``"2.1"`` (3x3 conv with bias, ``neck_bn`` an ``nn.Identity``, so no
+    ``neck_bn.*`` keys; QAConv 2.1 and later). Without a neck (``neck=0``) it is recorded as None.
+    ``self.neck_layout`` says which was built."""
 
     def __init__(self, depth: int = 50, ibn: Optional[str] = "b", final_layer: str = "layer3",
-                 neck: int = 128, pretrained: Optional[str] = None):
+                 neck: int = 128, pretrained: Optional[str] = None, neck_layout: str = "2.0"):
         super().__init__()
+        from .checkpoint import QACONV_NECK_LAYOUTS, set_qaconv_neck_layout  # (imports this module)
+
+        if neck_layout not in QACONV_NECK_LAYOUTS:
+            raise ValueError(f"neck_layout must be one of {QACONV_NECK_LAYOUTS}, got {neck_layout!r}")
         self.depth, self.final_layer, self.neck, self.pretrained = depth, final_layer, neck, pretrained
         self.base = _backbone(depth, ibn, final_layer, pretrained)
         out_planes = self.base.out_channels
@@ -108,6 +119,11 @@ class QAConvFeatures(nn.Module):
             self.neck_conv = nn.Conv2d(out_planes, neck, kernel_size=3, padding=1, bias=False)
             out_planes = neck
             self.neck_bn = nn.BatchNorm2d(out_planes)
+            self.neck_layout: Optional[str] = "2.0"
+            if neck_layout != "2.0":
+                set_qaconv_neck_layout(self, neck_layout)
+        else:
+            self.neck_layout = None
         self.num_features = out_planes
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -154,7 +170,8 @@ def build_model(arch: str = "resnet50", ibn: Optional[str] = "b", final_layer: s
                 neck: Optional[int] = None, nhead: int = 1, num_trans_layers: int = 3,
                 dim_feedforward: int = 2048, dropout: float = 0.0, height: int = 384,
                 width: int = 128, matcher: str = "transmatcher",
-                pretrained: Optional[str] = None) -> tuple[nn.Module, nn.Module]:
+                pretrained: Optional[str] = None,
+                neck_layout: str = "2.0") -> tuple[nn.Module, nn.Module]:
     """The feature model and the matcher of a configuration: ``(model, matcher)``.
 
     Arguments and defaults are upstream's command-line options (TransMatcher ``main.py``):
@@ -173,6 +190,9 @@ def build_model(arch: str = "resnet50", ibn: Optional[str] = "b", final_layer: s
       matcher; the transformer arguments are then unused).
     - ``pretrained``: local torchvision / IBN-Net state_dict file for the backbone, or None
       (random initialisation). Upstream downloads ImageNet weights; this never downloads.
+    - ``neck_layout``: QAConv's neck, ``"2.0"`` (default: conv without bias + BatchNorm) or
+      ``"2.1"`` (conv with bias, no BatchNorm); see :class:`QAConvFeatures`. TransMatcher's neck
+      has one layout: anything but ``"2.0"`` is refused with ``matcher="transmatcher"``.
     """
     depth, ibn = parse_arch(arch), parse_ibn(ibn)
     if matcher not in MATCHERS:
@@ -181,8 +201,11 @@ def build_model(arch: str = "resnet50", ibn: Optional[str] = "b", final_layer: s
         neck = DEFAULT_NECK[matcher]
     h, w = feature_map_size(height, width, final_layer)
     if matcher == "qaconv":
-        model = QAConvFeatures(depth, ibn, final_layer, neck, pretrained)
+        model = QAConvFeatures(depth, ibn, final_layer, neck, pretrained, neck_layout)
         return model, QAConv(model.num_features, h, w)
+    if neck_layout != "2.0":
+        raise ValueError(f"neck_layout={neck_layout!r} is a QAConv option (its 2.0/2.1 necks); "
+                         "TransMatcher's neck has one layout: leave neck_layout='2.0'")
     if isinstance(num_trans_layers, bool) or not isinstance(num_trans_layers, int) \
             or num_trans_layers < 1:
         raise ValueError(f"num_trans_layers must be a positive integer, got {num_trans_layers!r}")
