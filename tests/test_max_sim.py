@@ -307,3 +307,140 @@ def test_kernel_checks_its_outputs():
             torch.empty(2, 5, 7, dtype=torch.int32)]
     with pytest.raises(RuntimeError, match="g_index must be a contiguous Int tensor of shape"):
         torch.ops.transmatcher_fast_C.max_sim_forward(query, gallery, None, *outs)
+
+
+# --------------------------------------------------------------------------------------------
+# The C++ kernel's bfloat16 path: block GEMMs on the bfloat16 operands, float32 accumulation and
+# outputs. The products of two bfloat16 values are exact in float32, so the only error left is
+# float32 accumulation: the float32 bound holds against the float64 math of the bf16 inputs.
+
+
+def _cpu_kernel_or_skip():
+    if "cpu" not in transmatcher_fast.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    return torch.ops.transmatcher_fast_C
+
+
+def _raw_forward(ops, query, gallery, embed, out_dtype=torch.float32):
+    nq, lq, _ = query.shape
+    ng, lg, _ = gallery.shape
+    outs = [torch.full((nq, ng, lq), float("nan"), dtype=out_dtype),
+            torch.full((nq, ng, lg), float("nan"), dtype=out_dtype),
+            torch.full((nq, ng, lq), -1, dtype=torch.int32),
+            torch.full((nq, ng, lg), -1, dtype=torch.int32)]
+    ops.max_sim_forward(query, gallery, embed, *outs, False, 0)
+    return outs
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cpu_bfloat16_forward_within_1e5_of_float64_math_of_its_inputs(rng, shape):
+    _cpu_kernel_or_skip()
+    *dims, gate = shape
+    query, gallery, embed = make_inputs(rng, *dims, gate=gate, dtype=torch.bfloat16)
+    with transmatcher_fast.use_backend("cpu"):
+        q_best, g_best, q_index, g_index = max_sim(query, gallery, embed, return_indices=True)
+    exact = reference.max_sim(*as64(query, gallery, embed))
+    assert q_best.dtype == g_best.dtype == torch.float32
+    assert rel_err(q_best, exact[0]) < 1e-5 and rel_err(g_best, exact[1]) < 1e-5
+    check_indices_select_the_max(query, gallery, embed, q_best, g_best, q_index, g_index, 1e-5)
+    # The saved indices are where the returned values came from.
+    scores = scores64(query, gallery, embed)
+    assert rel_err(values_at(scores, q_index, 2), q_best) < 1e-5
+    assert rel_err(values_at(scores, g_index, 3), g_best) < 1e-5
+
+
+def test_cpu_bfloat16_same_tensor_non_contiguous_and_empty(rng):
+    _cpu_kernel_or_skip()
+    base = randn((7, 4, 2 * 33), rng, torch.bfloat16)[..., ::2]  # [L, N, D] storage, strided D
+    x = base.transpose(0, 1)
+    embed = randn((2 * 7, 7), rng, torch.float32)[::2]
+    assert not (x.is_contiguous() or embed.is_contiguous())
+    with transmatcher_fast.use_backend("cpu"):
+        got = max_sim(x, x, embed, return_indices=True)
+        expected = max_sim(x.contiguous(), x.contiguous().clone(), embed.contiguous(),
+                           return_indices=True)
+        empty = max_sim(x[:0], x, embed)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert rel_err(got[0], reference.max_sim(*as64(x, x, embed))[0]) < 1e-5
+    assert empty[0].shape == (0, 4, 7) and empty[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("where", ["query", "gallery", "score_embed"])
+def test_cpu_bfloat16_nan_propagates(rng, where):
+    _cpu_kernel_or_skip()
+    query, gallery, embed = make_inputs(rng, 3, 4, 6, 5, 8, dtype=torch.bfloat16)
+    target = {"query": query, "gallery": gallery, "score_embed": embed}[where]
+    target.view(-1)[torch.randint(0, target.numel(), (2,), generator=rng)] = float("nan")
+    with transmatcher_fast.use_backend("cpu"):
+        got = max_sim(query, gallery, embed, return_indices=True)
+    expected = reference.max_sim(*as64(query, gallery, embed), return_indices=True)
+    for a, b in zip(got[:2], expected[:2]):
+        assert torch.equal(a.isnan(), b.isnan()) and a.isnan().any()
+        assert rel_err(a[~b.isnan()], b[~b.isnan()]) < 1e-5
+    for index, ref_index, ref_value in zip(got[2:], expected[2:], expected[:2]):
+        assert torch.equal(index[ref_value.isnan()], ref_index[ref_value.isnan()])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cpu_bfloat16_grads_against_float64_routed_through_its_argmax(rng, shape):
+    """The kernel's float32 gradients for bfloat16 inputs (before the op casts them to bfloat16)
+    against float64 math of the bf16 inputs, routed through the kernel's own indices."""
+    ops = _cpu_kernel_or_skip()
+    *dims, gate = shape
+    query, gallery, embed = make_inputs(rng, *dims, gate=gate, dtype=torch.bfloat16)
+    grad_q, grad_g = (g.float() for g in random_grads(rng, *dims[:4]))
+    q_best, g_best, q_index, g_index = _raw_forward(ops, query, gallery, embed)
+    dq, dg = torch.full(query.shape, float("nan")), torch.full(gallery.shape, float("nan"))
+    de = None if embed is None else torch.full(embed.shape, float("nan"))
+    ops.max_sim_backward(grad_q, grad_g, query, gallery, embed, q_best, g_best, q_index, g_index,
+                         dq, dg, de)
+    exact = expected_grads(query, gallery, embed, grad_q, grad_g, q_index, g_index)
+    for got, truth in zip((dq, dg, de), exact):
+        if got is not None:
+            assert got.dtype == torch.float32 and rel_err(got, truth) < 1e-5
+    # The op returns them in the inputs' dtypes.
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (query, gallery, embed)]
+    with transmatcher_fast.use_backend("cpu"):
+        out = max_sim(*leaves)
+    ((out[0] * grad_q).sum() + (out[1] * grad_g).sum()).backward()
+    for leaf, got in zip(leaves, (dq, dg, de)):
+        if leaf is not None:
+            assert leaf.grad.dtype == leaf.dtype
+            assert torch.equal(leaf.grad, got.to(leaf.dtype))
+
+
+def test_cpu_kernel_16bit_outputs_are_float32_and_float16_equals_its_float32_run(rng):
+    """float16 reaches the kernel converted to float32 (_kernel_dtype); a direct call with
+    float16 is converted inside and gives the float32 run's results; 16-bit outputs must be
+    float32."""
+    ops = _cpu_kernel_or_skip()
+    query, gallery, embed = make_inputs(rng, 3, 2, 9, 11, 17, dtype=torch.float16)
+    got = _raw_forward(ops, query, gallery, embed)
+    expected = _raw_forward(ops, query.float(), gallery.float(), embed)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    for dtype in (torch.float16, torch.bfloat16):
+        q, g = query.to(dtype), gallery.to(dtype)
+        with pytest.raises(RuntimeError, match="q_best must be a contiguous Float tensor"):
+            _raw_forward(ops, q, g, embed, out_dtype=dtype)
+
+
+def _cpu_has_bf16_dot() -> bool:
+    caps = getattr(torch._C._cpu, "_get_cpu_capability", None)
+    if caps is not None:
+        caps = caps()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return bool(getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def test_cpu_bfloat16_gemm_runs_in_bfloat16_where_the_cpu_and_torch_allow():
+    """No silent fallback: on a CPU with bfloat16 dot products and torch >= 2.7, bfloat16
+    inputs run their GEMMs in bfloat16 (the kernel's start-up self-check passed)."""
+    ops = _cpu_kernel_or_skip()
+    available = ops.cpu_bf16_gemm_available()
+    assert isinstance(available, bool)
+    if _cpu_has_bf16_dot() and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 7):
+        assert available
+    elif not _cpu_has_bf16_dot():
+        assert not available

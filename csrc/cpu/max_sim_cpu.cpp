@@ -1,10 +1,31 @@
 // CPU kernels of max_sim: a BLAS GEMM per cache-sized block with a fused scale-and-max epilogue
 // (the Nq*Ng*Lq*Lg score tensor never exists), and a backward that reads only the saved argmax.
+// bfloat16 inputs run their block GEMMs on the bfloat16 operands with float32 accumulation and
+// float32 scores (oneDNN's batch-reduce GEMM micro-kernel, through ATen's cpublas::brgemm), where
+// the CPU has native bfloat16 dot products and the installed torch provides that kernel; otherwise
+// (and for float16, whose CPU GEMM is slower than converting) they are converted to float32.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <utility>
+
+// cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, const BFloat16*, const BFloat16*, float*) with B
+// in the VNNI layout [K/2][N][2]: used from torch 2.7 on (a conservative bound; torch 2.6 builds
+// without it and keeps bfloat16 on float32). A torch whose kernel behaves otherwise fails the
+// start-up self-check in bf16_gemm_available() and keeps float32 too.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+#define TRANSMATCHER_FAST_BF16_BRGEMM 1
+#include <ATen/native/CPUBlas.h>
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define TRANSMATCHER_FAST_X86_CPUID 1
+#include <cpuid.h>
+#endif
 
 #include "../max_sim.h"
 
@@ -129,6 +150,140 @@ void forward_impl(const at::Tensor& query, const at::Tensor& gallery, const T* g
   });
 }
 
+// ---- bfloat16 forward: block GEMMs on bfloat16 operands, float32 accumulation and scores --------
+
+// Rows per bf16 GEMM call and gallery columns per block: the packed gallery block (cols x D
+// bfloat16), the query rows and the float32 score block stay in a core's L2.
+constexpr int64_t kBf16BlockCols = 384;
+constexpr int64_t kBf16BlockRows = 192;
+
+// Whether the CPU has native bfloat16 dot products (AVX512_BF16 or AMX-BF16); without them the
+// micro-kernel emulates bfloat16 and float32 is the faster path.
+bool cpu_has_bf16_dot() {
+#ifdef TRANSMATCHER_FAST_X86_CPUID
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5))) return true;  // AVX512_BF16
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22))) return true;  // AMX-BF16
+#endif
+  return false;
+}
+
+#ifdef TRANSMATCHER_FAST_BF16_BRGEMM
+// C[m, n] = A[m, K] (row-major, lda) x B[K, n] (VNNI layout [K/2][ldb][2]), float32, overwritten.
+inline void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                        const at::BFloat16* a, const at::BFloat16* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/false, a, b, c);
+}
+
+// Packs columns [c0, c0 + n) of a row-major [cols, d] bfloat16 matrix into the VNNI layout
+// [d2/2][n][2] (d2 = d rounded up to even; the padding is zero).
+void pack_vnni(const uint16_t* src, int64_t c0, int64_t n, int64_t d, int64_t d2, uint16_t* dst) {
+  for (int64_t c = 0; c < n; ++c) {
+    const uint16_t* row = src + (c0 + c) * d;
+    uint16_t* out = dst + 2 * c;
+    for (int64_t k = 0; k < d; ++k) out[(k >> 1) * 2 * n + (k & 1)] = row[k];
+    if (d != d2) out[(d2 / 2 - 1) * 2 * n + 1] = 0;
+  }
+}
+#endif
+
+// Once per process: the CPU has bfloat16 dot products, the installed torch has the micro-kernel,
+// and the micro-kernel gives the exact product of a small integer-valued problem in this layout
+// (a torch whose brgemm falls back to a plain GEMM, or throws, leaves bfloat16 on float32).
+bool bf16_gemm_available() {
+#ifdef TRANSMATCHER_FAST_BF16_BRGEMM
+  static const bool available = [] {
+    if (!cpu_has_bf16_dot()) return false;
+    try {
+      constexpr int64_t m = 5, n = 19, k = 6;
+      at::BFloat16 a[m * k], b_rows[n * k], b_vnni[n * k];
+      float c[m * n], expected[m * n];
+      for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>(i % 7 - 3);
+      for (int64_t i = 0; i < n * k; ++i) b_rows[i] = static_cast<float>(i % 5 - 2);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          float sum = 0;
+          for (int64_t p = 0; p < k; ++p) sum += float(a[i * k + p]) * float(b_rows[j * k + p]);
+          expected[i * n + j] = sum;
+        }
+      }
+      pack_vnni(reinterpret_cast<const uint16_t*>(b_rows), 0, n, k, k,
+                reinterpret_cast<uint16_t*>(b_vnni));
+      brgemm_bf16(m, n, k, k, n, n, a, b_vnni, c);
+      at::native::cpublas::brgemm_release();
+      return std::memcmp(c, expected, sizeof(c)) == 0;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return available;
+#else
+  return false;
+#endif
+}
+
+#ifdef TRANSMATCHER_FAST_BF16_BRGEMM
+void forward_bf16(const at::Tensor& query, const at::Tensor& gallery, const float* gate_t,
+                  float* q_best, int32_t* q_index, float* g_best, int32_t* g_index) {
+  const Shape sh = shape_of(query, gallery);
+  if (sh.nq == 0 || sh.ng == 0) return;
+  const int64_t d2 = sh.d + (sh.d & 1);  // the micro-kernel reduces over pairs of features
+  // Query rows with an even leading dimension (a zero feature appended when D is odd).
+  const at::Tensor q_even = sh.d == d2 ? query : at::constant_pad_nd(query, {0, 1}, 0);
+  const auto* q = q_even.const_data_ptr<at::BFloat16>();
+
+  // Block geometry: whole gallery images along columns; whole query images along rows, or row
+  // ranges of one image when it is longer than a GEMM step.
+  const int64_t imgs_per_col_block = std::max<int64_t>(1, kBf16BlockCols / sh.lg);
+  const int64_t block_cols = imgs_per_col_block * sh.lg;
+  const int64_t imgs_per_row_block = std::max<int64_t>(1, kBf16BlockRows / sh.lq);
+  const int64_t step_rows = sh.lq <= kBf16BlockRows ? imgs_per_row_block * sh.lq : kBf16BlockRows;
+  const int64_t row_blocks = (sh.nq + imgs_per_row_block - 1) / imgs_per_row_block;
+  const int64_t col_blocks = (sh.ng + imgs_per_col_block - 1) / imgs_per_col_block;
+
+  // The gallery, packed once: column block b at b * block_cols * d2, as [d2/2][cols of b][2].
+  at::Tensor packed = at::empty({col_blocks * block_cols * d2}, gallery.options());
+  auto* packed_base = reinterpret_cast<uint16_t*>(packed.mutable_data_ptr<at::BFloat16>());
+  const auto* g_raw = reinterpret_cast<const uint16_t*>(gallery.const_data_ptr<at::BFloat16>());
+  auto cols_of = [&](int64_t b) {
+    return (std::min(sh.ng, (b + 1) * imgs_per_col_block) - b * imgs_per_col_block) * sh.lg;
+  };
+  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      pack_vnni(g_raw, b * block_cols, cols_of(b), sh.d, d2, packed_base + b * block_cols * d2);
+    }
+  });
+  const auto* packed_g = reinterpret_cast<const at::BFloat16*>(packed_base);
+
+  // Column blocks vary fastest, so consecutive tasks of one worker reuse its query rows.
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({step_rows * block_cols}, query.options().dtype(at::kFloat));
+    float* scores = buffer.mutable_data_ptr<float>();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = (task / col_blocks) * imgs_per_row_block;
+      const int64_t i1 = std::min(sh.nq, i0 + imgs_per_row_block);
+      const int64_t b = task % col_blocks;
+      const int64_t j0 = b * imgs_per_col_block;
+      const int64_t j1 = std::min(sh.ng, j0 + imgs_per_col_block);
+      const int64_t ncols = cols_of(b);
+      const at::BFloat16* g_block = packed_g + b * block_cols * d2;
+      // Row ranges of one pair are visited in increasing t, which the running g_best relies on.
+      for (int64_t r0 = i0 * sh.lq; r0 < i1 * sh.lq; r0 += step_rows) {
+        const int64_t r1 = std::min(i1 * sh.lq, r0 + step_rows);
+        brgemm_bf16(r1 - r0, ncols, d2, d2, ncols, ncols, q + r0 * d2, g_block, scores);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t i = r / sh.lq, t = r % sh.lq;
+          reduce_row(sh, i, t, j0, j1, scores + (r - r0) * ncols,
+                     gate_t == nullptr ? nullptr : gate_t + t * sh.lg, q_best, q_index, g_best,
+                     g_index);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+#endif
+
 // What the forward saved, and the upstream gradients: enough to route every output's gradient.
 template <typename T>
 struct Routing {
@@ -240,6 +395,24 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "max_sim cpu kernel: ", name, " must be a CPU tensor");
 }
 
+// The dtype the kernels compute and write in: float32 for 16-bit inputs, else the input dtype.
+at::ScalarType compute_dtype_of(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "max_sim cpu kernel: float32, float64, bfloat16 or float16 inputs expected, got ",
+              dtype);
+  return dtype == at::kBFloat16 || dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+// query and gallery in the compute dtype (one conversion when they are the same tensor).
+std::pair<at::Tensor, at::Tensor> in_compute_dtype(const at::Tensor& query,
+                                                   const at::Tensor& gallery,
+                                                   at::ScalarType dtype) {
+  if (query.scalar_type() == dtype) return {query, gallery};
+  at::Tensor q = query.to(dtype);
+  return {q, gallery.is_same(query) ? q : gallery.to(dtype)};
+}
+
 void max_sim_forward_cpu(const at::Tensor& query, const at::Tensor& gallery,
                          const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
                          at::Tensor g_best, at::Tensor q_index, at::Tensor g_index,
@@ -248,9 +421,7 @@ void max_sim_forward_cpu(const at::Tensor& query, const at::Tensor& gallery,
   check_kernel_inputs(query, gallery, score_embed);
   check_cpu(query, "query");
   check_cpu(gallery, "gallery");
-  const auto dtype = query.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "max_sim cpu kernel: float32 or float64 inputs expected, got ", dtype);
+  const auto dtype = compute_dtype_of(query.scalar_type());
   const Shape sh = shape_of(query, gallery);
   check_output(q_best, {sh.nq, sh.ng, sh.lq}, dtype, "q_best");
   check_output(g_best, {sh.nq, sh.ng, sh.lg}, dtype, "g_best");
@@ -261,8 +432,18 @@ void max_sim_forward_cpu(const at::Tensor& query, const at::Tensor& gallery,
   const auto gate = gate_of(score_embed, dtype);
   const auto gate_t =
       gate.has_value() ? std::optional<at::Tensor>(gate->t().contiguous()) : std::nullopt;
+#ifdef TRANSMATCHER_FAST_BF16_BRGEMM
+  if (query.scalar_type() == at::kBFloat16 && bf16_gemm_available()) {
+    forward_bf16(query, gallery, ptr_or_null<float>(gate_t), q_best.mutable_data_ptr<float>(),
+                 q_index.mutable_data_ptr<int32_t>(), g_best.mutable_data_ptr<float>(),
+                 g_index.mutable_data_ptr<int32_t>());
+    return;
+  }
+#endif
+  const auto inputs = in_compute_dtype(query, gallery, dtype);
+  const at::Tensor &q = inputs.first, &g = inputs.second;
   AT_DISPATCH_FLOATING_TYPES(dtype, "max_sim_forward_cpu", [&] {
-    forward_impl<scalar_t>(query, gallery, ptr_or_null<scalar_t>(gate_t),
+    forward_impl<scalar_t>(q, g, ptr_or_null<scalar_t>(gate_t),
                            q_best.mutable_data_ptr<scalar_t>(), q_index.mutable_data_ptr<int32_t>(),
                            g_best.mutable_data_ptr<scalar_t>(), g_index.mutable_data_ptr<int32_t>());
   });
@@ -278,9 +459,10 @@ void max_sim_backward_cpu(const std::optional<at::Tensor>& grad_q_best,
                           const std::optional<at::Tensor>& grad_score_embed) {
   check_kernel_inputs(query, gallery, score_embed);
   check_cpu(query, "query");
-  const auto dtype = query.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "max_sim cpu kernel: float32 or float64 inputs expected, got ", dtype);
+  // 16-bit inputs: the gradients are computed and written in float32 (O(Nq*Ng*L*D) work).
+  const auto dtype = compute_dtype_of(query.scalar_type());
+  const auto inputs = in_compute_dtype(query, gallery, dtype);
+  const at::Tensor &q = inputs.first, &g = inputs.second;
   const Shape sh = shape_of(query, gallery);
   check_output(q_best, {sh.nq, sh.ng, sh.lq}, dtype, "q_best");
   check_output(g_best, {sh.nq, sh.ng, sh.lg}, dtype, "g_best");
@@ -305,15 +487,23 @@ void max_sim_backward_cpu(const std::optional<at::Tensor>& grad_q_best,
                                   g_best.const_data_ptr<scalar_t>(),
                                   q_index.const_data_ptr<int32_t>(),
                                   g_index.const_data_ptr<int32_t>()};
-    backward_impl<scalar_t>(route, query.const_data_ptr<scalar_t>(),
-                            gallery.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gate),
+    backward_impl<scalar_t>(route, q.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                            ptr_or_null<scalar_t>(gate),
                             mutable_ptr_or_null<scalar_t>(grad_query),
                             mutable_ptr_or_null<scalar_t>(grad_gallery),
-                            mutable_ptr_or_null<scalar_t>(grad_score_embed), query.options());
+                            mutable_ptr_or_null<scalar_t>(grad_score_embed), q.options());
   });
 }
 
+// Whether bfloat16 inputs run their block GEMMs in bfloat16 here (else they run in float32):
+// what tests and benchmarks record, so that a silent fallback shows.
+bool cpu_bf16_gemm_available() { return bf16_gemm_available(); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(transmatcher_fast_C, m) {
+  m.def("cpu_bf16_gemm_available() -> bool", &cpu_bf16_gemm_available);
+}
 
 TORCH_LIBRARY_IMPL(transmatcher_fast_C, CPU, m) {
   m.impl("max_sim_forward", &max_sim_forward_cpu);
