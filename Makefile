@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch used where no NVIDIA GPU is present (a GPU box keeps its own CUDA torch).
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: install install-torch test demo bench clean
+.PHONY: install install-torch test demo bench bench-pytest clean
 
 install-torch:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -29,6 +29,14 @@ demo: install
 bench: install
 	$(PYTHON) benchmarks/bench_cpu.py
 	$(PYTHON) benchmarks/bench_matcher.py
+
+# The op's speed from commit to commit (pytest-benchmark; each run saved under .benchmarks/).
+# Compare with the previous run, failing on a regression:
+#   make bench-pytest BENCH_ARGS="--benchmark-compare --benchmark-compare-fail=median:15%"
+BENCH_ARGS ?=
+bench-pytest: install
+	$(PYTHON) -m pytest benchmarks/test_bench_op.py --benchmark-autosave \
+		--benchmark-max-time=0.5 --benchmark-min-rounds=3 $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info transmatcher_fast/_C*.so .pytest_cache

@@ -1,14 +1,17 @@
 """CPU benchmark of max_sim: the C++ kernel against upstream's materialised reference,
-torch.compile(reference) and a plain GEMM of the same FLOPs.
+torch.compile(reference) and a plain GEMM of the same FLOPs, for float32 and bfloat16 features.
 
     python benchmarks/bench_cpu.py                      # (32,32,192,512) and (64,64,192,512)
-    python benchmarks/bench_cpu.py --shapes 8,8,192,512 --repeat 3
+    python benchmarks/bench_cpu.py --shapes 8,8,192,512 --repeat 3 --dtypes bfloat16
 
 FLOPs = 2 * Nq * Ng * Lq * Lg * D (the dot products; the gate and the max are O(Nq*Ng*L^2)).
-The GEMM is [Nq*Lq, D] @ [D, Ng*Lg]: what any implementation must at least compute. Times are
-medians of interleaved rounds, so ratios come from one run. Peak memory is the extra resident
-memory of one call after a warm-up call, each measured in a fresh process.
-Writes results/bench_cpu.json (with CPU model, threads, versions, date) and results/bench_cpu.png.
+The GEMM is [Nq*Lq, D] @ [D, Ng*Lg] in the features' dtype (torch's bfloat16 GEMM for bfloat16):
+what any implementation must at least compute. The score_embed gate stays float32 next to
+bfloat16 features, as a model's parameter does. Times are medians of interleaved rounds (every
+dtype and method once per round), so ratios, between dtypes too, come from one run. Peak memory
+is the extra resident memory of one call after a warm-up call, each measured in a fresh process.
+Writes results/bench_cpu.json (with CPU model, threads, versions, date, and whether the kernel ran
+its bfloat16 GEMMs in bfloat16) and results/bench_cpu.png.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from transmatcher_fast import benchmarking, max_sim, reference, use_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHAPES = ["32,32,192,512", "64,64,192,512"]
+DEFAULT_DTYPES = ["float32", "bfloat16"]
 METHODS = ("ours", "reference", "compiled_reference", "gemm")
 TRAINING_METHODS = ("ours", "reference", "compiled_reference")  # the GEMM has no max to train
 
 
-def make_inputs(nq, ng, length, dim, requires_grad, seed=0):
+def make_inputs(nq, ng, length, dim, requires_grad, seed=0, dtype="float32"):
+    """query and gallery features in `dtype`; the gate logits in float32."""
     generator = torch.Generator().manual_seed(seed)
-    query = torch.randn(nq, length, dim, generator=generator)
-    gallery = torch.randn(ng, length, dim, generator=generator)
+    features = getattr(torch, dtype)
+    query = torch.randn(nq, length, dim, generator=generator).to(features)
+    gallery = torch.randn(ng, length, dim, generator=generator).to(features)
     embed = 0.01 * torch.randn(length, length, generator=generator)
     return [t.requires_grad_(requires_grad) for t in (query, gallery, embed)]
 
@@ -72,46 +78,51 @@ def make_call(method, mode, inputs):
     return training
 
 
-def measure_memory_in_child(method, mode, shape):
+def measure_memory_in_child(method, mode, shape, dtype="float32"):
     """Run one call in a fresh interpreter and return its extra peak resident memory in bytes."""
     return benchmarking.cpu_peak_in_child(
-        [os.path.abspath(__file__), "--child-memory", method, mode, ",".join(map(str, shape))],
-        timeout=1800)
+        [os.path.abspath(__file__), "--child-memory", method, mode, ",".join(map(str, shape)),
+         dtype], timeout=1800)
 
 
-def child_memory(method, mode, shape):
-    inputs = make_inputs(*shape, requires_grad=(mode == "training"))
+def child_memory(method, mode, shape, dtype="float32"):
+    inputs = make_inputs(*shape, requires_grad=(mode == "training"), dtype=dtype)
     call = make_call(method, mode, inputs)
     call()  # warm-up: lazy initialisation and compilation are not the op's memory
     benchmarking.print_cpu_peak(call)
 
 
-def run_shape(shape, repeat, memory):
+def run_shape(shape, repeat, memory, dtypes=("float32",)):
     nq, ng, length, dim = shape
     flops = 2 * nq * ng * length * length * dim
     rows = []
     for mode, methods in (("forward", METHODS), ("training", TRAINING_METHODS)):
-        inputs = make_inputs(*shape, requires_grad=(mode == "training"))
-        calls = {m: make_call(m, mode, inputs) for m in methods}
+        calls = {}
+        for dtype in dtypes:
+            inputs = make_inputs(*shape, requires_grad=(mode == "training"), dtype=dtype)
+            calls.update({(dtype, m): make_call(m, mode, inputs) for m in methods})
         seconds = benchmarking.median_seconds(calls, warmup=1, repeat=repeat)
-        for method in methods:
-            row = {"nq": nq, "ng": ng, "l": length, "d": dim, "mode": mode, "method": method,
-                   "seconds": seconds[method], "gflops": flops / seconds[method] / 1e9}
+        for dtype, method in calls:
+            took = seconds[(dtype, method)]
+            row = {"nq": nq, "ng": ng, "l": length, "d": dim, "dtype": dtype, "mode": mode,
+                   "method": method, "seconds": took, "gflops": flops / took / 1e9}
             if memory:
-                row["peak_extra_bytes"] = measure_memory_in_child(method, mode, shape)
+                row["peak_extra_bytes"] = measure_memory_in_child(method, mode, shape, dtype)
             rows.append(row)
     return rows
 
 
 def summarise(rows):
-    """The figures the foundation issue targets, per shape."""
-    by = {(r["nq"], r["ng"], r["l"], r["d"], r["mode"], r["method"]): r for r in rows}
+    """The figures the issues target, per shape and dtype, then bfloat16 against float32."""
+    by = {(r["nq"], r["ng"], r["l"], r["d"], r["dtype"], r["mode"], r["method"]): r for r in rows}
+    dtype_order = {d: k for k, d in enumerate(DEFAULT_DTYPES)}
     summary = []
-    for key in sorted({k[:4] for k in by}):
+    for key in sorted({k[:5] for k in by}, key=lambda k: (k[:4], dtype_order.get(k[4], 9), k[4])):
         ours_f, gemm, ref_f = (by[key + ("forward", m)] for m in ("ours", "gemm", "reference"))
         ours_t, ref_t = by[key + ("training", "ours")], by[key + ("training", "reference")]
         item = {
-            "shape": "x".join(map(str, key)),
+            "shape": "x".join(map(str, key[:4])),
+            "dtype": key[4],
             "forward_ours_over_gemm": ours_f["seconds"] / gemm["seconds"],
             "forward_speedup_vs_reference": ref_f["seconds"] / ours_f["seconds"],
             "training_speedup_vs_reference": ref_t["seconds"] / ours_t["seconds"],
@@ -122,19 +133,41 @@ def summarise(rows):
             item["training_memory_ours_over_reference"] = (
                 ours_t["peak_extra_bytes"] / max(1, ref_t["peak_extra_bytes"]))
         summary.append(item)
+    for key in sorted({k[:4] for k in by}):
+        if not all(key + (d, "forward", "ours") in by for d in ("float32", "bfloat16")):
+            continue
+        f32, bf16 = ({(mode, m): by[key + (d, mode, m)] for mode, m in
+                      (("forward", "ours"), ("forward", "gemm"), ("training", "ours"))}
+                     for d in ("float32", "bfloat16"))
+        summary.append({
+            "shape": "x".join(map(str, key)),
+            "dtype": "bfloat16 vs float32",
+            # float32 time / bfloat16 time: how much faster bfloat16 features are.
+            "forward_bfloat16_speedup": (f32["forward", "ours"]["seconds"]
+                                         / bf16["forward", "ours"]["seconds"]),
+            "gemm_bfloat16_speedup": (f32["forward", "gemm"]["seconds"]
+                                      / bf16["forward", "gemm"]["seconds"]),
+            "training_bfloat16_speedup": (f32["training", "ours"]["seconds"]
+                                          / bf16["training", "ours"]["seconds"]),
+        })
     return summary
 
 
 def print_table(rows, summary):
-    print(f"{'shape (Nq,Ng,L,D)':<20}{'mode':<10}{'method':<20}{'ms':>10}{'GFLOP/s':>10}"
-          f"{'peak MiB':>11}")
+    print(f"{'shape (Nq,Ng,L,D)':<20}{'dtype':<10}{'mode':<10}{'method':<20}{'ms':>10}"
+          f"{'GFLOP/s':>10}{'peak MiB':>11}")
     for r in rows:
         peak = r.get("peak_extra_bytes")
-        print(f"{'%d,%d,%d,%d' % (r['nq'], r['ng'], r['l'], r['d']):<20}{r['mode']:<10}"
-              f"{r['method']:<20}{r['seconds'] * 1e3:10.1f}{r['gflops']:10.1f}"
+        print(f"{'%d,%d,%d,%d' % (r['nq'], r['ng'], r['l'], r['d']):<20}{r['dtype']:<10}"
+              f"{r['mode']:<10}{r['method']:<20}{r['seconds'] * 1e3:10.1f}{r['gflops']:10.1f}"
               f"{'' if peak is None else '%.1f' % (peak / 2**20):>11}")
     for s in summary:
-        print(f"{s['shape']}: forward = {s['forward_ours_over_gemm']:.2f}x GEMM time, "
+        if "forward_bfloat16_speedup" in s:
+            print(f"{s['shape']}: bfloat16 forward {s['forward_bfloat16_speedup']:.2f}x faster "
+                  f"than float32 (GEMM alone {s['gemm_bfloat16_speedup']:.2f}x), forward+backward "
+                  f"{s['training_bfloat16_speedup']:.2f}x")
+            continue
+        print(f"{s['shape']} {s['dtype']}: forward = {s['forward_ours_over_gemm']:.2f}x GEMM time, "
               f"{s['forward_speedup_vs_reference']:.2f}x faster than reference; forward+backward "
               f"{s['training_speedup_vs_reference']:.2f}x faster than reference"
               + ("" if "forward_memory_ours_over_reference" not in s else
@@ -152,20 +185,24 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    shapes = sorted({(r["nq"], r["ng"], r["l"], r["d"]) for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    dtype_order = {d: k for k, d in enumerate(DEFAULT_DTYPES)}
+    groups = sorted({(r["nq"], r["ng"], r["l"], r["d"], r["dtype"]) for r in rows},
+                    key=lambda g: (g[:4], dtype_order.get(g[4], 9), g[4]))
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    fig, axes = plt.subplots(1, 2, figsize=(5 + 1.5 * len(groups), 4))
     for ax, mode in zip(axes, ("forward", "training")):
         methods = [m for m in METHODS if any(r["method"] == m and r["mode"] == mode for r in rows)]
         width = 0.8 / len(methods)
         for k, method in enumerate(methods):
             values = [next(r["gflops"] for r in rows if r["mode"] == mode and r["method"] == method
-                           and (r["nq"], r["ng"], r["l"], r["d"]) == s) for s in shapes]
-            ax.bar([x + k * width for x in range(len(shapes))], values, width, label=method)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
-        ax.set_xticklabels(["%d,%d,%d,%d" % s for s in shapes])
-        ax.set_xlabel("Nq, Ng, L, D")
+                           and (r["nq"], r["ng"], r["l"], r["d"], r["dtype"]) == g)
+                      for g in groups]
+            ax.bar([x + k * width for x in range(len(groups))], values, width, label=method)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+        ax.set_xticklabels(["%d,%d,%d,%d\n%s" % (*g[:4], short.get(g[4], g[4])) for g in groups])
+        ax.set_xlabel("Nq, Ng, L, D / feature dtype")
         ax.set_ylabel("GFLOP/s (2·Nq·Ng·L²·D / time)")
-        ax.set_title(f"max_sim {'forward' if mode == 'forward' else 'forward + backward'}, CPU fp32")
+        ax.set_title(f"max_sim {'forward' if mode == 'forward' else 'forward + backward'}, CPU")
         ax.set_ylim(0, 1.35 * max(r["gflops"] for r in rows if r["mode"] == mode))
         ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
@@ -185,24 +222,28 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", type=parse_shape,
                         default=[parse_shape(s) for s in DEFAULT_SHAPES])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                        default=DEFAULT_DTYPES, help="feature dtypes (default: float32 bfloat16)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--child-memory", nargs=3, metavar=("METHOD", "MODE", "SHAPE"),
+    parser.add_argument("--child-memory", nargs=4, metavar=("METHOD", "MODE", "SHAPE", "DTYPE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_memory:
-        method, mode, shape = args.child_memory
+        method, mode, shape, dtype = args.child_memory
         with use_backend("cpu" if method == "ours" else None):
-            child_memory(method, mode, parse_shape(shape))
+            child_memory(method, mode, parse_shape(shape), dtype)
         return 0
     with use_backend("cpu"):
-        rows = [row for shape in args.shapes for row in run_shape(shape, args.repeat,
-                                                                  not args.no_memory)]
+        rows = [row for shape in args.shapes
+                for row in run_shape(shape, args.repeat, not args.no_memory, args.dtypes)]
     summary = summarise(rows)
     print_table(rows, summary)
-    result = {"benchmark": "bench_cpu", "dtype": "float32",
+    result = {"benchmark": "bench_cpu", "dtypes": list(args.dtypes),
+              # Whether the kernel's bfloat16 block GEMMs ran in bfloat16 (else in float32).
+              "cpu_bf16_gemm": bool(torch.ops.transmatcher_fast_C.cpu_bf16_gemm_available()),
               "environment": benchmarking.environment(torch.device("cpu")),
               "flops_formula": "2*Nq*Ng*Lq*Lg*D", "rows": rows, "summary": summary}
     benchmarking.write_result(result, args.out, "bench_cpu")

@@ -21,11 +21,25 @@ def test_bench_cpu_writes_results(tmp_path, capsys):
                            "--no-memory", "--no-plot"]) == 0
     result = json.loads((tmp_path / "bench_cpu.json").read_text())
     assert result["environment"]["torch"] and result["environment"]["threads"] >= 1
-    methods = {(r["mode"], r["method"]) for r in result["rows"]}
-    assert ("forward", "gemm") in methods and ("training", "ours") in methods
+    methods = {(r["dtype"], r["mode"], r["method"]) for r in result["rows"]}
+    for dtype in ("float32", "bfloat16"):  # both dtypes by default, in one interleaved run
+        assert (dtype, "forward", "gemm") in methods and (dtype, "training", "ours") in methods
     assert all(r["seconds"] > 0 for r in result["rows"])
     assert result["summary"][0]["shape"] == "2x3x8x4"
-    assert "forward+backward" in capsys.readouterr().out
+    assert result["dtypes"] == ["float32", "bfloat16"] and isinstance(result["cpu_bf16_gemm"], bool)
+    ratio = next(s for s in result["summary"] if "forward_bfloat16_speedup" in s)
+    assert ratio["forward_bfloat16_speedup"] > 0 and ratio["gemm_bfloat16_speedup"] > 0
+    out = capsys.readouterr().out
+    assert "forward+backward" in out and "bfloat16 forward" in out
+
+
+def test_bench_cpu_one_dtype_and_its_memory_child(tmp_path):
+    assert bench_cpu.main(["--shapes", "2,2,4,6", "--repeat", "1", "--out", str(tmp_path),
+                           "--no-memory", "--no-plot", "--dtypes", "bfloat16"]) == 0
+    result = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert {r["dtype"] for r in result["rows"]} == {"bfloat16"}
+    assert not any("forward_bfloat16_speedup" in s for s in result["summary"])
+    assert bench_cpu.measure_memory_in_child("ours", "training", (2, 2, 4, 6), "bfloat16") >= 0
 
 
 def test_memory_is_measured_in_a_fresh_process():
@@ -36,6 +50,28 @@ def test_memory_is_measured_in_a_fresh_process():
     # The reference holds the einsum result and its gated copy at once; the fused op neither.
     assert reference_bytes >= 0.9 * 2 * score_bytes
     assert ours_bytes <= 0.25 * reference_bytes
+
+
+def test_pytest_benchmark_suite_runs_on_a_tiny_shape(tmp_path):
+    """benchmarks/test_bench_op.py (make bench-pytest) runs, untimed, on a tiny shape: every CPU
+    case passes, and the Triton interpreter is left out of it."""
+    import subprocess
+
+    pytest.importorskip("pytest_benchmark")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, TRANSMATCHER_FAST_BENCH_SHAPES="2,3,5,6")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.join("benchmarks", "test_bench_op.py"),
+         "--benchmark-disable", "-p", "no:cacheprovider", "-q", "-rA", "-k", "cpu",
+         f"--basetemp={tmp_path}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    passed = [line for line in proc.stdout.splitlines() if line.startswith("PASSED")]
+    # (cpu, reference, upstream) x (float32, bfloat16) x (forward, training)
+    assert len(passed) == 12, proc.stdout[-3000:]
+    for impl in ("[cpu-cpu-", "[cpu-reference-", "[cpu-upstream-"):
+        assert sum(impl in line for line in passed) == 4
+    assert not any("triton" in line for line in passed)
 
 
 def test_bench_train_reports_throughput(tmp_path):
