@@ -25,6 +25,10 @@ from typing import Optional, Sequence
 import torch
 
 from . import benchmarking, ops, reference
+from .engine.validate import UserError
+
+# Namespace entries that are not options of the command's engine configuration.
+_NOT_OPTIONS = ("command", "run", "config", "debug")
 
 
 def _mib(n: Optional[int]) -> str:
@@ -99,28 +103,39 @@ def load_config(path: str) -> dict:
         with open(path) as file:
             values = yaml.safe_load(file) or {}
     except OSError as error:
-        raise SystemExit(f"--config: cannot read {path}: {error}") from None
+        raise UserError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        raise UserError(f"--config {path}: not valid YAML"
+                        + (f" (line {where.line + 1}, column {where.column + 1})" if where else "")) from None
     if not isinstance(values, dict):
-        raise SystemExit(f"--config: {path} must hold a mapping of option: value, got {type(values).__name__}")
+        raise UserError(f"--config {path}: must hold a mapping of option: value, got {type(values).__name__}")
     return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .engine.rundir import RunDirError
     from .engine.trainer import Trainer, TrainConfig
 
-    values = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
-    try:
-        config = TrainConfig.from_dict(values)
-    except ValueError as error:  # an option's value: one line, exit status 1
-        raise SystemExit(f"train: {error}") from None
-    try:
-        trainer = Trainer(config)
-        trainer.fit()
-    except RunDirError as error:  # the folder is in use or holds a run: one line, exit status 1
-        raise SystemExit(f"train: {error}") from None
+    values = {key: value for key, value in vars(args).items() if key not in _NOT_OPTIONS}
+    config = TrainConfig.from_dict(values)  # a bad value: ValueError, one line (see main)
+    _check_train_paths(config)
+    trainer = Trainer(config)  # RunDirError: the folder is in use or holds a run
+    trainer.fit()
     trainer.close()
     return 0
+
+
+def _check_train_paths(config) -> None:
+    """What train reads and writes, before the Trainer builds anything."""
+    from .engine import validate
+
+    validate.check_device(config.device)
+    validate.check_data_dir(config.data_dir, config.dataset)
+    validate.check_output_dir(config.exp_dir, "--exp-dir")
+    if config.pretrained is not None:
+        validate.check_input_file(config.pretrained, "--pretrained")
+    if config.workers < 0:
+        raise validate.UserError(f"-j/--workers {config.workers}: must be 0 (load in the main process) or more")
 
 
 def _positive_int(text: str) -> int:
@@ -131,8 +146,10 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transmatcher-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=PROG, description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also accepted after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(commands)
     demo = commands.add_parser("op-demo", help="run the fused op on random features against the reference")
@@ -160,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_eval_parsers(commands)
     parser.commands = commands.choices  # name -> subparser, for --config defaults
+    for sub in parser.commands.values():
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
     return parser
 
 
@@ -175,6 +195,13 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     from .engine.trainer import AMP_CHOICES, LOSSES, SAMPLERS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
+
+    def non_negative_int(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+        return value
+
     train = commands.add_parser(
         "train", help="train a TransMatcher / QAConv model (upstream's recipe)",
         description="Train with upstream's recipe: graph sampler, pairwise matching loss, SGD "
@@ -182,7 +209,11 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                     "epoch to EXP_DIR/checkpoint.pt; --resume continues a killed run. Logs: "
                     "EXP_DIR/log.jsonl and EXP_DIR/tensorboard. A run locks EXP_DIR (EXP_DIR/train.lock "
                     "holds its pid): a second run there fails at once, and a fresh start refuses a "
-                    "folder that holds a run unless --overwrite is given. Multi-GPU: torchrun "
+                    "folder that holds a run unless --overwrite is given. EXP_DIR/config.yaml records "
+                    "the resolved options (--config reads it back); --resume may change only epochs, "
+                    "max-epochs, max-steps-per-epoch, workers, logging, progress, tensorboard, "
+                    "eval-every, the test batch/chunk sizes, device and the data/exp folders (the "
+                    "changes are logged), and refuses other differences. Multi-GPU: torchrun "
                     "--nproc_per_node N -m transmatcher_fast.cli train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", help="YAML file of options (keys as below, e.g. batch_size: 32); "
@@ -253,11 +284,11 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     start = run.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", default=d.resume,
                        help="continue from EXP_DIR/checkpoint.pt; without one it starts from scratch "
-                            "if EXP_DIR holds no run (no log.jsonl or tensorboard/ events; so one "
+                            "if EXP_DIR holds no run (no config.yaml, log.jsonl or tensorboard/ events; so one "
                             "command can start and restart a job), and refuses otherwise")
     start.add_argument("--overwrite", action="store_true", default=d.overwrite,
-                       help="start afresh in an EXP_DIR that holds a run: removes its checkpoint.pt, "
-                            "log.jsonl and tensorboard/ event files (nothing else). Without --resume or "
+                       help="start afresh in an EXP_DIR that holds a run: removes its checkpoint.pt, best.pt, "
+                            "config.yaml, log.jsonl and tensorboard/ event files (nothing else). Without --resume or "
                             "--overwrite, training refuses a folder that holds a run")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--device", type=_optional_str, default=d.device, help="default: cuda[:LOCAL_RANK] if available, else cpu")
@@ -265,6 +296,10 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                      help="steps between step records in log.jsonl")
     run.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=_optional_int,
                      default=d.max_steps_per_epoch, help="cut every epoch short (quick runs)")
+    run.add_argument("--eval-every", dest="eval_every", type=non_negative_int, default=d.eval_every,
+                     help="epochs between evaluations on the dataset's query/gallery (upstream's "
+                          "protocol; 'eval' records in log.jsonl and TensorBoard, best mAP kept as "
+                          "EXP_DIR/best.pt); 0: none")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
                      help="progress bar")
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=d.tensorboard,
@@ -276,7 +311,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
 def run_end_to_end_demo(args: argparse.Namespace) -> int:
     from .engine.demo import DemoConfig, run_demo
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    values = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
     run_demo(DemoConfig(**values))
     return 0
 
@@ -310,19 +345,29 @@ def add_demo_parser(commands) -> None:
 
 
 def _load_for_eval(args):
-    """(model, matcher, height, width, device) of ``--checkpoint`` and the size flags."""
+    """(model, matcher, height, width, device) of ``--checkpoint`` and the size flags; the
+    options and the checkpoint file are checked first."""
+    from .engine import validate
     from .engine.evaluate import load_trained
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = validate.check_device(args.device)
+    if args.workers < 0:
+        raise UserError(f"-j/--workers {args.workers}: must be 0 (load in the main process) or more")
+    validate.check_data_dir(args.data_dir, args.dataset)
+    state = validate.read_checkpoint(args.checkpoint)
+    del state
     model, matcher, config = load_trained(args.checkpoint, device)
     return model, matcher, args.height or config["height"], args.width or config["width"], device
 
 
-def _dataset(args):
+def _dataset(args, splits=("query", "gallery")):
     from .data import build_dataset
+    from .engine import validate
     from .engine.trainer import dataset_root
 
-    return build_dataset(args.dataset, dataset_root(args.data_dir, args.dataset))
+    dataset = build_dataset(args.dataset, dataset_root(args.data_dir, args.dataset))
+    validate.check_splits(dataset, splits)
+    return dataset
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -353,7 +398,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from .engine.evaluate import extract
 
     model, _, height, width, device = _load_for_eval(args)
-    items = getattr(_dataset(args), args.split)
+    items = getattr(_dataset(args, (args.split,)), args.split)
     features = extract(model, items, height=height, width=width, batch_size=args.batch_size,
                        workers=args.workers, device=device, amp=args.amp, progress=args.progress)
     torch.save({"features": features.features.cpu(), "pids": features.pids, "cams": features.cams,
@@ -370,7 +415,13 @@ def run_visualize(args: argparse.Namespace) -> int:
     from .engine.demo import save_query_correspondences
     from .engine.evaluate import evaluate
 
-    out = Path(args.out)
+    from .engine import validate
+
+    if not (args.log or args.checkpoint):
+        raise UserError("give --checkpoint (ranked lists, correspondences) and/or --log (curves)")
+    out = validate.check_output_dir(args.out, "--out")
+    if args.log:
+        validate.check_input_file(args.log, "--log")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.log:
@@ -386,8 +437,6 @@ def run_visualize(args: argparse.Namespace) -> int:
                                                topk=args.topk, seed=args.seed)
         written += save_query_correspondences(model, matcher, dataset, result, out / "correspondences",
                                             pairs=args.pairs)
-    if not written:
-        raise SystemExit("visualize: give --checkpoint (ranked lists, correspondences) and/or --log (curves)")
     print(f"wrote {len(written)} pictures under {out}")
     return 0
 
@@ -450,20 +499,64 @@ def add_eval_parsers(commands) -> None:
     pictures.set_defaults(run=run_visualize)
 
 
+PROG = "transmatcher-fast"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a two-line error (what is wrong; where the help is) instead of the whole
+    usage; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\nsee: {self.prog} --help\n")
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv
+
+
+def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  argv: Sequence[str]) -> argparse.Namespace:
+    """YAML values of ``--config`` become the defaults; flags on the command line still win."""
+    values = load_config(args.config)
+    subparser = parser.commands[args.command]
+    known = {action.dest for action in subparser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"--config {args.config}: unknown options {unknown}")
+    subparser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line. Bad input ends in one or two lines on stderr, ``transmatcher-fast
+    <command>: <message>``, and exit status 1 (2 for a malformed command line); anything
+    unexpected in a one-line summary; ``--debug`` shows the traceback instead. Ctrl-C exits 130."""
+    from .engine.validate import error_message, is_user_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        # YAML values become the defaults; flags on the command line still win.
-        values = load_config(args.config)
-        subparser = parser.commands[args.command]
-        known = {action.dest for action in subparser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"--config {args.config}: unknown options {unknown}")
-        subparser.set_defaults(**values)
+    command = next((a for a in argv if a in parser.commands), None)
+    where = f"{PROG} {command}" if command else PROG
+    try:
         args = parser.parse_args(argv)
-    return args.run(args)
+        where = f"{PROG} {args.command}"
+        if getattr(args, "config", None):
+            args = _apply_config(parser, args, argv)
+        return args.run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{where}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if debug:
+            raise
+        if is_user_error(error):
+            raise SystemExit(f"{where}: {error_message(error)}") from None
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"{where}: unexpected {type(error).__name__}: {first}\n"
+                         "run with --debug for the traceback") from None
 
 
 if __name__ == "__main__":

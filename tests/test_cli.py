@@ -1,0 +1,168 @@
+"""The command line as a user meets it: errors in one or two lines (a traceback only with
+--debug), input checked before the long work, Ctrl-C, help, version and ``python -m``.
+
+Every command runs in a subprocess (the console script or ``python -m transmatcher_fast``) on a
+tiny synthetic dataset and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transmatcher_fast import cli
+from transmatcher_fast.data import generate_synthetic
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSMATCHER_FAST_BACKEND": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+ENV.pop("TRITON_INTERPRET", None)
+EXE = shutil.which("transmatcher-fast")
+# 64x32 images -> 4x2 = 8 locations; resnet18 with a 16-channel neck: a few CPU steps a second.
+TINY = ["-d", "market1501", "-a", "resnet18", "--ibn", "none", "--neck", "16", "--num-trans-layers", "2",
+        "--dim-feedforward", "32", "--height", "64", "--width", "32", "-b", "8", "--num-instances", "4",
+        "-j", "0", "--no-freeze-bn", "--no-progress", "--no-tensorboard", "--log-every", "1"]
+
+
+def command(*args, module=False):
+    if module or EXE is None:
+        return [sys.executable, "-m", "transmatcher_fast", *map(str, args)]
+    return [EXE, *map(str, args)]
+
+
+def run(*args, module=False, timeout=120):
+    return subprocess.run(command(*args, module=module), env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_many(commands, timeout=180):
+    """Runs argument lists concurrently; their CompletedProcess-like results in order."""
+    started = [subprocess.Popen(command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for args in commands]
+    results = []
+    for args, process in zip(commands, started):
+        out, err = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(args, process.returncode, out, err))
+    return results
+
+
+def assert_short_error(result, *needles, status=1):
+    text = result.stdout + result.stderr
+    assert result.returncode == status if status is not None else result.returncode != 0, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2, result.stderr
+    for needle in needles:
+        assert str(needle) in result.stderr, (needle, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "data"
+    generate_synthetic(root / "market1501", ids=8, cams=2, images_per_cam=3, seed=1, height=64, width=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A checkpoint of one training step (in process: no subprocess start-up)."""
+    exp = tmp_path_factory.mktemp("run")
+    assert cli.main(["train", *TINY, "--data-dir", str(data_dir), "--exp-dir", str(exp), "--epochs", "1",
+                     "--max-steps-per-epoch", "1", "--overwrite"]) == 0
+    return exp / "checkpoint.pt"
+
+
+def eval_args(data_dir, checkpoint, *extra):
+    return ["eval", "--checkpoint", checkpoint, "--data-dir", data_dir, "-j", "0", "--no-progress", *extra]
+
+
+# --- item 7: one or two lines, the traceback only with --debug --------------------------------
+def test_bad_input_errors_are_one_or_two_lines(data_dir, trained, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(trained.read_bytes()[:4096])
+    empty = tmp_path / "empty" / "market1501"
+    shutil.copytree(data_dir / "market1501", empty)
+    for image in (empty / "query").iterdir():
+        image.unlink()
+    exp_file = tmp_path / "exp-file"
+    exp_file.write_text("not a folder")
+    train = ["train", *TINY, "--data-dir", data_dir, "--epochs", "1", "--max-steps-per-epoch", "1"]
+    cases = {
+        "missing data dir (train)": (["train", *TINY, "--data-dir", tmp_path / "nowhere",
+                                      "--exp-dir", tmp_path / "r1"], [tmp_path / "nowhere", "--data-dir", "synth"]),
+        "missing data dir (eval)": (eval_args(tmp_path / "nowhere", trained), [tmp_path / "nowhere", "--data-dir"]),
+        "missing checkpoint": (eval_args(data_dir, tmp_path / "missing.pt"), ["--checkpoint", "missing.pt", "no such file"]),
+        "truncated checkpoint": (eval_args(data_dir, truncated), ["--checkpoint", "truncated.pt", "truncated"]),
+        "empty query set": (eval_args(empty.parent, trained), ["query", "no images", str(empty)]),
+        "cuda without CUDA (eval)": (eval_args(data_dir, trained, "--device", "cuda"), ["--device cuda", "CUDA", "--device cpu"]),
+        "cuda without CUDA (train)": ([*train, "--exp-dir", tmp_path / "r2", "--device", "cuda"], ["--device cuda", "--device cpu"]),
+        "file-shaped exp-dir": ([*train, "--exp-dir", exp_file], ["--exp-dir", str(exp_file), "not a folder"]),
+        "bad -j (train)": ([*train, "--exp-dir", tmp_path / "r3", "-j", "-1"], ["-j/--workers", "-1"]),
+        "bad -j (eval)": (eval_args(data_dir, trained, "-j", "-2"), ["-j/--workers", "-2"]),
+        "no --checkpoint nor --log": (["visualize", "--out", tmp_path / "pics"], ["--checkpoint", "--log"]),
+    }
+    results = run_many([args for args, _ in cases.values()])
+    for (name, (args, needles)), result in zip(cases.items(), results):
+        print(name, "->", result.stderr.strip())
+        assert_short_error(result, "transmatcher-fast", *needles)
+    assert not (tmp_path / "pics").exists()  # checked before anything was written
+
+
+def test_unknown_dataset_is_a_usage_error(data_dir, trained):
+    result = run(*eval_args(data_dir, trained, "-d", "nosuchset"))
+    assert_short_error(result, "transmatcher-fast eval", "nosuchset", "market1501", status=None)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_exp_dir(data_dir, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        result = run("train", *TINY, "--data-dir", data_dir, "--exp-dir", folder / "run", "--epochs", "1")
+    finally:
+        folder.chmod(0o755)
+    assert_short_error(result, "--exp-dir", "cannot write")
+
+
+def test_read_only_exp_dir_is_refused_before_training(data_dir, tmp_path, monkeypatch):
+    """As root (a read-only folder is writable to root) the check is shown with a failing probe."""
+    from transmatcher_fast.engine import validate
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(validate.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", *TINY, "--data-dir", str(data_dir), "--exp-dir", str(tmp_path / "run")])
+    message = str(info.value.code)
+    assert message.startswith("transmatcher-fast train: --exp-dir") and "Permission denied" in message
+    assert "\n" not in message and not (tmp_path / "run").exists()
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("something broke\nsecond line")
+
+    parser = cli.build_parser()
+    parser.commands["op-demo"].set_defaults(run=boom)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["op-demo"])
+    message = str(info.value.code)
+    assert message.splitlines() == ["transmatcher-fast op-demo: unexpected RuntimeError: something broke",
+                                    "run with --debug for the traceback"]
+    for argv in (["--debug", "op-demo"], ["op-demo", "--debug"]):
+        with pytest.raises(RuntimeError, match="something broke"):
+            cli.main(argv)
+
+
+def test_debug_prints_the_traceback(data_dir, tmp_path):
+    result = run("--debug", *eval_args(data_dir, tmp_path / "missing.pt"))
+    assert result.returncode != 0 and "Traceback" in result.stderr and "missing.pt" in result.stderr
