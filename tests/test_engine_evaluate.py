@@ -207,3 +207,77 @@ def test_load_trained_rejects_other_files(tmp_path):
         load_trained(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError):
         load_trained(tmp_path / "missing.pt")
+
+
+def _with_bad_images(tiny_set, tmp_path):
+    """The tiny set's query and gallery, with one truncated JPEG in each (a copy cut in half) and
+    a missing file in the gallery."""
+    data = build_dataset("market1501", tiny_set)
+    query, gallery = list(data.query), list(data.gallery)
+    bad = []
+    for items, at in ((query, 1), (gallery, 2)):
+        path, pid, cam = items[at]
+        blob = Path(path).read_bytes()
+        cut = tmp_path / f"truncated_{Path(path).name}"
+        cut.write_bytes(blob[: len(blob) // 2])
+        items[at] = (str(cut), pid, cam)
+        bad.append(str(cut))
+    gallery[4] = (str(tmp_path / "missing.jpg"), gallery[4][1], gallery[4][2])
+    return query, gallery, bad + [str(tmp_path / "missing.jpg")]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_errors_name_the_file(tiny_set, tiny_model, tmp_path, workers):
+    from transmatcher_fast.engine.features import ImageReadError, open_image
+
+    model, _ = tiny_model
+    query, gallery, bad = _with_bad_images(tiny_set, tmp_path)
+    with pytest.raises(OSError, match="truncated_") as info:  # ImageReadError is an OSError
+        extract(model, query, height=64, width=32, batch_size=4, workers=workers, progress=False)
+    assert bad[0] in str(info.value)
+    with pytest.raises(ImageReadError, match=r"missing\.jpg"):
+        open_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageReadError, match="truncated_.*cannot read") as info:
+        open_image(bad[0])
+    assert info.value.path == bad[0]
+    from transmatcher_fast.engine import visualize
+    with pytest.raises(ImageReadError, match="truncated_"):
+        visualize.ranked_list_image(bad[0], [], [])
+
+
+def test_skip_bad_images_lists_them_and_evaluates_the_rest(tiny_set, tiny_model, tmp_path, capsys):
+    from transmatcher_fast.engine.features import skipped_summary
+
+    model, matcher = tiny_model
+    query, gallery, bad = _with_bad_images(tiny_set, tmp_path)
+    args = dict(height=64, width=32, batch_size=3, workers=0, progress=False)
+    g = extract(model, gallery, skip_bad_images=True, **args)
+    assert [p for p, _ in g.skipped] == [bad[1], bad[2]]
+    assert "truncated" in g.skipped[0][1] or "Truncated" in g.skipped[0][1]
+    assert len(g) == len(gallery) - 2 and g.indices.tolist() == [i for i in range(len(gallery)) if i not in (2, 4)]
+    assert g.paths == [gallery[i][0] for i in g.indices.tolist()]
+    assert g.pids.tolist() == [gallery[i][1] for i in g.indices.tolist()]
+    # Rows are the good images' features, as an extraction of only them gives.
+    good = [gallery[i] for i in g.indices.tolist()]
+    clean = extract(model, good, **args)
+    torch.testing.assert_close(g.features, clean.features)
+    assert clean.indices is None and clean.skipped == []
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable images" in err and bad[1] in err
+    result = evaluate(model, matcher, query, gallery, skip_bad_images=True, **args)
+    m = result.metrics
+    assert m["num_skipped_images"] == 3 and m["skipped_images"] == bad
+    assert m["num_query_images"] == len(query) - 1 and m["num_gallery_images"] == len(gallery) - 2
+    assert result.distances.shape == (len(query) - 1, len(gallery) - 2)
+    assert result.gallery_items == good and len(result.query_items) == len(query) - 1
+    # Off by default: the first bad image stops the evaluation.
+    with pytest.raises(OSError, match="truncated_"):
+        evaluate(model, matcher, query, gallery, **args)
+    # A batch of bad images only, and nothing readable at all.
+    many = [(bad[0], 1, 0)] * 4 + list(gallery[:2])
+    assert len(extract(model, many, skip_bad_images=True, **args)) == 2
+    with pytest.raises(ValueError, match="no images.*skipped 4 unreadable"):
+        extract(model, many[:4], skip_bad_images=True, **args)
+    listed = skipped_summary([(f"{i}.jpg", "e") for i in range(7)], shown=3)
+    assert listed == "skipped 7 unreadable images: 0.jpg, 1.jpg, 2.jpg, ..."
+    assert skipped_summary([]) == ""

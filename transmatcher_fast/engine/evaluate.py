@@ -9,19 +9,20 @@ gallery items per query, so that memory follows ``Nq * k`` and the chunk size, n
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..data import build_test_transform, make_loader
+from ..data import build_test_transform
 from ..models import build_model, load_upstream_checkpoint, qaconv_neck_layout
 from . import checkpoint as checkpoints
 from . import matching
-from .features import Features, extract_features
+from .features import Features, checked_loader, extract_features, skipped_summary
 from .metrics import RankingMetrics, topk_margin
 from .rerank import k_reciprocal_rerank
 
@@ -31,11 +32,14 @@ Item = Tuple[str, int, int]
 @dataclass
 class Evaluation:
     """What one evaluation produced: the metrics (and timings), the distances (a dense tensor or
-    a :class:`matching.TopK`), and the features."""
+    a :class:`matching.TopK`), the features, and the ``(path, pid, camid)`` items that the rows
+    and columns are (the given ones, less any unreadable images skipped)."""
     metrics: Dict[str, Any]
     distances: Union[torch.Tensor, matching.TopK]
     query: Features
     gallery: Features
+    query_items: Optional[List[Item]] = None
+    gallery_items: Optional[List[Item]] = None
 
 
 def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
@@ -66,23 +70,48 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
 
 
 def extract(model: nn.Module, items: Sequence[Item], *, height: int, width: int, batch_size: int = 128,
-            workers: int = 2, device=None, amp=None, progress: bool = True, desc: str = "features") -> Features:
-    """Features of ``items`` with the test transform (resize, to tensor)."""
-    loader = make_loader(items, build_test_transform(height, width), batch_size, num_workers=workers)
-    return extract_features(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+            workers: int = 2, device=None, amp=None, progress: bool = True, desc: str = "features",
+            skip_bad_images: bool = False) -> Features:
+    """Features of ``items`` with the test transform (resize, to tensor), in item order, with the
+    items' paths (``Features.paths``).
+
+    An unreadable image (truncated, corrupt, missing) raises :class:`features.ImageReadError`
+    naming the file; with ``skip_bad_images=True`` it is skipped instead: the features hold the
+    readable items only (``Features.indices`` says which; ``paths`` are theirs),
+    ``Features.skipped`` lists ``(path, error)`` of the others, and a count and the first paths
+    are printed to stderr."""
+    loader = checked_loader(items, build_test_transform(height, width), batch_size, num_workers=workers,
+                            skip_bad_images=skip_bad_images)
+    out = extract_features(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+    paths = [str(path) for path, _, _ in items]
+    out.paths = paths if out.indices is None else [paths[i] for i in out.indices.tolist()]
+    if out.skipped:
+        print(f"{desc}: {skipped_summary(out.skipped)}", file=sys.stderr, flush=True)
+    return out
+
+
+def kept_items(items: Sequence[Item], features: Features) -> List[Item]:
+    """The items that ``features`` holds rows for, in row order (all of them unless unreadable
+    images were skipped)."""
+    items = list(items)
+    return items if features.indices is None else [items[i] for i in features.indices.tolist()]
 
 
 def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], gallery: Sequence[Item], *,
              height: int, width: int, batch_size: int = 128, workers: int = 2, device=None, amp=None,
              probe_chunk: Optional[int] = None, gallery_chunk: Optional[int] = None,
              topk: Optional[int] = None, rerank: bool = False, k1: int = 20, k2: int = 6,
-             lambda_value: float = 0.3, protocol: str = "market", progress: bool = True) -> Evaluation:
+             lambda_value: float = 0.3, protocol: str = "market", progress: bool = True,
+             skip_bad_images: bool = False) -> Evaluation:
     """Upstream's protocol: query features matched against the gallery, distance
     ``1 - sigmoid(score / 10)``, same-id-same-camera gallery items ignored, CMC and mAP (+ mINP).
 
     ``topk``: keep only the ``topk`` nearest gallery items per query (CMC up to ``topk`` is
     exact, mAP becomes AP@topk); ``rerank``: k-reciprocal re-ranking (needs the dense matrices,
-    so not with ``topk``)."""
+    so not with ``topk``). ``skip_bad_images``: leave unreadable images out (see :func:`extract`)
+    instead of stopping; the metrics then count ``num_skipped_images`` and list
+    ``skipped_images`` (paths), and ``Evaluation.query_items`` / ``gallery_items`` are the
+    images evaluated."""
     if rerank and topk is not None:
         raise ValueError("rerank needs the full query x gallery distances: use it without topk")
     if not query or not gallery:
@@ -91,9 +120,11 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     q = extract(model, query, height=height, width=width, batch_size=batch_size, workers=workers,
-                device=device, amp=amp, progress=progress, desc="query features")
+                device=device, amp=amp, progress=progress, desc="query features",
+                skip_bad_images=skip_bad_images)
     g = extract(model, gallery, height=height, width=width, batch_size=batch_size, workers=workers,
-                device=device, amp=amp, progress=progress, desc="gallery features")
+                device=device, amp=amp, progress=progress, desc="gallery features",
+                skip_bad_images=skip_bad_images)
     timings["features_seconds"] = time.perf_counter() - start
     margin = topk_margin(q.pids, q.cams, g.pids, g.cams) if topk is not None else 0
     start = time.perf_counter()
@@ -115,9 +146,12 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
         ranking.add(dist, q.pids.numpy(), q.cams.numpy())
     else:
         ranking.add_topk(dist.dist, dist.index, q.pids.numpy(), q.cams.numpy(), k=topk)
-    metrics = {**ranking.result(), **timings, "num_query_images": len(query),
-               "num_gallery_images": len(gallery), "rerank": rerank}
-    return Evaluation(metrics, dist, q, g)
+    skipped = [path for path, _ in q.skipped + g.skipped]
+    metrics = {**ranking.result(), **timings, "num_query_images": len(q),
+               "num_gallery_images": len(g), "rerank": rerank}
+    if skip_bad_images:
+        metrics.update(num_skipped_images=len(skipped), skipped_images=skipped)
+    return Evaluation(metrics, dist, q, g, kept_items(query, q), kept_items(gallery, g))
 
 
 def results_table(rows: Dict[str, Dict[str, Any]]) -> str:

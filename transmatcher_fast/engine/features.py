@@ -2,16 +2,25 @@
 
 Features are kept in 16-bit or float32 on the device when they fit in a share of its free memory,
 else in (pinned) host memory, and come back in dataset order with their ids and cameras.
+
+Unreadable images (truncated or corrupt files, files that are not images, missing files) raise an
+:class:`ImageReadError` naming the file. With ``skip_bad_images=True`` (:class:`CheckedImages`)
+they are skipped instead: the features hold the readable images only, ``Features.indices`` says
+which items they are and ``Features.skipped`` lists the ``(path, error)`` of the others, so a long
+extraction does not stop at the ten-thousandth image.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..models import memory
@@ -41,12 +50,118 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+# What reading a broken image file raises: PIL's truncated / unidentified-image errors and missing
+# files are OSErrors; some decoders raise ValueError, SyntaxError or EOFError; huge images raise
+# DecompressionBombError.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+SKIPPED_SHOWN = 5  # paths printed by skipped_summary
+
+
+class ImageReadError(OSError):
+    """An image file that cannot be read; the message starts with its path. ``path`` holds it
+    (None after the exception crossed from a DataLoader worker, which re-creates it from the
+    message alone)."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
+def open_image(path) -> Image.Image:
+    """The RGB image at ``path``, fully decoded; any reading error is re-raised as an
+    :class:`ImageReadError` naming the file and the cause (e.g. ``'.../0001_c1s1_000151_00.jpg:
+    cannot read the image (OSError: image file is truncated ...)'``)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except IMAGE_ERRORS as e:
+        raise ImageReadError(f"{path}: cannot read the image ({type(e).__name__}: {e})", str(path)) from e
+
+
+class CheckedImages(Dataset):
+    """``items`` of ``(path, pid, camid)`` -> ``(transform(image), pid, camid, index)`` as
+    ``data.ReidImageDataset`` gives them (the test-time case: no per-sample re-seeding), with
+    images read by :func:`open_image`, so an unreadable file raises an error naming it.
+
+    With ``skip_bad_images=True`` an unreadable file yields a :class:`BadImage` record instead;
+    :func:`collate_checked` (the loader's ``collate_fn``) puts those aside, and
+    :func:`extract_features` lists them in ``Features.skipped``."""
+
+    def __init__(self, items: Sequence[Tuple[str, int, int]], transform: Optional[Callable] = None,
+                 skip_bad_images: bool = False):
+        self.items, self.transform, self.skip_bad_images = list(items), transform, bool(skip_bad_images)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, pid, camid = self.items[index]
+        try:
+            image = open_image(path)
+        except ImageReadError as e:
+            if not self.skip_bad_images:
+                raise
+            return BadImage(int(index), str(path), str(e))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, pid, camid, index
+
+
+@dataclass
+class BadImage:
+    """An item whose file could not be read: its position, path and the error message."""
+    index: int
+    path: str
+    error: str
+
+
+def collate_checked(samples):
+    """``default_collate`` of the readable samples -> ``(images, pids, cams, indices, bad)``,
+    ``bad`` the list of ``(index, path, error)`` of the unreadable ones; ``images`` etc. are
+    None when the whole batch was unreadable."""
+    good = [s for s in samples if not isinstance(s, BadImage)]
+    bad = [(s.index, s.path, s.error) for s in samples if isinstance(s, BadImage)]
+    if not good:
+        return None, None, None, None, bad
+    return (*default_collate(good), bad)
+
+
+def checked_loader(items: Sequence[Tuple[str, int, int]], transform: Optional[Callable], batch_size: int, *,
+                   num_workers: int = 2, skip_bad_images: bool = False,
+                   pin_memory: Optional[bool] = None) -> DataLoader:
+    """A sequential loader over :class:`CheckedImages` for extraction (dataset order, no
+    shuffling, nothing dropped), batches as :func:`collate_checked` makes them."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return DataLoader(CheckedImages(items, transform, skip_bad_images), batch_size=batch_size,
+                      shuffle=False, num_workers=num_workers, collate_fn=collate_checked,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+
+
+def skipped_summary(skipped: Sequence[Tuple[str, str]], shown: int = SKIPPED_SHOWN) -> str:
+    """``"skipped 3 unreadable images: a.jpg, b.jpg, c.jpg"`` (the count, then the first
+    ``shown`` paths and "..." when there are more); an empty string when nothing was skipped."""
+    if not skipped:
+        return ""
+    paths = [str(p) for p, _ in skipped]
+    more = ", ..." if len(paths) > shown else ""
+    noun = "image" if len(paths) == 1 else "images"
+    return f"skipped {len(paths)} unreadable {noun}: " + ", ".join(paths[:shown]) + more
+
+
 @dataclass
 class Features:
-    """Extracted features in dataset order, with the items' ids and cameras (int64 tensors)."""
+    """Extracted features in dataset order, with the items' ids and cameras (int64 tensors).
+
+    ``paths``: the items' image paths when known (``evaluate.extract`` records them).
+    ``indices``: the positions in the item list of the rows (None: every item, in order; set
+    when unreadable images were skipped). ``skipped``: ``(path, error)`` of the items left out."""
     features: Tensor
     pids: Tensor
     cams: Tensor
+    paths: Optional[List[str]] = None
+    indices: Optional[Tensor] = None
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -65,7 +180,10 @@ def extract_features(model: nn.Module, loader, *, device: Union[str, torch.devic
                      storage_device: Union[str, torch.device, None] = None,
                      progress: bool = True, desc: str = "features") -> Features:
     """Run ``model`` (in eval mode; its mode is restored afterwards) over ``loader``, which yields
-    ``(images, pids, cams, indices)`` as ``data.make_loader`` does.
+    ``(images, pids, cams, indices)`` as ``data.make_loader`` does, or ``(images, pids, cams,
+    indices, bad)`` as :func:`checked_loader` does: the rows of the ``bad`` items (unreadable,
+    skipped) are left out of the result, ``indices`` then says which items the rows are and
+    ``skipped`` lists the bad ones' ``(path, error)``.
 
     ``amp``: autocast dtype (default bfloat16 on CUDA, none on CPU). ``storage_dtype``: dtype of the
     stored features (default: the autocast dtype, else float32). ``storage_device``: where they
@@ -77,8 +195,14 @@ def extract_features(model: nn.Module, loader, *, device: Union[str, torch.devic
     was_training = model.training
     model.eval()
     store = pids = cams = None
+    bad: List[Tuple[int, str, str]] = []
     try:
-        for images, pid, cam, index in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
+        for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
+            images, pid, cam, index = batch[:4]
+            if len(batch) > 4:
+                bad += batch[4]
+            if images is None:  # every image of the batch was unreadable
+                continue
             with autocast(device, amp):
                 out = model(images.to(device, non_blocking=True))
             if store is None:  # the first batch tells the per-image shape
@@ -94,5 +218,13 @@ def extract_features(model: nn.Module, loader, *, device: Union[str, torch.devic
     finally:
         model.train(was_training)
     if store is None:
-        raise ValueError(f"{desc}: the loader yielded no images")
-    return Features(store, pids, cams)
+        why = f" ({skipped_summary([(p, e) for _, p, e in bad])})" if bad else ""
+        raise ValueError(f"{desc}: the loader yielded no images{why}")
+    if not bad:
+        return Features(store, pids, cams)
+    bad.sort()
+    keep = torch.ones(count, dtype=torch.bool)
+    keep[torch.tensor([i for i, _, _ in bad], dtype=torch.int64)] = False
+    indices = keep.nonzero().flatten()
+    return Features(store[indices.to(store.device)], pids[indices], cams[indices], indices=indices,
+                    skipped=[(p, e) for _, p, e in bad])

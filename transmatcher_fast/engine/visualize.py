@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..models import QAConv, TransMatcher
 from ..ops import max_sim
+from .features import open_image
 
 __all__ = [
     "LABEL_HEIGHT",
@@ -101,9 +102,8 @@ def _load_image(image: ImageLike, size_hw: tuple[int, int]) -> Image.Image:
     """An RGB copy of ``image`` (a path or a PIL image) resized to (height, width)."""
     if isinstance(image, Image.Image):
         rgb = image.convert("RGB")
-    else:
-        with Image.open(image) as opened:
-            rgb = opened.convert("RGB")
+    else:  # an unreadable file raises an ImageReadError naming it
+        rgb = open_image(image)
     h, w = size_hw
     return rgb.resize((w, h), Image.Resampling.BILINEAR)
 
