@@ -166,3 +166,102 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
 def test_debug_prints_the_traceback(data_dir, tmp_path):
     result = run("--debug", *eval_args(data_dir, tmp_path / "missing.pt"))
     assert result.returncode != 0 and "Traceback" in result.stderr and "missing.pt" in result.stderr
+
+
+# --- item 10: Ctrl-C ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def larger_data_dir(tmp_path_factory):
+    """Enough identities for several steps per epoch and a slow enough evaluation to interrupt."""
+    root = tmp_path_factory.mktemp("cli-larger") / "data"
+    generate_synthetic(root / "market1501", ids=40, cams=2, images_per_cam=4, seed=2, height=64, width=32)
+    return root
+
+
+def _wait_for(predicate, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the process ended or stalled first (exit status {process.poll()})")
+
+
+def _log_records(exp_dir):
+    log = Path(exp_dir) / "log.jsonl"
+    lines = log.read_text().split("\n")[:-1] if log.exists() else []  # complete lines only
+    return [json.loads(line) for line in lines]
+
+
+def _interrupt(process):
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
+
+
+def test_ctrl_c_during_training_names_the_last_checkpoint(larger_data_dir, tmp_path):
+    exp = tmp_path / "run"
+    process = subprocess.Popen(command("train", *TINY, "--data-dir", larger_data_dir, "--exp-dir", exp,
+                                       "--epochs", "100", "--max-steps-per-epoch", "2"),
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # a complete checkpoint exists once the first epoch record is logged and a step of epoch 2 ran
+        _wait_for(lambda: any(r["kind"] == "step" and r["epoch"] >= 1 for r in _log_records(exp)), process)
+        status, out, err = _interrupt(process)
+    finally:
+        process.kill()
+        process.wait()
+    assert status == 130, err[-3000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    epoch = torch.load(exp / "checkpoint.pt", weights_only=True)["epoch"]
+    assert f"interrupted; last complete checkpoint: {exp / 'checkpoint.pt'} (epoch {epoch}); " \
+           "continue with --resume" in err
+    assert epoch >= 1
+    # the lock was released: --resume there starts at once (and has nothing left to train)
+    resumed = subprocess.run(command("train", *TINY, "--data-dir", larger_data_dir, "--exp-dir", exp,
+                                     "--epochs", str(epoch), "--max-steps-per-epoch", "2", "--resume"),
+                             env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and f"{epoch} epochs done" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_ctrl_c_before_the_first_checkpoint(larger_data_dir, tmp_path):
+    exp = tmp_path / "run"
+    process = subprocess.Popen(command("train", *TINY, "--data-dir", larger_data_dir, "--exp-dir", exp,
+                                       "--epochs", "1", "-b", "4", "--num-instances", "2"),
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(r["kind"] == "step" for r in _log_records(exp)), process)
+        status, out, err = _interrupt(process)
+    finally:
+        process.kill()
+        process.wait()
+    assert status == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip() == "transmatcher-fast train: interrupted; no checkpoint written yet"
+    assert not (exp / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_during_evaluation_exits_130(larger_data_dir, trained):
+    env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command(*eval_args(larger_data_dir, trained, "-b", "1")), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "Loaded Market1501" in process.stdout.readline()  # the dataset summary: extraction next
+        status, out, err = _interrupt(process)
+    finally:
+        process.kill()
+        process.wait()
+    assert status == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip() == "transmatcher-fast eval: interrupted"
+
+
+@pytest.mark.parametrize("name", ["extract", "visualize"])
+def test_ctrl_c_in_other_commands_exits_130(name, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    parser.commands[name].set_defaults(run=interrupted)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    with pytest.raises(SystemExit) as info:
+        cli.main([name, "--checkpoint", "x.pt", "--out", "y"])
+    assert info.value.code == 130
+    assert capsys.readouterr().err == f"transmatcher-fast {name}: interrupted\n"

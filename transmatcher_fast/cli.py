@@ -27,6 +27,7 @@ import torch
 from . import benchmarking, ops, reference
 from .engine.validate import UserError
 
+PROG = "transmatcher-fast"
 # Namespace entries that are not options of the command's engine configuration.
 _NOT_OPTIONS = ("command", "run", "config", "debug")
 
@@ -119,10 +120,32 @@ def run_train(args: argparse.Namespace) -> int:
     values = {key: value for key, value in vars(args).items() if key not in _NOT_OPTIONS}
     config = TrainConfig.from_dict(values)  # a bad value: ValueError, one line (see main)
     _check_train_paths(config)
-    trainer = Trainer(config)  # RunDirError: the folder is in use or holds a run
-    trainer.fit()
+    try:
+        trainer = Trainer(config)  # RunDirError: the folder is in use or holds a run
+        trainer.fit()
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{PROG} train: interrupted; {_last_checkpoint(config.exp_dir)}", file=sys.stderr)
+        raise SystemExit(130) from None
     trainer.close()
     return 0
+
+
+def _last_checkpoint(exp_dir) -> str:
+    """What a run interrupted in ``exp_dir`` can continue from, for the console."""
+    from pathlib import Path
+
+    from .engine.rundir import CHECKPOINT_NAME
+
+    path = Path(exp_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return "no checkpoint written yet"
+    try:  # mmap: only the small values are read, not every tensor
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:
+        return f"{path} cannot be read"
+    return f"last complete checkpoint: {path} (epoch {epoch}); continue with --resume"
 
 
 def _check_train_paths(config) -> None:
@@ -497,9 +520,6 @@ def add_eval_parsers(commands) -> None:
     pictures.add_argument("--pairs", type=_positive_int, default=3, help="correspondence pictures")
     pictures.add_argument("--seed", type=int, default=0)
     pictures.set_defaults(run=run_visualize)
-
-
-PROG = "transmatcher-fast"
 
 
 class _Parser(argparse.ArgumentParser):
