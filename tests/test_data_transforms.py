@@ -123,3 +123,52 @@ def test_dataset_and_loader(tmp_path):
     assert sorted(torch.cat([b[3] for b in first]).tolist()) == list(range(6))
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         make_loader(items, None, 0)
+
+
+def _items(tmp_path, n=8):
+    items = []
+    for i in range(n):
+        path = tmp_path / f"{i:04d}_c1s1_000001_00.jpg"
+        noise_image(40, 20, seed=i).save(path)
+        items.append((str(path), i % 4, i % 2))
+    return items
+
+
+def test_seeded_loader_augments_alike_for_any_worker_count(tmp_path):
+    """A seeded loader's augmentation is a function of (seed, stream, epoch, position, index):
+    0, 1 or 2 workers give the same batches; another epoch, seed, stream or position gives other
+    augmentations, and the same index twice in one epoch is augmented twice differently."""
+    items = _items(tmp_path)
+    order = [3, 1, 3, 0, 7, 5, 2, 3]  # index 3 three times, as the graph sampler repeats images
+
+    def batches(workers, epoch=0, seed=5, stream=0):
+        loader = make_loader(items, build_train_transform(32, 16), batch_size=4, sampler=order,
+                             num_workers=workers, seed=seed, stream=stream)
+        loader.dataset.set_epoch(epoch)
+        return [b for b in loader]
+
+    reference = batches(0)
+    assert [b[3].tolist() for b in reference] == [order[:4], order[4:]]
+    for workers in (1, 2):
+        for a, b in zip(reference, batches(workers)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
+    images = torch.cat([b[0] for b in reference])
+    assert not torch.equal(images[0], images[2]) and not torch.equal(images[0], images[7])
+    for other in (batches(0, epoch=1), batches(0, seed=6), batches(0, stream=1)):
+        assert not torch.equal(torch.cat([b[0] for b in other]), images)
+    assert len(make_loader(items, None, 4, sampler=order, seed=0)) == 2
+
+
+def test_seeded_shuffling_loader_repeats_and_ignores_workers(tmp_path):
+    items = _items(tmp_path)
+
+    def batches(workers):
+        loader = make_loader(items, build_train_transform(32, 16), batch_size=3, shuffle=True,
+                             num_workers=workers, seed=11)
+        return [b for b in loader]
+
+    zero, two = batches(0), batches(2)
+    for a, b in zip(zero, two):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
+    assert sorted(torch.cat([b[3] for b in zero]).tolist()) == list(range(8))
+    assert torch.cat([b[3] for b in zero]).tolist() != list(range(8))  # shuffled

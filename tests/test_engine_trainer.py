@@ -351,3 +351,186 @@ def test_rng_state_round_trip():
 def test_missing_dataset_names_the_folder(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path / "nowhere")):
         Trainer(tiny_config(tmp_path / "nowhere", tmp_path / "run"))
+
+
+# --- worker count, resume rules, evaluation during training, provenance, configs ----------------
+def test_step_losses_do_not_depend_on_the_worker_count(data_dir, tmp_path):
+    """Every sample's augmentation derives from (seed, rank, epoch, position, index) in whichever
+    process loads it: -j 0 and -j 2 train alike, so a resume may change -j."""
+    losses = {}
+    for workers in ("0", "2"):
+        exp = tmp_path / f"j{workers}"
+        Trainer(tiny_config(data_dir, exp, "-j", workers, "--epochs", "1",
+                            "--max-steps-per-epoch", "3")).fit()
+        losses[workers] = [r["loss"] for r in records(exp, "step")]
+    assert len(losses["0"]) == 3 and losses["0"] == losses["2"]
+
+
+def test_resume_applies_and_logs_the_options_that_may_change(data_dir, tmp_path):
+    """--resume with more epochs, other workers and logging: applied, a "resume" record lists
+    them, the checkpoint keeps the list, and config.yaml stays the start's."""
+    Trainer(tiny_config(data_dir, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2")).fit()
+    config_yaml = (tmp_path / "config.yaml").read_text()
+    resumed = Trainer(tiny_config(data_dir, tmp_path, "--epochs", "2", "--max-steps-per-epoch", "4",
+                                  "--log-every", "2", "-j", "1", "--resume"))
+    resumed.fit()
+    [record] = records(tmp_path, "resume")
+    assert record["epoch"] == 1 and record["step"] == 2
+    assert record["changed"] == {"epochs": [1, 2], "log_every": [1, 2], "workers": [0, 1],
+                                 "max_steps_per_epoch": [2, 4]}
+    # Epoch 2: 4 steps, its first and every second one logged.
+    assert [r["step"] for r in records(tmp_path, "step")] == [1, 2, 3, 4, 6]
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["config"]["epochs"] == 2
+    assert state["config_changes"] == [{"epoch": 1, "changed": record["changed"]}]
+    assert (tmp_path / "config.yaml").read_text() == config_yaml  # kept: the changes are logged
+
+
+def test_resume_refuses_other_changed_options_naming_them(data_dir, tmp_path):
+    from transmatcher_fast.engine.trainer import ResumeConfigError
+    from transmatcher_fast.engine.rundir import RunDirError
+
+    Trainer(tiny_config(data_dir, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "1")).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "train.lock"}
+    with pytest.raises(ResumeConfigError) as info:
+        Trainer(tiny_config(data_dir, tmp_path, "--epochs", "2", "--lr", "0.1", "-b", "8",
+                            "--resume"))
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RunDirError)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "lr (checkpoint 0.005, given 0.1)" in message and "batch-size (checkpoint 16, given 8)" in message
+    assert "epochs (" not in message  # may change: not a reason to refuse
+    # The CLI: one line, nothing written, the lock released (the same resume with the
+    # checkpoint's options then goes on).
+    quick = ["train", *TINY, "--data-dir", str(data_dir), "--exp-dir", str(tmp_path),
+             "--max-steps-per-epoch", "1", "--resume"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(quick + ["--epochs", "2", "--lr", "0.1"])
+    assert "\n" not in str(exit_info.value.code) and "lr (checkpoint 0.005, given 0.1)" in str(exit_info.value.code)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "train.lock"}
+    assert after == before
+    assert main(quick + ["--epochs", "2"]) == 0
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_check_treats_missing_options_as_defaults_and_ignores_start_options():
+    from transmatcher_fast.engine.trainer import ResumeConfigError, check_resume
+
+    saved = TrainConfig(epochs=3).__dict__.copy()
+    del saved["eval_every"]  # a checkpoint of an older version
+    assert check_resume(saved, TrainConfig(epochs=3, resume=True)) == {}
+    assert check_resume(saved, TrainConfig(epochs=5, eval_every=1, resume=True)) == {
+        "epochs": [3, 5], "eval_every": [0, 1]}
+    with pytest.raises(ResumeConfigError, match=r"seed \(checkpoint 0, given 1\)"):
+        check_resume(saved, TrainConfig(epochs=3, seed=1, resume=True))
+
+
+def test_eval_every_logs_metrics_keeps_best_and_leaves_training_alone(data_dir, tmp_path):
+    """--eval-every 1: an "eval" record per epoch (rank-1, mAP, provenance) in log.jsonl and
+    TensorBoard, best.pt (loadable for evaluation) beside checkpoint.pt; the step losses equal a
+    run without evaluation; a resume keeps the best so far."""
+    from transmatcher_fast.engine.evaluate import load_trained
+
+    plain = tmp_path / "plain"
+    Trainer(tiny_config(data_dir, plain, "--epochs", "2", "--max-steps-per-epoch", "2")).fit()
+    run = tmp_path / "eval"
+    Trainer(tiny_config(data_dir, run, "--epochs", "1", "--max-steps-per-epoch", "2",
+                        "--eval-every", "1", "--tensorboard")).fit()
+    [first] = records(run, "eval")
+    assert first["epoch"] == 0 and 0 <= first["rank1"] <= 1 and 0 <= first["mAP"] <= 1
+    assert first["is_best"] and first["best_mAP"] == first["mAP"] and first["best_epoch"] == 0
+    provenance = first["provenance"]
+    assert provenance["version"] == __import__("transmatcher_fast").__version__
+    assert provenance["dataset"] == "market" and provenance["protocol"] == "market"
+    assert provenance["model"]["arch"] == "resnet18" and provenance["epochs_done"] == 1
+    assert provenance["checkpoint"].endswith("checkpoint.pt") and provenance["date"]
+    best = checkpoint.load(run / "best.pt")
+    assert best["epoch"] == 1 and best["metrics"]["mAP"] == first["mAP"]
+    model, matcher, config = load_trained(run / "best.pt")
+    assert config["neck"] == 16
+    assert checkpoint.load(run / "checkpoint.pt")["best"] == {"epoch": 0, "mAP": first["mAP"],
+                                                              "rank1": first["rank1"]}
+    assert not list(run.glob(".best.pt.*"))
+    # TensorBoard has the eval scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"eval/mAP", "eval/rank1"} <= set(events.Tags()["scalars"])
+    # Resume for a second epoch: the best so far is kept and compared against.
+    resumed = Trainer(tiny_config(data_dir, run, "--epochs", "2", "--max-steps-per-epoch", "2",
+                                  "--eval-every", "1", "--tensorboard", "--resume"))
+    resumed.fit()
+    evals = records(run, "eval")
+    assert [r["epoch"] for r in evals] == [0, 1]
+    assert evals[1]["best_mAP"] == max(first["mAP"], evals[1]["mAP"])
+    assert evals[1]["best_epoch"] == (1 if evals[1]["mAP"] > first["mAP"] else 0)
+    assert checkpoint.load(run / "best.pt")["epoch"] == evals[1]["best_epoch"] + 1
+    # Evaluation draws nothing from the training's random streams.
+    assert [r["loss"] for r in records(run, "step")] == [r["loss"] for r in records(plain, "step")]
+
+
+def test_config_yaml_records_the_run_and_reads_back_through_config(data_dir, tmp_path, monkeypatch):
+    import yaml
+
+    from transmatcher_fast import cli
+    config = tiny_config(data_dir, tmp_path / "run", "--epochs", "1", "--max-steps-per-epoch", "1",
+                         "--lr", "0.03", "--eval-every", "0")
+    Trainer(config).fit()
+    path = tmp_path / "run" / "config.yaml"
+    values = yaml.safe_load(path.read_text())
+    assert "resume" not in values and "overwrite" not in values
+    assert values["lr"] == 0.03 and values["neck"] == 16 and values["ibn"] is None
+    assert not list((tmp_path / "run").glob(".config.yaml*"))
+    assert _config_through_cli(monkeypatch, cli, path) == config  # the same TrainConfig
+    # config.yaml is one of the run's files: a folder with only it (a run killed before its first
+    # record) is not taken over by a fresh start.
+    from transmatcher_fast.engine.rundir import RunDirError
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    (tmp_path / "run" / "log.jsonl").unlink()
+    with pytest.raises(RunDirError, match=r"already holds a training run \(config.yaml\)"):
+        Trainer(tiny_config(data_dir, tmp_path / "run"))
+    # --resume there repeats the start that was killed (one command starts and restarts a job).
+    again = Trainer(tiny_config(data_dir, tmp_path / "run", "--epochs", "1", "--max-steps-per-epoch",
+                                "1", "--lr", "0.04", "--resume"))
+    again.fit()
+    assert yaml.safe_load(path.read_text())["lr"] == 0.04
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def _config_through_cli(monkeypatch, cli, path, *extra) -> TrainConfig:
+    """``transmatcher-fast train --config PATH`` parsed as the CLI does, up to the TrainConfig."""
+    parser = build_parser()
+    seen = {}
+    parser.commands["train"].set_defaults(run=lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert main(["train", "--config", str(path), *extra]) == 0
+    return TrainConfig.from_dict({k: v for k, v in seen.items() if k not in ("command", "run", "config", "debug")})
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_shipped_configs_parse_into_train_configs(monkeypatch):
+    from transmatcher_fast import cli
+    from transmatcher_fast.engine.demo import DemoConfig
+    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"transmatcher.yaml", "qaconv.yaml",
+                                                         "qaconv20.yaml", "cpu_small.yaml"}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        config = _config_through_cli(monkeypatch, cli, path)
+        assert isinstance(config, TrainConfig), path
+    tm = _config_through_cli(monkeypatch, cli, CONFIGS / "transmatcher.yaml")
+    assert tm == TrainConfig(neck=512)  # upstream's defaults are TrainConfig's
+    qa = _config_through_cli(monkeypatch, cli, CONFIGS / "qaconv.yaml")
+    assert (qa.matcher, qa.neck, qa.num_instances, qa.loss, qa.margin, qa.clip_value, qa.schedule,
+            qa.step_factor, qa.max_epochs, qa.lr) == ("qaconv", 128, 2, "triplet", 16.0, 8.0,
+                                                      "adaptive", 0.7, 60, 0.005)
+    qa20 = _config_through_cli(monkeypatch, cli, CONFIGS / "qaconv20.yaml")
+    assert (qa20.neck, qa20.lr, qa20.loss, qa20.epochs, qa20.step_size) == (64, 0.001, "pairwise", 15, 10)
+    small = _config_through_cli(monkeypatch, cli, CONFIGS / "cpu_small.yaml", "--epochs", "2")
+    demo = DemoConfig()
+    assert small.epochs == 2  # flags win over the file
+    assert (small.arch, small.ibn, small.height, small.width) == ("resnet18", None, demo.height, demo.width)
+    for name in ("neck", "num_trans_layers", "dim_feedforward", "batch_size", "num_instances", "lr",
+                 "backbone_lr_factor", "step_size", "workers"):
+        assert getattr(small, name) == getattr(demo, name), name
+    assert small.freeze_bn is False

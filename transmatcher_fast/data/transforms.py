@@ -7,18 +7,21 @@ place (always), to tensor. Upstream normalises nothing, and the models here expe
 like upstream's checkpoints; ImageNet normalisation is available with ``normalize=True``.
 
 Every random transform draws from an explicit ``random.Random`` (``rng``), so a seeded one repeats
-exactly; ``Compose.reseed`` re-seeds them, which ``make_loader`` does in every worker.
+exactly; ``Compose.reseed`` re-seeds them. A seeded loader (``make_loader(seed=...)``) re-seeds the
+transform before every sample from a hash of (seed, stream, epoch, position in the epoch, index), in
+whichever process loads it, so a sample's augmentation does not depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -200,16 +203,41 @@ def build_test_transform(height: int = 384, width: int = 128, normalize: bool = 
     return Compose([Resize(height, width), ToTensor()] + ([Normalize()] if normalize else []))
 
 
-class ReidImageDataset(Dataset):
-    """``items`` of (path, pid, camid) -> ``(transform(image), pid, camid, index)``."""
+def sample_seed(seed: int, stream: int, epoch: int, position: int, index: int) -> int:
+    """The augmentation seed of one sample: a hash of (seed, stream, epoch, position, index), the
+    same in every process (Python's ``hash`` is salted per process; this is not)."""
+    key = f"{seed}:{stream}:{epoch}:{position}:{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
-    def __init__(self, items: Sequence[Tuple[str, int, int]], transform: Optional[Callable] = None):
+
+class ReidImageDataset(Dataset):
+    """``items`` of (path, pid, camid) -> ``(transform(image), pid, camid, index)``.
+
+    With ``seed``, a key ``(index, epoch, position)`` (what :class:`SampleKeys` yields) re-seeds
+    the transform from :func:`sample_seed` before it runs, so the augmentation of a sample depends
+    on (seed, stream, epoch, position, index) only, not on which worker loads it. ``stream``
+    separates the ranks of a distributed run. A plain integer index is loaded as it is."""
+
+    def __init__(self, items: Sequence[Tuple[str, int, int]], transform: Optional[Callable] = None, *,
+                 seed: Optional[int] = None, stream: int = 0):
         self.items, self.transform = list(items), transform
+        self.seed, self.stream, self.epoch = seed, stream, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that the next iteration of a seeded loader draws its augmentations for."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, epoch, position = key
+            reseed = getattr(self.transform, "reseed", None)
+            if self.seed is not None and reseed is not None:
+                reseed(sample_seed(self.seed, self.stream, epoch, position, index))
+        else:
+            index = key
         path, pid, camid = self.items[index]
         with Image.open(path) as image:
             image = image.convert("RGB")
@@ -218,9 +246,33 @@ class ReidImageDataset(Dataset):
         return image, pid, camid, index
 
 
+class SampleKeys(Sampler):
+    """Wraps a sampler of indices: yields ``(index, epoch, position)``, the epoch being the
+    dataset's at the start of the iteration (read in the main process, so workers that were
+    forked earlier cannot see a stale one) and the position counting the samples of this
+    iteration. ``len`` and ``set_epoch`` / ``state_dict`` go to the wrapped sampler."""
+
+    def __init__(self, sampler, dataset: ReidImageDataset):
+        self.sampler, self.dataset = sampler, dataset
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.dataset.epoch
+        for position, index in enumerate(self.sampler):
+            yield int(index), epoch, position
+
+    def __getattr__(self, name):
+        if name in ("sampler", "dataset"):  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
 def _reseed_worker(worker_id: int) -> None:
     """Workers start with copies of one transform state: give each its own stream, derived from
-    the loader's seed, so augmentations differ across workers and epochs yet repeat run to run."""
+    the loader's seed, so augmentations differ across workers and epochs yet repeat run to run.
+    (A seeded loader re-seeds per sample anyway; this covers unseeded ones.)"""
     info = torch.utils.data.get_worker_info()
     reseed = getattr(info.dataset.transform, "reseed", None)
     if reseed is not None:
@@ -229,13 +281,22 @@ def _reseed_worker(worker_id: int) -> None:
 
 def make_loader(items, transform: Optional[Callable], batch_size: int, *, shuffle: bool = False,
                 sampler=None, num_workers: int = 2, drop_last: bool = False, seed: Optional[int] = None,
-                pin_memory: Optional[bool] = None) -> DataLoader:
+                pin_memory: Optional[bool] = None, stream: int = 0) -> DataLoader:
     """A DataLoader over ``ReidImageDataset(items, transform)``; pinned memory when CUDA is there.
-    ``seed`` fixes shuffling and the workers' augmentation streams."""
+
+    ``seed`` fixes shuffling (``loader.generator``) and makes every sample's augmentation a
+    function of (seed, stream, epoch, position, index) whatever ``num_workers`` is: the sampler
+    is wrapped in :class:`SampleKeys` and ``loader.dataset.set_epoch(e)`` selects the epoch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(ReidImageDataset(items, transform), batch_size=batch_size,
+    dataset = ReidImageDataset(items, transform, seed=seed, stream=stream)
+    if seed is not None:
+        if sampler is None:
+            sampler = (RandomSampler(dataset, generator=generator) if shuffle
+                       else SequentialSampler(dataset))
+        sampler = SampleKeys(sampler, dataset)
+    return DataLoader(dataset, batch_size=batch_size,
                       shuffle=shuffle if sampler is None else False, sampler=sampler,
                       num_workers=num_workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

@@ -1,16 +1,17 @@
 """An experiment folder (``--exp-dir``) owned by one training run at a time.
 
-A run's files are ``checkpoint.pt``, ``log.jsonl`` and ``tensorboard/events.out.tfevents.*``; its
-temporaries are ``.checkpoint.pt.*.tmp`` (an atomic save that was killed) and ``.log.jsonl.tmp``
-(a log rewrite that was killed). :func:`open_run` decides, before anything is written, what a
+A run's files are ``checkpoint.pt``, ``best.pt``, ``config.yaml``, ``log.jsonl`` and
+``tensorboard/events.out.tfevents.*``; its temporaries are ``.checkpoint.pt.*.tmp`` and
+``.best.pt.*.tmp`` (an atomic save that was killed), ``.log.jsonl.tmp`` (a log rewrite that was
+killed) and ``.config.yaml.tmp``. :func:`open_run` decides, before anything is written, what a
 start does with them:
 
 - a fresh start (neither ``resume`` nor ``overwrite``) needs a folder without a run: it refuses
   to replace one;
 - ``overwrite`` removes the old run's files (those above, nothing else) and starts fresh;
 - ``resume`` continues from ``checkpoint.pt``; without one it starts fresh only if the folder
-  holds no run files either (so a new log never follows an old run's records), and refuses
-  otherwise.
+  holds no run files either but perhaps ``config.yaml`` (so a new log never follows an old run's
+  records), and refuses otherwise.
 
 While a run lives it holds an exclusive ``flock`` on ``EXP_DIR/train.lock`` holding its pid, so
 a second run on the same folder fails at once and names the holder; the operating system drops
@@ -32,6 +33,8 @@ from typing import List, Optional, Union
 from . import checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+CONFIG_NAME = "config.yaml"
 LOG_NAME = "log.jsonl"
 TENSORBOARD_NAME = "tensorboard"
 LOCK_NAME = "train.lock"
@@ -52,10 +55,17 @@ def log_temporary(folder: PathLike) -> Path:
     return Path(folder) / f".{LOG_NAME}.tmp"
 
 
+def config_temporary(folder: PathLike) -> Path:
+    """The temporary file ``config.yaml`` is written through."""
+    return Path(folder) / f".{CONFIG_NAME}.tmp"
+
+
 def run_files(folder: PathLike) -> List[Path]:
-    """The files of a training run in ``folder``: checkpoint, log and TensorBoard event files."""
+    """The files of a training run in ``folder``: checkpoints (latest and best), configuration,
+    log and TensorBoard event files."""
     folder = Path(folder)
-    found = [folder / name for name in (CHECKPOINT_NAME, LOG_NAME) if (folder / name).is_file()]
+    found = [folder / name for name in (CHECKPOINT_NAME, BEST_NAME, CONFIG_NAME, LOG_NAME)
+             if (folder / name).is_file()]
     tensorboard = folder / TENSORBOARD_NAME
     if tensorboard.is_dir():
         found += sorted(p for p in tensorboard.glob(TENSORBOARD_PATTERN) if p.is_file())
@@ -65,8 +75,9 @@ def run_files(folder: PathLike) -> List[Path]:
 def temporaries(folder: PathLike) -> List[Path]:
     """The temporaries a killed trainer may leave in ``folder`` (not in its sub-folders)."""
     folder = Path(folder)
-    found = checkpoint.temporaries(folder / CHECKPOINT_NAME)
-    found += [p for p in (log_temporary(folder), folder / _LEGACY_LOG_TMP) if p.is_file()]
+    found = checkpoint.temporaries(folder / CHECKPOINT_NAME) + checkpoint.temporaries(folder / BEST_NAME)
+    found += [p for p in (log_temporary(folder), config_temporary(folder), folder / _LEGACY_LOG_TMP)
+              if p.is_file()]
     return found
 
 
@@ -233,7 +244,10 @@ def open_run(folder: PathLike, *, resume: bool = False, overwrite: bool = False)
             mode = "overwrite"
         elif resume:
             mode = "resume"
-            if not (folder / CHECKPOINT_NAME).is_file() and existing:
+            # config.yaml alone: killed between writing it and the first record (the first
+            # epoch's planning can take minutes); that start is repeated, config.yaml rewritten.
+            if not (folder / CHECKPOINT_NAME).is_file() and [p for p in existing
+                                                           if p.name != CONFIG_NAME]:
                 raise RunDirError(
                     f"{folder} has no {CHECKPOINT_NAME} to resume from but holds another run's files "
                     f"({_describe(folder, existing)}; killed before its first checkpoint?): pass "

@@ -7,7 +7,14 @@ at 0.1x the learning rate, autocast + GradScaler, gradient-norm clipping of the 
 the matcher separately. At the end of every epoch a checkpoint with everything needed to go on
 (model, matcher, optimizer, scaler, schedule, sampler, RNG state) replaces the previous one
 atomically, so a run killed at any time loses at most the epoch in progress, and ``resume``
-repeats that epoch exactly: every random stream of an epoch is derived from (seed, epoch).
+repeats that epoch exactly: every random stream of an epoch is derived from (seed, epoch), and
+each sample's augmentation from (seed, rank, epoch, position, index), whatever the worker count.
+
+EXP_DIR holds ``config.yaml`` (the resolved configuration, written atomically at a fresh start and
+kept on resume), ``checkpoint.pt``, ``best.pt`` (with ``--eval-every``: the model of the best mAP so
+far), ``log.jsonl`` and ``tensorboard/``. A resume applies the options of
+:data:`RESUME_MAY_CHANGE` (logged as a ``"resume"`` record) and refuses any other difference from
+the checkpoint's configuration (:class:`ResumeConfigError`).
 
 Under ``torchrun`` the feature model and the matcher train as one DistributedDataParallel module;
 each rank takes whole batches of the sampler's plan.
@@ -31,10 +38,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..data import build_dataset, build_train_transform, make_loader
 from ..models import build_model
 from . import checkpoint, matching, rundir
-from .evaluate import extract
+from .evaluate import evaluate, extract
 from .features import autocast, parse_dtype
 from .losses import PairwiseMatchingLoss, TripletLoss
 from .samplers import GraphSampler, RandomIdentitySampler
@@ -44,6 +52,52 @@ LOSSES = ("pairwise", "triplet")
 SCHEDULES = ("step", "adaptive")
 AMP_CHOICES = ("auto", "none", "fp16", "bf16")
 CHECKPOINT_NAME, LOG_NAME = rundir.CHECKPOINT_NAME, rundir.LOG_NAME
+BEST_NAME, CONFIG_NAME = rundir.BEST_NAME, rundir.CONFIG_NAME
+EVAL_PROTOCOL = "market"  # evaluation during training: upstream's protocol
+# Options that a resume may change: how long to train, how the run is watched, how much memory the
+# matching takes and where things are. Every other option must equal the checkpoint's.
+RESUME_MAY_CHANGE = frozenset({
+    "epochs", "max_epochs", "max_steps_per_epoch", "workers", "log_every", "progress", "tensorboard",
+    "eval_every", "test_batch", "test_prob_batch", "test_gal_batch", "device", "data_dir", "exp_dir"})
+# How a run starts, not what it is: never compared, never logged.
+_START_OPTIONS = frozenset({"resume", "overwrite"})
+
+
+class ResumeConfigError(rundir.RunDirError, ValueError):
+    """``--resume`` with options that differ from the checkpoint's where they may not; ``str`` is
+    one line naming each differing option with the checkpoint's value and the given one."""
+
+
+def resume_changes(saved: Dict[str, Any], config: "TrainConfig") -> Dict[str, List[Any]]:
+    """``{option: [checkpoint's value, given value]}`` for every option that differs, the start
+    options excepted. An option the checkpoint lacks (written by an older version) counts as
+    its default."""
+    defaults = dataclasses.asdict(TrainConfig())
+    current = dataclasses.asdict(config)
+    changes = {}
+    for name, value in current.items():
+        if name in _START_OPTIONS:
+            continue
+        old = saved.get(name, defaults[name])
+        if old != value:
+            changes[name] = [old, value]
+    return changes
+
+
+def check_resume(saved: Dict[str, Any], config: "TrainConfig", folder: Any = "") -> Dict[str, List[Any]]:
+    """The changes of :func:`resume_changes`, once all of them are in :data:`RESUME_MAY_CHANGE`;
+    raises :class:`ResumeConfigError` otherwise."""
+    changes = resume_changes(saved, config)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listed = ", ".join(f"{k.replace('_', '-')} (checkpoint {old!r}, given {new!r})"
+                           for k, (old, new) in sorted(refused.items()))
+        raise ResumeConfigError(
+            f"--resume in {folder}: the checkpoint was trained with other options: {listed}; give "
+            f"the checkpoint's values (they are in {Path(str(folder)) / CONFIG_NAME}), or start "
+            f"afresh with --overwrite or another --exp-dir (only "
+            f"{', '.join(sorted(o.replace('_', '-') for o in RESUME_MAY_CHANGE))} may change)")
+    return changes
 
 
 @dataclass
@@ -98,6 +152,7 @@ class TrainConfig:
     device: Optional[str] = None
     log_every: int = 10
     max_steps_per_epoch: Optional[int] = None
+    eval_every: int = 0  # epochs between evaluations on query/gallery (0: none)
     progress: bool = True
     tensorboard: bool = True
 
@@ -111,6 +166,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be a non-negative integer, got {self.eval_every!r}")
         if self.batch_size % self.num_instances:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances "
                              f"({self.num_instances})")
@@ -291,10 +348,13 @@ class Trainer:
                                                  seed=config.seed)
         self.train_transform = build_train_transform(config.height, config.width)
         self.loader = make_loader(self.dataset.train, self.train_transform, config.batch_size,
-                                  sampler=self.sampler, num_workers=config.workers, seed=config.seed)
+                                  sampler=self.sampler, num_workers=config.workers, seed=config.seed,
+                                  stream=self.rank)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.global_step = 0
+        self.best: Optional[Dict[str, Any]] = None  # {"epoch", "mAP", "rank1"} of best.pt
+        self.config_changes: List[Dict[str, Any]] = []  # what each resume changed
         self._writer = None
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -333,6 +393,12 @@ class Trainer:
             try:
                 self._run = rundir.open_run(self.exp_dir, resume=self.config.resume,
                                             overwrite=self.config.overwrite)
+                if self._run.mode == "resume" and self.checkpoint_path.is_file():
+                    try:
+                        self._check_resume()
+                    except BaseException:
+                        self._release_exp_dir()
+                        raise
             except rundir.RunDirError as failure:
                 error = str(failure)
         if self.world > 1:
@@ -343,7 +409,18 @@ class Trainer:
             if self._owns_process_group and dist.is_initialized():
                 dist.destroy_process_group()
                 self._owns_process_group = False
-            raise rundir.RunDirError(error)
+            raise (ResumeConfigError if error.startswith("--resume in ") else rundir.RunDirError)(error)
+
+    def _saved_config(self) -> Dict[str, Any]:
+        """The configuration in ``checkpoint.pt`` (read without its tensors where possible)."""
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a zip-format file: read it whole
+            state = checkpoint.load(self.checkpoint_path)
+        return dict(state.get("config", {}))
+
+    def _check_resume(self) -> Dict[str, List[Any]]:
+        return check_resume(self._saved_config(), self.config, self.exp_dir)
 
     def _release_exp_dir(self) -> None:
         run, self._run = self._run, None
@@ -362,7 +439,9 @@ class Trainer:
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
                 "rng": checkpoint.rng_state(), "history": self.history,
-                "config": dataclasses.asdict(self.config), "world_size": self.world}
+                "config": dataclasses.asdict(self.config), "world_size": self.world,
+                "best": self.best, "config_changes": self.config_changes,
+                "version": __version__}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -375,6 +454,8 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         self.history = list(state["history"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best = state.get("best")
+        self.config_changes = list(state.get("config_changes", []))
 
     def _resume(self) -> None:
         if not self.checkpoint_path.is_file():
@@ -383,11 +464,26 @@ class Trainer:
                 print(f"no checkpoint at {self.checkpoint_path} and no run in {self.exp_dir}: "
                       "starting from scratch")
             return
-        self.load_state_dict(checkpoint.load(self.checkpoint_path, map_location=self.device))
+        state = checkpoint.load(self.checkpoint_path, map_location=self.device)
+        # Checked once more (rank 0 checked before building; every rank holds the same config).
+        changes = check_resume(dict(state.get("config", {})), self.config, self.exp_dir)
+        for name in ("exp_dir", "data_dir"):  # the same folder, written another way: no change
+            if name in changes and Path(changes[name][0]).resolve() == Path(changes[name][1]).resolve():
+                del changes[name]
+        self.load_state_dict(state)
+        if changes:
+            self.config_changes.append({"epoch": self.start_epoch, "changed": changes})
         if self.is_main:
             print(f"resumed from {self.checkpoint_path}: {self.start_epoch} epochs done, "
                   f"step {self.global_step}")
             self._truncate_log(self.start_epoch)
+            if changes:
+                print("resume changes " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                    for k, (old, new) in sorted(changes.items())))
+            self._log({"kind": "resume", "epoch": self.start_epoch, "step": self.global_step,
+                       "changed": changes, "time": time.time()})
+            if not (self.exp_dir / CONFIG_NAME).is_file():  # a run of an older version
+                self._write_config(state.get("config", dataclasses.asdict(self.config)))
 
     # --- logging -----------------------------------------------------------------------------
     def _log(self, record: Dict[str, Any]) -> None:
@@ -428,6 +524,24 @@ class Trainer:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
+    def _write_config(self, values: Dict[str, Any]) -> Path:
+        """``EXP_DIR/config.yaml``: the resolved configuration (what ``--config`` reads), written
+        through a temporary and a rename. The start options (resume, overwrite) are left out."""
+        import yaml
+
+        values = {k: v for k, v in values.items() if k not in _START_OPTIONS}
+        text = (f"# transmatcher-fast {__version__}: the configuration of this run "
+                f"(transmatcher-fast train --config {CONFIG_NAME})\n"
+                + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
+        path = self.exp_dir / CONFIG_NAME
+        tmp = rundir.config_temporary(self.exp_dir)
+        with open(tmp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+        return path
+
     def _open_writer(self) -> None:
         if not (self.is_main and self.config.tensorboard):
             return
@@ -447,9 +561,11 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         # The augmentation streams of an epoch depend on (seed, epoch, rank) only, so a resumed
         # epoch repeats the interrupted one.
+        # Each sample's augmentation comes from (seed, rank, epoch, position, index), in
+        # whichever process loads it (data.make_loader), so the worker count changes nothing.
         seed = (self.config.seed * 1_000_003 + epoch) * 1009 + self.rank
         self.loader.generator.manual_seed(seed)
-        self.train_transform.reseed(seed)
+        self.loader.dataset.set_epoch(epoch)
 
     def _train_mode(self) -> None:
         self.step_module.train()
@@ -556,6 +672,8 @@ class Trainer:
             if self._run.mode == "overwrite" and len(removed) > len(stale):
                 print(f"--overwrite: removed the previous run's {len(removed) - len(stale)} files "
                       f"from {self.exp_dir}")
+            if self._run.mode != "resume" or not self.checkpoint_path.is_file():
+                self._write_config(dataclasses.asdict(self.config))
         if self.config.resume:
             self._resume()
         self._open_writer()
@@ -570,6 +688,8 @@ class Trainer:
                     print(f"epoch {epoch + 1}: loss {record['loss']:.4f}  acc {record['acc']:.3f}  "
                           f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s  "
                           f"({record['seconds']:.1f} s + {record['plan_seconds']:.1f} s sampling)")
+                    if self._eval_due(epoch):
+                        self._evaluate(epoch)
                     checkpoint.save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
                 epoch += 1
                 if self.world > 1:
@@ -578,6 +698,61 @@ class Trainer:
             if self._writer is not None:
                 self._writer.close()
         return self.history
+
+    # --- evaluation during training ----------------------------------------------------------
+    def _eval_due(self, epoch: int) -> bool:
+        every = self.config.eval_every
+        return every > 0 and (epoch + 1) % every == 0
+
+    def provenance(self, epoch: Optional[int] = None) -> Dict[str, Any]:
+        """What a result of this run came from: package version, model configuration, checkpoint,
+        dataset, protocol and date."""
+        c = self.config
+        model_keys = ("arch", "ibn", "final_layer", "neck", "nhead", "num_trans_layers",
+                      "dim_feedforward", "dropout", "matcher", "height", "width", "pretrained")
+        return {"package": "transmatcher_fast", "version": __version__,
+                "model": {k: getattr(c, k) for k in model_keys},
+                "checkpoint": str(self.checkpoint_path), "epochs_done": None if epoch is None else epoch + 1,
+                "global_step": self.global_step, "dataset": c.dataset,
+                "data_dir": str(dataset_root(c.data_dir, c.dataset)),
+                "num_query": len(self.dataset.query), "num_gallery": len(self.dataset.gallery),
+                "protocol": EVAL_PROTOCOL, "seed": c.seed, "config": str(self.exp_dir / CONFIG_NAME),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _evaluate(self, epoch: int) -> Dict[str, Any]:
+        """Rank 0, after epoch ``epoch``: query/gallery metrics with :func:`.evaluate.evaluate`, an
+        ``"eval"`` record, and ``best.pt`` when the mAP is the best so far. Every random stream
+        is put back afterwards, so training goes on as without the evaluation."""
+        c = self.config
+        rng = checkpoint.rng_state()
+        try:
+            result = evaluate(self.model, self.matcher, self.dataset.query, self.dataset.gallery,
+                              height=c.height, width=c.width, batch_size=c.test_batch,
+                              workers=c.workers, device=self.device, amp=self.amp_dtype,
+                              probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
+                              protocol=EVAL_PROTOCOL, progress=False)
+        finally:
+            checkpoint.set_rng_state(rng)
+        metrics = result.metrics
+        improved = self.best is None or metrics["mAP"] > self.best["mAP"]
+        if improved:
+            self.best = {"epoch": epoch, "mAP": float(metrics["mAP"]), "rank1": float(metrics["rank1"])}
+            checkpoint.save_atomic({"epoch": epoch + 1, "global_step": self.global_step,
+                                    "model": self.model.state_dict(),
+                                    "matcher": self.matcher.state_dict(),
+                                    "config": dataclasses.asdict(self.config), "metrics": metrics,
+                                    "provenance": self.provenance(epoch)},
+                                   self.exp_dir / BEST_NAME)
+        record = {"kind": "eval", "epoch": epoch, "step": self.global_step,
+                  **{k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP") if k in metrics},
+                  "best_mAP": self.best["mAP"], "best_epoch": self.best["epoch"], "is_best": improved,
+                  "seconds": metrics.get("features_seconds", 0.0) + metrics.get("matching_seconds", 0.0),
+                  "provenance": self.provenance(epoch), "time": time.time()}
+        self._log(record)
+        print(f"eval after epoch {epoch + 1}: rank-1 {metrics['rank1']:.3f}  mAP {metrics['mAP']:.3f}"
+              + ("  (best so far: best.pt)" if improved else f"  (best mAP {self.best['mAP']:.3f}, "
+                                                           f"epoch {self.best['epoch'] + 1})"))
+        return record
 
     def close(self) -> None:
         """Ends distributed training cleanly; call it on every rank after a successful ``fit()``.
