@@ -21,7 +21,7 @@ from torch import nn
 from ..data import build_test_transform
 from ..models import build_model, load_upstream_checkpoint, qaconv_neck_layout
 from . import checkpoint as checkpoints
-from . import matching
+from . import export, matching
 from .features import Features, checked_loader, extract_features, skipped_summary
 from .metrics import RankingMetrics, topk_margin
 from .rerank import k_reciprocal_rerank
@@ -102,7 +102,8 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
              probe_chunk: Optional[int] = None, gallery_chunk: Optional[int] = None,
              topk: Optional[int] = None, rerank: bool = False, k1: int = 20, k2: int = 6,
              lambda_value: float = 0.3, protocol: str = "market", progress: bool = True,
-             skip_bad_images: bool = False) -> Evaluation:
+             skip_bad_images: bool = False, checkpoint: Optional[Union[str, Path]] = None,
+             model_config: Optional[Dict[str, Any]] = None, dataset: Any = None) -> Evaluation:
     """Upstream's protocol: query features matched against the gallery, distance
     ``1 - sigmoid(score / 10)``, same-id-same-camera gallery items ignored, CMC and mAP (+ mINP).
 
@@ -111,13 +112,17 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
     so not with ``topk``). ``skip_bad_images``: leave unreadable images out (see :func:`extract`)
     instead of stopping; the metrics then count ``num_skipped_images`` and list
     ``skipped_images`` (paths), and ``Evaluation.query_items`` / ``gallery_items`` are the
-    images evaluated."""
+    images evaluated.
+
+    ``metrics["provenance"]`` (:func:`export.provenance`) records the package version, the
+    protocol, the date and the evaluated counts, plus what the caller says: ``checkpoint``
+    (its path), ``model_config`` (e.g. the config :func:`load_trained` returns; the height and
+    width used are added) and ``dataset`` (a ``ReidDataset``, a name or a dict)."""
     if rerank and topk is not None:
         raise ValueError("rerank needs the full query x gallery distances: use it without topk")
     if not query or not gallery:
         raise ValueError(f"query ({len(query)} items) and gallery ({len(gallery)} items) must not be empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    timings: Dict[str, float] = {}
     start = time.perf_counter()
     q = extract(model, query, height=height, width=width, batch_size=batch_size, workers=workers,
                 device=device, amp=amp, progress=progress, desc="query features",
@@ -125,7 +130,44 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
     g = extract(model, gallery, height=height, width=width, batch_size=batch_size, workers=workers,
                 device=device, amp=amp, progress=progress, desc="gallery features",
                 skip_bad_images=skip_bad_images)
-    timings["features_seconds"] = time.perf_counter() - start
+    features_seconds = time.perf_counter() - start
+    config = {**(model_config or {}), "height": height, "width": width}
+    result = evaluate_features(matcher, q, g, device=device, amp=amp, probe_chunk=probe_chunk,
+                               gallery_chunk=gallery_chunk, topk=topk, rerank=rerank, k1=k1, k2=k2,
+                               lambda_value=lambda_value, protocol=protocol, progress=progress,
+                               query_items=kept_items(query, q), gallery_items=kept_items(gallery, g),
+                               checkpoint=checkpoint, model_config=config, dataset=dataset)
+    result.metrics["features_seconds"] = features_seconds
+    if skip_bad_images:
+        skipped = [path for path, _ in q.skipped + g.skipped]
+        result.metrics.update(num_skipped_images=len(skipped), skipped_images=skipped)
+    return result
+
+
+def evaluate_features(matcher: nn.Module, query: Features, gallery: Features, *, device=None, amp=None,
+                      probe_chunk: Optional[int] = None, gallery_chunk: Optional[int] = None,
+                      topk: Optional[int] = None, rerank: bool = False, k1: int = 20, k2: int = 6,
+                      lambda_value: float = 0.3, protocol: str = "market", progress: bool = True,
+                      query_items: Optional[Sequence[Item]] = None,
+                      gallery_items: Optional[Sequence[Item]] = None,
+                      checkpoint: Optional[Union[str, Path]] = None,
+                      model_config: Optional[Dict[str, Any]] = None, dataset: Any = None,
+                      extra_provenance: Optional[Dict[str, Any]] = None) -> Evaluation:
+    """The matching and metrics of :func:`evaluate` on features already extracted (e.g. read
+    with :func:`export.load_features`): same arguments, same results. ``query_items`` /
+    ``gallery_items`` default to the features' own paths, pids and cameras."""
+    if rerank and topk is not None:
+        raise ValueError("rerank needs the full query x gallery distances: use it without topk")
+    if len(query) == 0 or len(gallery) == 0:
+        raise ValueError(f"query ({len(query)} rows) and gallery ({len(gallery)} rows) must not be empty")
+    if tuple(query.features.shape[1:]) != tuple(gallery.features.shape[1:]):
+        raise ValueError(f"query features {tuple(query.features.shape[1:])} and gallery features "
+                         f"{tuple(gallery.features.shape[1:])} differ in shape (from different models?)")
+    q, g = query, gallery
+    q_items = list(query_items) if query_items is not None else _items_of(q)
+    g_items = list(gallery_items) if gallery_items is not None else _items_of(g)
+    device = torch.device(device) if device is not None else next(matcher.parameters()).device
+    timings: Dict[str, float] = {}
     margin = topk_margin(q.pids, q.cams, g.pids, g.cams) if topk is not None else 0
     start = time.perf_counter()
     dist = matching.match(matcher, q.features, g.features, device=device, amp=amp,
@@ -146,12 +188,86 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
         ranking.add(dist, q.pids.numpy(), q.cams.numpy())
     else:
         ranking.add_topk(dist.dist, dist.index, q.pids.numpy(), q.cams.numpy(), k=topk)
-    skipped = [path for path, _ in q.skipped + g.skipped]
+    record = export.provenance(
+        model_config=model_config, checkpoint=checkpoint, dataset=dataset, query=q_items,
+        gallery=g_items, matcher=matcher,
+        protocol=export.protocol_info(protocol, topk=topk, rerank=rerank, k1=k1, k2=k2,
+                                      lambda_value=lambda_value, amp=amp),
+        **(extra_provenance or {}))
     metrics = {**ranking.result(), **timings, "num_query_images": len(q),
-               "num_gallery_images": len(g), "rerank": rerank}
-    if skip_bad_images:
-        metrics.update(num_skipped_images=len(skipped), skipped_images=skipped)
-    return Evaluation(metrics, dist, q, g, kept_items(query, q), kept_items(gallery, g))
+               "num_gallery_images": len(g), "rerank": rerank, "provenance": record}
+    return Evaluation(metrics, dist, q, g, q_items, g_items)
+
+
+def _items_of(features: Features) -> List[Item]:
+    if features.paths is None:  # no paths: the rows' ids and cameras still evaluate
+        return [("", int(p), int(c)) for p, c in zip(features.pids.tolist(), features.cams.tolist())]
+    return export.feature_items(features)
+
+
+def evaluate_saved(matcher: nn.Module, query_features: Union[str, Path], gallery_features: Union[str, Path],
+                   **kwargs: Any) -> Evaluation:
+    """:func:`evaluate_features` on two feature files that ``extract`` wrote (read with
+    ``weights_only=True``; no image is opened). ``kwargs`` go to :func:`evaluate_features`;
+    ``checkpoint``, ``model_config`` and ``dataset`` default to what the query file's
+    provenance records. The files' paths go into the provenance (``query_features`` /
+    ``gallery_features``). Files extracted with different checkpoints are refused."""
+    q, g = export.load_features(query_features), export.load_features(gallery_features)
+    q_prov, g_prov = q.provenance or {}, g.provenance or {}
+    if q_prov.get("checkpoint") and g_prov.get("checkpoint") and q_prov["checkpoint"] != g_prov["checkpoint"]:
+        raise ValueError(f"{query_features} was extracted with {q_prov['checkpoint']}, "
+                         f"{gallery_features} with {g_prov['checkpoint']}: features of different "
+                         "models do not compare")
+    if kwargs.get("checkpoint") is None:
+        kwargs["checkpoint"] = q_prov.get("checkpoint")
+    if kwargs.get("model_config") is None:
+        kwargs["model_config"] = q_prov.get("model")
+    if kwargs.get("dataset") is None and isinstance(q_prov.get("dataset"), dict):
+        kwargs["dataset"] = {k: v for k, v in q_prov["dataset"].items() if k in ("name", "class", "root")}
+    extra = dict(kwargs.pop("extra_provenance", None) or {})
+    extra.update(query_features=str(Path(query_features).resolve()),
+                 gallery_features=str(Path(gallery_features).resolve()))
+    return evaluate_features(matcher, q, g, extra_provenance=extra, **kwargs)
+
+
+def parse_testsets(text: Union[str, Sequence[str]]) -> List[str]:
+    """``"market1501,dukemtmc"`` (upstream's ``--testset``) -> ``["market1501", "dukemtmc"]``:
+    comma-separated, blanks dropped, duplicates refused."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"no test set named in {text!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"test sets named more than once: {repeated}")
+    return names
+
+
+def evaluate_testsets(model: nn.Module, matcher: nn.Module, testsets: Any, **kwargs: Any
+                      ) -> Dict[str, Evaluation]:
+    """:func:`evaluate` on each test set, in order: ``testsets`` maps a name to a dataset (with
+    ``query`` and ``gallery``; a ``ReidDataset``), or is a sequence of ``(name, dataset)``.
+    ``kwargs`` go to every :func:`evaluate` (``dataset`` is each test set's). Returns
+    ``{name: Evaluation}``; ``metrics_by_testset`` turns it into ``{name: metrics}`` for
+    ``results_table`` / ``export.write_results_json``."""
+    pairs = list(testsets.items()) if hasattr(testsets, "items") else list(testsets)
+    if not pairs:
+        raise ValueError("testsets is empty")
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"test set names must differ, got {names}")
+    kwargs.pop("dataset", None)
+    results = {}
+    for name, data in pairs:
+        result = evaluate(model, matcher, data.query, data.gallery, dataset=data, **kwargs)
+        result.metrics["provenance"]["testset"] = name
+        results[name] = result
+    return results
+
+
+def metrics_by_testset(results: Dict[str, Evaluation]) -> Dict[str, Dict[str, Any]]:
+    """``{name: metrics}`` of :func:`evaluate_testsets`'s result."""
+    return {name: result.metrics for name, result in results.items()}
 
 
 def results_table(rows: Dict[str, Dict[str, Any]]) -> str:

@@ -155,13 +155,15 @@ class Features:
 
     ``paths``: the items' image paths when known (``evaluate.extract`` records them).
     ``indices``: the positions in the item list of the rows (None: every item, in order; set
-    when unreadable images were skipped). ``skipped``: ``(path, error)`` of the items left out."""
+    when unreadable images were skipped). ``skipped``: ``(path, error)`` of the items left out.
+    ``provenance``: where they came from, when read from a feature file (``export.load_features``)."""
     features: Tensor
     pids: Tensor
     cams: Tensor
     paths: Optional[List[str]] = None
     indices: Optional[Tensor] = None
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    provenance: Optional[dict] = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
