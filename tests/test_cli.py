@@ -6,8 +6,10 @@ tiny synthetic dataset and a tiny checkpoint."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,3 +267,68 @@ def test_ctrl_c_in_other_commands_exits_130(name, monkeypatch, capsys):
         cli.main([name, "--checkpoint", "x.pt", "--out", "y"])
     assert info.value.code == 130
     assert capsys.readouterr().err == f"transmatcher-fast {name}: interrupted\n"
+
+
+# --- item 16: help, version, python -m, ranks, notes ------------------------------------------
+COMMANDS = ["demo", "op-demo", "synth", "train", "eval", "extract", "visualize"]
+
+
+def test_help_shows_every_default_once_the_choices_and_plain_text():
+    results = run_many([["--help"]] + [[name, "--help"] for name in COMMANDS])
+    parser = cli.build_parser()
+    for name, result in zip(["(top)"] + COMMANDS, results):
+        assert result.returncode == 0, result.stderr
+        text = result.stdout
+        flat = " ".join(text.split())
+        assert "``" not in text and ":class:" not in text, name
+        assert "(default: None)" not in flat, name
+        if name == "(top)":
+            assert "--version" in text and "--debug" in text
+            continue
+        for action in parser.commands[name]._actions:
+            if not action.option_strings or action.default is argparse.SUPPRESS or action.required:
+                continue
+            # the help entry of the option: from its first flag to the next entry
+            start = text.index("  " + action.option_strings[0])
+            entry = re.split(r"\n  -", text[start + 3:], maxsplit=1)[0]
+            assert re.search(r"default", entry, re.IGNORECASE), (name, action.dest, entry)
+            assert len(re.findall(r"\(default", entry)) <= 1, (name, action.dest, entry)  # never doubled
+            if action.choices is not None:
+                assert "{" + ",".join(map(str, action.choices)) + "}" in entry, (name, action.dest, entry)
+    train = " ".join(results[COMMANDS.index("train") + 1].stdout.split())
+    assert "(default: --freeze-bn)" in train and "--sampler {graph,pk}" in train
+    assert "neck channels = d_model (default 512 TransMatcher, 128 QAConv)" in train
+
+
+def test_version_and_python_dash_m():
+    import transmatcher_fast
+
+    script, module = run("--version"), run("--version", module=True)
+    assert script.returncode == module.returncode == 0
+    assert script.stdout.strip() == module.stdout.strip() == f"transmatcher-fast {transmatcher_fast.__version__}"
+    usage = run(module=True)  # no command: a usage error, not a traceback
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr and "command" in usage.stderr
+
+
+def test_eval_ranks_and_the_notes_on_skipped_queries_and_top_k(data_dir, trained, tmp_path):
+    # one query whose identity has no gallery image from another camera: it is skipped
+    root = tmp_path / "data"
+    shutil.copytree(data_dir / "market1501", root / "market1501")
+    first = sorted((root / "market1501" / "query").iterdir())[0]
+    shutil.copy(first, first.with_name("0999" + first.name[4:]))
+    full, top = run_many([eval_args(root, trained, "--ranks", "1", "5", "10"),
+                          eval_args(root, trained, "--topk", "3", "--ranks", "1", "3", "5", "--out",
+                                    tmp_path / "top.json")])
+    assert full.returncode == 0 and top.returncode == 0, full.stderr + top.stderr
+    header = [line for line in full.stdout.splitlines() if line.startswith("| model |")]
+    assert header == ["| model | Rank-1 | Rank-5 | Rank-10 | mAP | mINP |"]
+    queries = len(list((root / "market1501" / "query").iterdir()))
+    assert f"note: 1 of {queries} queries were skipped" in full.stdout
+    assert "top-k" not in full.stdout
+    assert "| model | Rank-1 | Rank-3 | Rank-5 | mAP (AP@3) | mINP |" in top.stdout
+    row = [line for line in top.stdout.splitlines() if line.startswith("| market1501 |")][0]
+    assert row.split("|")[4].strip() == "n/a"  # rank 5 > k = 3
+    assert "note: top-k mode (--topk 3): mAP is AP@3" in top.stdout
+    assert json.loads((tmp_path / "top.json").read_text())["topk"] == 3
+    bad = run(*eval_args(root, trained, "--ranks", "0"))
+    assert_short_error(bad, "--ranks", status=2)

@@ -19,12 +19,14 @@ and training curves.
 from __future__ import annotations
 
 import argparse
+import copy
+import re
 import sys
 from typing import Optional, Sequence
 
 import torch
 
-from . import benchmarking, ops, reference
+from . import __version__, benchmarking, ops, reference
 from .engine.validate import UserError
 
 PROG = "transmatcher-fast"
@@ -168,9 +170,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Plain-text help that shows every option's default once: none is added where the help
+    already says it (``default ...``), an option without help gets one; ``code`` markup is
+    dropped; a flag pair shows which of its two forms is the default."""
+
+    _NO_HELP = "\0"
+
+    def _format_text(self, text):
+        return super()._format_text(text.replace("``", ""))
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = self._NO_HELP
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = (action.help or "").replace(self._NO_HELP, "").replace("``", "")
+        if (action.default is argparse.SUPPRESS or not action.option_strings or action.required
+                or "%(default)" in text or re.search(r"\bdefault\b", text, re.IGNORECASE)):
+            return text
+        default = action.default
+        if isinstance(action, argparse.BooleanOptionalAction):
+            shown = next((o for o in action.option_strings if o.startswith("--no-") != bool(default)),
+                         str(default))
+        elif action.nargs == 0 and isinstance(default, bool):
+            shown = "on" if default != isinstance(action, argparse._StoreFalseAction) else "off"
+        elif default is None:
+            shown = "none"
+        elif isinstance(default, (list, tuple)):
+            shown = " ".join(map(str, default))
+        else:
+            shown = str(default)
+        return (text + " " if text else "") + f"(default: {shown.replace('%', '%%')})"
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's line breaks (the top-level help)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error (also accepted after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -201,9 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(commands)
     parser.commands = commands.choices  # name -> subparser, for --config defaults
     for sub in parser.commands.values():
+        sub.formatter_class = HelpFormatter  # every command's help shows its defaults, plainly
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the traceback of an error")
     return parser
+
+
+def _rank(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_RANK:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RANK} (the CMC is measured to rank "
+                                         f"{MAX_RANK}), got {value}")
+    return value
 
 
 def _optional_int(text: str):
@@ -396,7 +447,7 @@ def _dataset(args, splits=("query", "gallery")):
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .engine.evaluate import evaluate, results_table
+    from .engine.evaluate import evaluate
 
     model, matcher, height, width, device = _load_for_eval(args)
     dataset = _dataset(args)
@@ -406,8 +457,10 @@ def run_eval(args: argparse.Namespace) -> int:
                       probe_chunk=args.probe_chunk, gallery_chunk=args.gallery_chunk, topk=args.topk,
                       rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
                       protocol=args.protocol, progress=args.progress)
-    print(results_table({f"{args.dataset}{' (re-ranked)' if args.rerank else ''}": result.metrics}))
     m = result.metrics
+    print(_ranks_table(f"{args.dataset}{' (re-ranked)' if args.rerank else ''}", m, args.ranks))
+    for note in _evaluation_notes(m):
+        print(note)
     print(f"features {m['features_seconds']:.1f} s, matching {m['matching_seconds']:.1f} s"
           + (f", re-ranking {m['rerank_seconds']:.1f} s" if "rerank_seconds" in m else ""))
     if args.out:
@@ -415,6 +468,32 @@ def run_eval(args: argparse.Namespace) -> int:
             json.dump({"checkpoint": args.checkpoint, "dataset": args.dataset, **m}, file, indent=2)
         print(f"wrote {args.out}")
     return 0
+
+
+# The CMC is measured to this rank (engine.metrics.RankingMetrics' max_rank).
+MAX_RANK = 50
+
+
+def _ranks_table(name: str, m: dict, ranks: Sequence[int]) -> str:
+    """A Markdown table of the chosen CMC ranks, mAP and mINP (in %); a rank the evaluation did
+    not measure (beyond top-k) is n/a."""
+    cmc = m.get("cmc") or []
+    values = [cmc[r - 1] if r <= len(cmc) else None for r in ranks] + [m.get("mAP"), m.get("mINP")]
+    heads = [f"Rank-{r}" for r in ranks] + ["mAP" if not m.get("topk") else f"mAP (AP@{m['topk']})", "mINP"]
+    cells = ["n/a" if v is None else f"{100 * v:.1f}" for v in values]
+    return "\n".join(["| model | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads),
+                      f"| {name} | " + " | ".join(cells) + " |"])
+
+
+def _evaluation_notes(m: dict):
+    """What the table does not say: queries left out, and what top-k mode measures."""
+    skipped, counted = m.get("num_skipped", 0), m.get("num_queries", 0)
+    if skipped:
+        yield (f"note: {skipped} of {skipped + counted} queries were skipped: no gallery image of "
+               "their identity from another camera (the protocol ignores same-camera matches)")
+    if m.get("topk"):
+        yield (f"note: top-k mode (--topk {m['topk']}): mAP is AP@{m['topk']} and mINP is measured "
+               f"within the top {m['topk']}; ranks above {m['topk']} are n/a")
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -501,6 +580,8 @@ def add_eval_parsers(commands) -> None:
     evaluation.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
     evaluation.add_argument("--protocol", choices=PROTOCOLS, default="market",
                             help="market (also CUHK03-NP, as upstream) or cuhk03 (classic single-gallery-shot CMC)")
+    evaluation.add_argument("--ranks", type=_rank, nargs="+", default=[1, 5, 10, 20], metavar="R",
+                            help=f"CMC ranks to show (1 to {MAX_RANK})")
     evaluation.add_argument("--out", help="write the metrics as JSON here")
     evaluation.set_defaults(run=run_eval)
 
