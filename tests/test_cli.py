@@ -105,20 +105,20 @@ def test_bad_input_errors_are_one_or_two_lines(data_dir, trained, tmp_path):
         "cuda without CUDA (eval)": (eval_args(data_dir, trained, "--device", "cuda"), ["--device cuda", "CUDA", "--device cpu"]),
         "cuda without CUDA (train)": ([*train, "--exp-dir", tmp_path / "r2", "--device", "cuda"], ["--device cuda", "--device cpu"]),
         "file-shaped exp-dir": ([*train, "--exp-dir", exp_file], ["--exp-dir", str(exp_file), "not a folder"]),
-        "bad -j (train)": ([*train, "--exp-dir", tmp_path / "r3", "-j", "-1"], ["-j/--workers", "-1"]),
-        "bad -j (eval)": (eval_args(data_dir, trained, "-j", "-2"), ["-j/--workers", "-2"]),
+        "bad -j (train)": ([*train, "--exp-dir", tmp_path / "r3", "-j", "-1"], ["-j/--workers", "-1", "0"], 2),
+        "bad -j (eval)": (eval_args(data_dir, trained, "-j", "-2"), ["-j/--workers", "-2", "0"], 2),
         "no --checkpoint nor --log": (["visualize", "--out", tmp_path / "pics"], ["--checkpoint", "--log"]),
     }
-    results = run_many([args for args, _ in cases.values()])
-    for (name, (args, needles)), result in zip(cases.items(), results):
+    results = run_many([args for args, *_ in cases.values()])
+    for (name, (args, needles, *status)), result in zip(cases.items(), results):
         print(name, "->", result.stderr.strip())
-        assert_short_error(result, "transmatcher-fast", *needles)
+        assert_short_error(result, "transmatcher-fast", *needles, status=status[0] if status else 1)
     assert not (tmp_path / "pics").exists()  # checked before anything was written
 
 
 def test_unknown_dataset_is_a_usage_error(data_dir, trained):
     result = run(*eval_args(data_dir, trained, "-d", "nosuchset"))
-    assert_short_error(result, "transmatcher-fast eval", "nosuchset", "market1501", status=None)
+    assert_short_error(result, "transmatcher-fast eval", "nosuchset", "market1501", "--help", status=2)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -332,3 +332,125 @@ def test_eval_ranks_and_the_notes_on_skipped_queries_and_top_k(data_dir, trained
     assert json.loads((tmp_path / "top.json").read_text())["topk"] == 3
     bad = run(*eval_args(root, trained, "--ranks", "0"))
     assert_short_error(bad, "--ranks", status=2)
+
+
+# --- item 9: validated before the work ---------------------------------------------------------
+def test_fixed_sets_are_argparse_choices(data_dir, trained, tmp_path):
+    train = ["train", *TINY, "--data-dir", data_dir, "--exp-dir", tmp_path / "run"]
+    cases = [(train + ["--arch", "resnet9"], "-a/--arch", "resnet50"),
+             (train + ["--ibn", "a"], "--ibn", "'none'"),
+             (train + ["--final-layer", "layer5"], "--final-layer", "layer3"),
+             (train + ["--amp", "fp8"], "--amp", "bf16"),
+             (train + ["--dataset", "nosuchset"], "-d/--dataset", "market1501"),
+             (eval_args(data_dir, trained, "--amp", "fp8"), "--amp", "auto"),
+             (eval_args(data_dir, trained, "--dataset", "nosuchset"), "-d/--dataset", "market1501"),
+             (["extract", "--checkpoint", trained, "--out", tmp_path / "f.pt", "-d", "x"], "-d/--dataset", "duke")]
+    for (args, flag, choice), result in zip(cases, run_many([args for args, *_ in cases])):
+        assert_short_error(result, flag, "invalid choice", choice, status=2)
+    assert not (tmp_path / "run").exists()
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--ibn", "none"]).ibn is None  # none still means None
+    assert parser.parse_args(["eval", "--checkpoint", "c", "--amp", "none"]).amp == "none"
+
+
+def test_output_paths_are_checked_before_extraction(data_dir, trained, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    results = run_many([eval_args(data_dir, trained, "--out", missing / "m.json"),
+                        ["extract", "--checkpoint", trained, "--data-dir", data_dir, "-j", "0",
+                         "--out", missing / "f.pt"],
+                        ["extract", "--checkpoint", trained, "--data-dir", data_dir, "-j", "0",
+                         "--out", tmp_path]])
+    for result in results[:2]:
+        assert_short_error(result, "--out", str(missing), "does not exist")
+        assert result.stdout == ""  # nothing loaded, nothing extracted
+    assert_short_error(results[2], "--out", "is a folder")
+
+
+def test_read_only_output_folder_is_refused_before_extraction(data_dir, trained, tmp_path, monkeypatch):
+    from transmatcher_fast.engine import evaluate, validate
+
+    def refuse(*args, **kwargs):  # as a read-only folder does (root writes anyway)
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):
+        raise AssertionError("extraction started")
+
+    monkeypatch.setattr(validate.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(evaluate, "extract", never)
+    monkeypatch.setattr(evaluate, "evaluate", never)
+    for name in ("eval", "extract"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([name, "--checkpoint", str(trained), "--data-dir", str(data_dir), "-j", "0",
+                      "--out", str(tmp_path / "out.x")])
+        assert str(info.value.code) == (f"transmatcher-fast {name}: --out {tmp_path / 'out.x'}: cannot "
+                                        f"write in {tmp_path} (Permission denied); choose a writable folder")
+
+
+def test_topk_above_the_gallery_is_clamped_with_a_note(data_dir, trained, tmp_path):
+    result = run(*eval_args(data_dir, trained, "--topk", "1000", "--out", tmp_path / "m.json"))
+    assert result.returncode == 0, result.stderr
+    gallery = len(list((data_dir / "market1501" / "bounding_box_test").iterdir()))
+    assert f"note: --topk 1000 is above the gallery size ({gallery}): using {gallery}" in result.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["topk"] == gallery
+    both = run(*eval_args(data_dir, trained, "--topk", "3", "--rerank"))
+    assert_short_error(both, "--rerank", "--topk")
+
+
+def test_input_size_is_checked_against_the_checkpoint_before_the_data(data_dir, trained, tmp_path):
+    result = run(*eval_args(data_dir, trained, "--height", "128", "--width", "32"))
+    assert_short_error(result, "--height 128 --width 32", "8x2", "seq_len 8", "64x32")
+    assert result.stdout == ""  # before the dataset summary
+    assert run(*eval_args(data_dir, trained, "--height", "64", "--width", "32")).returncode == 0
+
+
+def test_input_size_of_upstream_checkpoints_uses_score_embed():
+    from transmatcher_fast.engine.validate import UserError, check_input_size
+
+    upstream = {"model": {}, "criterion": {"module.matcher.decoder.layers.0.score_embed": torch.zeros(1, 1, 192, 192)}}
+    check_input_size(upstream, 384, 128, "up.pth.tar")
+    check_input_size(upstream, None, None, "up.pth.tar")
+    with pytest.raises(UserError, match=r"--height 256 --width 128 give a 16x8 = 128-location .* seq_len 192"):
+        check_input_size(upstream, 256, None, "up.pth.tar")
+    qaconv = {"model": {}, "criterion": {"matcher.fc.weight": torch.zeros(1, 128), "matcher.logit_bn.weight": torch.ones(1)}}
+    check_input_size(qaconv, 256, 128, "q.pth.tar")
+    with pytest.raises(UserError, match="seq_len 128"):
+        check_input_size(qaconv, 384, 128, "q.pth.tar")
+
+
+def test_yaml_values_are_typed_like_their_flags(tmp_path, monkeypatch):
+    seen = {}
+    parser = cli.build_parser()
+    parser.commands["train"].set_defaults(run=lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    config = tmp_path / "c.yaml"
+
+    def load(text, *flags):
+        config.write_text(text)
+        seen.clear()
+        assert cli.main(["train", "--config", str(config), *flags]) == 0
+        return seen
+
+    assert load('freeze_bn: "no"\n')["freeze_bn"] is False  # a string "no" is false, not truthy
+    assert load("freeze_bn: no\nprogress: 'Yes'\ntensorboard: 0\n")["progress"] is True
+    assert load("freeze_bn: 'true'\n")["freeze_bn"] is True
+    assert load("freeze_bn: 'no'\n", "--freeze-bn")["freeze_bn"] is True  # the flag still wins
+    typed = load("lr: 1e-3\nibn: null\nneck: 16\narch: resnet18\nresume: 'yes'\n")
+    assert typed["lr"] == 0.001 and typed["ibn"] is None and typed["neck"] == 16 and typed["resume"] is True
+    assert load("ibn: none\n")["ibn"] is None
+    for text, needles in (("freeze_bn: maybe\n", ["freeze_bn", "boolean", "'maybe'"]),
+                          ("freeze_bn: 2\n", ["freeze_bn", "boolean"]),
+                          ("arch: resnet9\n", ["arch", "invalid choice", "resnet50"]),
+                          ("epochs: 2.5\n", ["epochs", "2.5"]),
+                          ("batch_size: 0\n", ["batch_size", "at least 1"]),
+                          ("lr: [1, 2]\n", ["lr"]),
+                          ("lr: fast\n", ["lr", "'fast'"]),
+                          ("amp: true\n", ["amp"])):
+        config.write_text(text)
+        with pytest.raises(SystemExit) as info:
+            cli.main(["train", "--config", str(config)])
+        message = str(info.value.code)
+        assert message.startswith(f"transmatcher-fast train: --config {config}: ") and "\n" not in message, message
+        assert all(n in message for n in needles), message
+    config.write_text("lr: [unclosed\n")
+    with pytest.raises(SystemExit, match="not valid YAML"):
+        cli.main(["train", "--config", str(config)])

@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(commands)
     parser.commands = commands.choices  # name -> subparser, for --config defaults
     for sub in parser.commands.values():
+        _set_choices(sub)
         sub.formatter_class = HelpFormatter  # every command's help shows its defaults, plainly
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the traceback of an error")
@@ -255,6 +256,41 @@ def _rank(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_RANK} (the CMC is measured to rank "
                                          f"{MAX_RANK}), got {value}")
     return value
+
+
+class _NoneChoices(tuple):
+    """Choices where ``none`` stands for None (the parsed value of ``_optional_str``)."""
+
+    def __contains__(self, value):
+        return tuple.__contains__(self, "none" if value is None else value)
+
+
+def _choices() -> dict:
+    """dest -> argparse choices of the options that name one of a fixed set (one table for
+    every command, so train, eval, extract and visualize agree)."""
+    from .data import dataset_names
+    from .models.resnet import DEPTHS, STRIDES
+
+    return {"dataset": tuple(dataset_names()), "arch": tuple(f"resnet{d}" for d in DEPTHS),
+            "ibn": _NoneChoices(("b", "none")), "final_layer": tuple(STRIDES)[1:]}
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (load in the main process) or more, got {value}")
+    return value
+
+
+def _set_choices(parser: argparse.ArgumentParser) -> None:
+    """Gives the options of :func:`_choices` their choices where they have none, and ``-j`` a
+    non-negative type, so that bad values fail in argparse (and --help lists them)."""
+    table = _choices()
+    for action in parser._actions:
+        if action.dest in table and action.choices is None and action.nargs is None:
+            action.choices = table[action.dest]
+        if action.dest == "workers" and action.type is int:
+            action.type = _non_negative_int
 
 
 def _optional_int(text: str):
@@ -429,9 +465,23 @@ def _load_for_eval(args):
         raise UserError(f"-j/--workers {args.workers}: must be 0 (load in the main process) or more")
     validate.check_data_dir(args.data_dir, args.dataset)
     state = validate.read_checkpoint(args.checkpoint)
+    validate.check_input_size(state, args.height, args.width, args.checkpoint)
     del state
     model, matcher, config = load_trained(args.checkpoint, device)
     return model, matcher, args.height or config["height"], args.width or config["width"], device
+
+
+def _eval_amp(args):
+    return None if args.amp == "auto" else args.amp
+
+
+def _clamp_topk(topk, dataset, flag: str = "--topk"):
+    """``topk`` at most the gallery size, with a note when it was above."""
+    if topk is not None and topk > len(dataset.gallery):
+        print(f"note: {flag} {topk} is above the gallery size ({len(dataset.gallery)}): using "
+              f"{len(dataset.gallery)}", file=sys.stderr)
+        return len(dataset.gallery)
+    return topk
 
 
 def _dataset(args, splits=("query", "gallery")):
@@ -449,11 +499,19 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from .engine.evaluate import evaluate
 
+    from .engine import validate
+
+    if args.rerank and args.topk is not None:
+        raise UserError("--rerank needs the full query x gallery distances: use it without --topk")
+    if args.out:
+        validate.check_output_file(args.out, "--out")
     model, matcher, height, width, device = _load_for_eval(args)
     dataset = _dataset(args)
+    validate.check_valid_queries(dataset)
+    args.topk = _clamp_topk(args.topk, dataset)
     print(dataset.summary())
     result = evaluate(model, matcher, dataset.query, dataset.gallery, height=height, width=width,
-                      batch_size=args.batch_size, workers=args.workers, device=device, amp=args.amp,
+                      batch_size=args.batch_size, workers=args.workers, device=device, amp=_eval_amp(args),
                       probe_chunk=args.probe_chunk, gallery_chunk=args.gallery_chunk, topk=args.topk,
                       rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
                       protocol=args.protocol, progress=args.progress)
@@ -470,6 +528,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_AMP_CHOICES = ("auto", "bf16", "fp16", "fp32", "none")
 # The CMC is measured to this rank (engine.metrics.RankingMetrics' max_rank).
 MAX_RANK = 50
 
@@ -499,10 +558,13 @@ def _evaluation_notes(m: dict):
 def run_extract(args: argparse.Namespace) -> int:
     from .engine.evaluate import extract
 
+    from .engine import validate
+
+    validate.check_output_file(args.out, "--out")
     model, _, height, width, device = _load_for_eval(args)
     items = getattr(_dataset(args, (args.split,)), args.split)
     features = extract(model, items, height=height, width=width, batch_size=args.batch_size,
-                       workers=args.workers, device=device, amp=args.amp, progress=args.progress)
+                       workers=args.workers, device=device, amp=_eval_amp(args), progress=args.progress)
     torch.save({"features": features.features.cpu(), "pids": features.pids, "cams": features.cams,
                 "paths": [path for path, _, _ in items]}, args.out)
     print(f"wrote {tuple(features.features.shape)} {features.features.dtype} features of "
@@ -531,8 +593,10 @@ def run_visualize(args: argparse.Namespace) -> int:
     if args.checkpoint:
         model, matcher, height, width, device = _load_for_eval(args)
         dataset = _dataset(args)
+        validate.check_valid_queries(dataset)
+        args.topk = _clamp_topk(args.topk, dataset)
         result = evaluate(model, matcher, dataset.query, dataset.gallery, height=height, width=width,
-                          batch_size=args.batch_size, workers=args.workers, device=device, amp=args.amp,
+                          batch_size=args.batch_size, workers=args.workers, device=device, amp=_eval_amp(args),
                           progress=args.progress)
         written += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
                                                result.distances.numpy(), num_queries=args.num_queries,
@@ -553,9 +617,10 @@ def _add_model_and_data(parser, checkpoint_required: bool = True) -> None:
     parser.add_argument("--width", type=_optional_int, default=None, help="input width (default: the checkpoint's)")
     parser.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=128,
                         help="feature extraction batch")
-    parser.add_argument("-j", "--workers", type=int, default=2)
+    parser.add_argument("-j", "--workers", type=_non_negative_int, default=2, help="data loader workers")
     parser.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--amp", default=None, help="autocast dtype bf16/fp16/none (default: bf16 on CUDA, none on CPU)")
+    parser.add_argument("--amp", choices=EVAL_AMP_CHOICES, default="auto",
+                        help="autocast dtype; auto: bf16 on CUDA, none on CPU")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -624,8 +689,50 @@ def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"--config {args.config}: unknown options {unknown}")
-    subparser.set_defaults(**values)
+    subparser.set_defaults(**_typed_config(subparser, values, args.config))
     return parser.parse_args(argv)
+
+
+def _typed_config(parser: argparse.ArgumentParser, values: dict, path: str) -> dict:
+    """YAML values through the same type and choices as their flags: ``lr: 1e-3`` is a float,
+    ``arch: resnet9`` an error, and a flag like ``--freeze-bn`` takes a real boolean
+    (true/false, yes/no, on/off, 1/0, any case); anything else is an error naming the file and
+    the key, never a truthy string."""
+    from .engine.validate import parse_bool
+
+    actions = {action.dest: action for action in parser._actions}
+    typed = {}
+    for key, value in values.items():
+        action = actions[key]
+        where = f"--config {path}: {key}"
+        if action.nargs == 0:  # a flag: store_true / store_false / --x/--no-x
+            try:
+                typed[key] = parse_bool(value, where)
+            except ValueError as error:
+                raise UserError(str(error)) from None
+            continue
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        items = value if many and isinstance(value, list) else [value]
+        if not many and isinstance(value, (list, dict)):
+            raise UserError(f"{where}: expects one value, got {value!r}")
+        converted = []
+        for item in items:
+            if isinstance(item, bool) or isinstance(item, (list, dict)):
+                raise UserError(f"{where}: expects a value like its flag --{key.replace('_', '-')}, got {item!r}")
+            if item is None:  # YAML null: unset, as the flag's "none"
+                converted.append(None)
+                continue
+            text = str(item)
+            try:
+                result = action.type(text) if action.type is not None else text
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+                raise UserError(f"{where}: invalid value {item!r} ({error})") from None
+            if action.choices is not None and result not in action.choices:
+                raise UserError(f"{where}: invalid choice {item!r} (choose from "
+                                f"{', '.join(map(str, action.choices))})")
+            converted.append(result)
+        typed[key] = converted if many else converted[0]
+    return typed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
