@@ -107,6 +107,7 @@ def test_bad_input_errors_are_one_or_two_lines(data_dir, trained, tmp_path):
         "file-shaped exp-dir": ([*train, "--exp-dir", exp_file], ["--exp-dir", str(exp_file), "not a folder"]),
         "bad -j (train)": ([*train, "--exp-dir", tmp_path / "r3", "-j", "-1"], ["-j/--workers", "-1", "0"], 2),
         "bad -j (eval)": (eval_args(data_dir, trained, "-j", "-2"), ["-j/--workers", "-2", "0"], 2),
+        "cuda without CUDA (op-demo)": (["op-demo", "--device", "cuda"], ["--device cuda"]),
         "no --checkpoint nor --log": (["visualize", "--out", tmp_path / "pics"], ["--checkpoint", "--log"]),
     }
     results = run_many([args for args, *_ in cases.values()])

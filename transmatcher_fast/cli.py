@@ -39,7 +39,9 @@ def _mib(n: Optional[int]) -> str:
 
 
 def run_op_demo(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
+    from .engine.validate import check_device
+
+    device = check_device(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     query = torch.randn(args.queries, args.locations, args.dim, generator=generator).to(device)
     gallery = torch.randn(args.gallery, args.locations, args.dim, generator=generator).to(device)
