@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch used where no NVIDIA GPU is present (a GPU box keeps its own CUDA torch).
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: install install-torch test demo bench bench-pytest clean
+.PHONY: install install-torch test test-triton-compat demo bench bench-pytest clean
 
 install-torch:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -22,6 +22,16 @@ install: install-torch
 
 test: install
 	$(PYTHON) -m pytest tests
+
+# The GPU box runs triton 3.6, not ours: the interpreter tests and the sm_90/sm_80 compile checks
+# again under triton 3.6 (a venv over the installed packages; its interpreter needs numpy < 2.4).
+TRITON_COMPAT_VERSION ?= 3.6.0
+TRITON_COMPAT_VENV ?= build/triton-$(TRITON_COMPAT_VERSION)
+test-triton-compat: install
+	$(PYTHON) -m venv --system-site-packages $(TRITON_COMPAT_VENV)
+	$(TRITON_COMPAT_VENV)/bin/python -m pip install -q "triton==$(TRITON_COMPAT_VERSION)" "numpy<2.4"
+	TRITON_INTERPRET=1 $(TRITON_COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_triton_kernels.py tests/test_tuning.py tests/test_triton_compile.py
 
 demo: install
 	$(PYTHON) -m transmatcher_fast.cli demo
