@@ -81,7 +81,8 @@ def trained(data_dir, tmp_path_factory):
 
 
 def eval_args(data_dir, checkpoint, *extra):
-    return ["eval", "--checkpoint", checkpoint, "--data-dir", data_dir, "-j", "0", "--no-progress", *extra]
+    return [str(a) for a in ("eval", "--checkpoint", checkpoint, "--data-dir", data_dir, "-j", "0",
+                             "--no-progress", *extra)]
 
 
 # --- item 7: one or two lines, the traceback only with --debug --------------------------------
@@ -455,3 +456,67 @@ def test_yaml_values_are_typed_like_their_flags(tmp_path, monkeypatch):
     config.write_text("lr: [unclosed\n")
     with pytest.raises(SystemExit, match="not valid YAML"):
         cli.main(["train", "--config", str(config)])
+
+
+# --- exports, feature files, several test sets, bad images (item 8, 14) ----------------------
+def test_eval_exports_matrix_ranked_results_and_provenance(data_dir, trained, tmp_path):
+    out, matrix, ranked = tmp_path / "results.json", tmp_path / "dist.npz", tmp_path / "ranked.csv"
+    assert cli.main(eval_args(data_dir, trained, "--out", out, "--save-matrix", matrix,
+                              "--save-ranked", ranked, "--ranked-topk", "3")) == 0
+    results = json.loads(out.read_text())
+    provenance = results["provenance"]
+    assert provenance["version"] and provenance["checkpoint"] == str(trained.resolve())
+    assert provenance["dataset"]["query"] and provenance["model"]["height"] == 64
+    arrays = tmp_path / "dist.npz"
+    import numpy as np
+
+    with np.load(arrays) as npz:
+        assert npz["distance"].shape[0] == provenance["dataset"]["query"]["images"]
+    lines = ranked.read_text().splitlines()
+    assert lines[0].startswith("query_path") and len(lines) > 1
+
+
+def test_eval_from_extracted_features_equals_eval_from_images(data_dir, trained, tmp_path):
+    files = {}
+    for split in ("query", "gallery"):
+        files[split] = tmp_path / f"{split}.pt"
+        assert cli.main([str(a) for a in ("extract", "--checkpoint", trained, "--data-dir", data_dir,
+                                          "-j", "0", "--no-progress", "--split", split,
+                                          "--out", files[split])]) == 0
+    from_images, from_features = tmp_path / "images.json", tmp_path / "features.json"
+    assert cli.main(eval_args(data_dir, trained, "--out", from_images)) == 0
+    assert cli.main([str(a) for a in ("eval", "--checkpoint", trained, "--no-progress",
+                                      "--data-dir", tmp_path / "nowhere",
+                                      "--query-features", files["query"],
+                                      "--gallery-features", files["gallery"],
+                                      "--out", from_features)]) == 0
+    a, b = (json.loads(p.read_text()) for p in (from_images, from_features))
+    assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-6) and a["cmc"][:5] == pytest.approx(b["cmc"][:5])
+    result = run("eval", "--checkpoint", trained, "--query-features", files["query"])
+    assert_short_error(result, "--gallery-features")
+
+
+def test_eval_of_several_test_sets_in_one_run(data_dir, trained, tmp_path):
+    shutil.copytree(data_dir / "market1501", tmp_path / "dukemtmcreid")
+    shutil.copytree(data_dir / "market1501", tmp_path / "market1501")
+    out = tmp_path / "results.json"
+    assert cli.main(eval_args(tmp_path, trained, "--testsets", "market1501,dukemtmcreid", "--out", out,
+                              "--save-ranked", tmp_path / "ranked.jsonl")) == 0
+    results = json.loads(out.read_text())
+    assert {"market1501", "dukemtmcreid"} <= set(results)
+    assert results["market1501"]["mAP"] == pytest.approx(results["dukemtmcreid"]["mAP"])
+    assert (tmp_path / "ranked_market1501.jsonl").exists() and (tmp_path / "ranked_dukemtmcreid.jsonl").exists()
+
+
+def test_a_truncated_image_is_named_and_can_be_skipped(data_dir, trained, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    victim = sorted((broken / "market1501" / "bounding_box_test").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    result = run(*eval_args(broken, trained))
+    assert_short_error(result, victim.name)
+    out = tmp_path / "results.json"
+    result = run(*eval_args(broken, trained, "--skip-bad-images", "--out", out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert victim.name in result.stderr
+    assert json.loads(out.read_text())["num_skipped_images"] == 1

@@ -22,6 +22,7 @@ import argparse
 import copy
 import re
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -456,20 +457,22 @@ def add_demo_parser(commands) -> None:
     demo.set_defaults(run=run_end_to_end_demo)
 
 
-def _load_for_eval(args):
+def _load_for_eval(args, with_data: bool = True):
     """(model, matcher, height, width, device) of ``--checkpoint`` and the size flags; the
-    options and the checkpoint file are checked first."""
+    options, the data folder (``with_data``) and the checkpoint file are checked first."""
     from .engine import validate
     from .engine.evaluate import load_trained
 
     device = validate.check_device(args.device)
     if args.workers < 0:
         raise UserError(f"-j/--workers {args.workers}: must be 0 (load in the main process) or more")
-    validate.check_data_dir(args.data_dir, args.dataset)
+    if with_data:
+        validate.check_data_dir(args.data_dir, args.dataset)
     state = validate.read_checkpoint(args.checkpoint)
     validate.check_input_size(state, args.height, args.width, args.checkpoint)
     del state
     model, matcher, config = load_trained(args.checkpoint, device)
+    args.model_config = config  # for the results' provenance
     return model, matcher, args.height or config["height"], args.width or config["width"], device
 
 
@@ -497,37 +500,82 @@ def _dataset(args, splits=("query", "gallery")):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from .engine.evaluate import evaluate
-
-    from .engine import validate
+    from .engine import export, validate
+    from .engine.evaluate import evaluate, evaluate_saved, parse_testsets
 
     if args.rerank and args.topk is not None:
         raise UserError("--rerank needs the full query x gallery distances: use it without --topk")
+    from_features = args.query_features is not None or args.gallery_features is not None
+    if from_features and (args.query_features is None or args.gallery_features is None):
+        raise UserError("--query-features and --gallery-features go together (two files of extract)")
+    names = parse_testsets(args.testsets) if args.testsets else [args.dataset]
+    if from_features and args.testsets:
+        raise UserError("--testsets evaluates datasets' images; with --query-features it has no meaning")
+    for flag, path in (("--out", args.out), ("--save-matrix", args.save_matrix),
+                       ("--save-ranked", args.save_ranked)):
+        if path:
+            validate.check_output_file(path, flag)
+    options = dict(device=None, amp=_eval_amp(args), probe_chunk=args.probe_chunk,
+                   gallery_chunk=args.gallery_chunk, rerank=args.rerank, k1=args.k1, k2=args.k2,
+                   lambda_value=args.lambda_value, protocol=args.protocol, progress=args.progress)
+    results = {}
+    if from_features:
+        for flag, path in (("--query-features", args.query_features),
+                           ("--gallery-features", args.gallery_features)):
+            if not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file; write it with transmatcher-fast extract")
+        _, matcher, _, _, device = _load_for_eval(args, with_data=False)
+        results[args.dataset] = evaluate_saved(matcher, args.query_features, args.gallery_features,
+                                               **{**options, "device": device, "topk": args.topk})
+    else:
+        model, matcher, height, width, device = _load_for_eval(args)
+        for name in names:
+            args.dataset = name
+            dataset = _dataset(args)
+            validate.check_valid_queries(dataset)
+            topk = _clamp_topk(args.topk, dataset)
+            print(dataset.summary())
+            results[name] = evaluate(
+                model, matcher, dataset.query, dataset.gallery, height=height, width=width,
+                batch_size=args.batch_size, workers=args.workers, topk=topk,
+                skip_bad_images=args.skip_bad_images, checkpoint=args.checkpoint,
+                model_config=args.model_config, dataset=dataset, **{**options, "device": device})
+    for name, result in results.items():
+        m = result.metrics
+        print(_ranks_table(f"{name}{' (re-ranked)' if args.rerank else ''}", m, args.ranks))
+        for note in _evaluation_notes(m):
+            print(note)
+        print(f"features {m.get('features_seconds', 0.0):.1f} s, matching {m['matching_seconds']:.1f} s"
+              + (f", re-ranking {m['rerank_seconds']:.1f} s" if "rerank_seconds" in m else ""))
+    _export(args, results)
     if args.out:
-        validate.check_output_file(args.out, "--out")
-    model, matcher, height, width, device = _load_for_eval(args)
-    dataset = _dataset(args)
-    validate.check_valid_queries(dataset)
-    args.topk = _clamp_topk(args.topk, dataset)
-    print(dataset.summary())
-    result = evaluate(model, matcher, dataset.query, dataset.gallery, height=height, width=width,
-                      batch_size=args.batch_size, workers=args.workers, device=device, amp=_eval_amp(args),
-                      probe_chunk=args.probe_chunk, gallery_chunk=args.gallery_chunk, topk=args.topk,
-                      rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
-                      protocol=args.protocol, progress=args.progress)
-    m = result.metrics
-    print(_ranks_table(f"{args.dataset}{' (re-ranked)' if args.rerank else ''}", m, args.ranks))
-    for note in _evaluation_notes(m):
-        print(note)
-    print(f"features {m['features_seconds']:.1f} s, matching {m['matching_seconds']:.1f} s"
-          + (f", re-ranking {m['rerank_seconds']:.1f} s" if "rerank_seconds" in m else ""))
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump({"checkpoint": args.checkpoint, "dataset": args.dataset, **m}, file, indent=2)
+        only = len(results) == 1 and not args.testsets
+        metrics = {name: result.metrics for name, result in results.items()}
+        export.write_results_json(args.out, next(iter(metrics.values())) if only else metrics)
         print(f"wrote {args.out}")
     return 0
+
+
+def _export(args, results) -> None:
+    """--save-matrix and --save-ranked of each evaluation (one test set: the given path; several:
+    the path with the test set's name before the suffix)."""
+    from .engine import export
+
+    for name, result in results.items():
+        def path_for(path):
+            path = Path(path)
+            return path if len(results) == 1 else path.with_name(f"{path.stem}_{name}{path.suffix}")
+
+        q_items, g_items = result.query_items, result.gallery_items
+        if args.save_matrix:
+            written = export.save_matrix(path_for(args.save_matrix), result.distances, q_items, g_items,
+                                         kind=args.matrix_kind, reranked=args.rerank,
+                                         provenance_record=result.metrics.get("provenance"))
+            print(f"wrote {written} ({args.matrix_kind})")
+        if args.save_ranked:
+            written = export.write_ranked_results(path_for(args.save_ranked), q_items, g_items,
+                                                  result.distances, topk=args.ranked_topk)
+            print(f"wrote {written} (top {args.ranked_topk} per query)")
 
 
 EVAL_AMP_CHOICES = ("auto", "bf16", "fp16", "fp32", "none")
@@ -558,19 +606,24 @@ def _evaluation_notes(m: dict):
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    from .engine import export
     from .engine.evaluate import extract
 
     from .engine import validate
 
     validate.check_output_file(args.out, "--out")
     model, _, height, width, device = _load_for_eval(args)
-    items = getattr(_dataset(args, (args.split,)), args.split)
+    dataset = _dataset(args, (args.split,))
+    items = getattr(dataset, args.split)
     features = extract(model, items, height=height, width=width, batch_size=args.batch_size,
-                       workers=args.workers, device=device, amp=_eval_amp(args), progress=args.progress)
-    torch.save({"features": features.features.cpu(), "pids": features.pids, "cams": features.cams,
-                "paths": [path for path, _, _ in items]}, args.out)
+                       workers=args.workers, device=device, amp=_eval_amp(args), progress=args.progress,
+                       skip_bad_images=args.skip_bad_images)
+    record = export.provenance(model_config={**args.model_config, "height": height, "width": width},
+                               checkpoint=args.checkpoint,
+                               dataset={**export.dataset_info(dataset), "split": args.split})
+    export.save_features(args.out, features, items, provenance_record=record)
     print(f"wrote {tuple(features.features.shape)} {features.features.dtype} features of "
-          f"{len(items)} {args.split} images to {args.out}")
+          f"{len(features)} {args.split} images to {args.out}")
     return 0
 
 
@@ -602,7 +655,8 @@ def run_visualize(args: argparse.Namespace) -> int:
                           progress=args.progress)
         written += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
                                                result.distances.numpy(), num_queries=args.num_queries,
-                                               topk=args.topk, seed=args.seed)
+                                               topk=args.topk, seed=args.seed,
+                                               rows_per_page=args.rows_per_page)
         written += save_query_correspondences(model, matcher, dataset, result, out / "correspondences",
                                             pairs=args.pairs)
     print(f"wrote {len(written)} pictures under {out}")
@@ -624,6 +678,11 @@ def _add_model_and_data(parser, checkpoint_required: bool = True) -> None:
     parser.add_argument("--amp", choices=EVAL_AMP_CHOICES, default="auto",
                         help="autocast dtype; auto: bf16 on CUDA, none on CPU")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _add_skip_bad_images(parser) -> None:
+    parser.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true",
+                        help="leave unreadable images out (listed) instead of stopping at the first")
 
 
 def add_eval_parsers(commands) -> None:
@@ -649,13 +708,32 @@ def add_eval_parsers(commands) -> None:
                             help="market (also CUHK03-NP, as upstream) or cuhk03 (classic single-gallery-shot CMC)")
     evaluation.add_argument("--ranks", type=_rank, nargs="+", default=[1, 5, 10, 20], metavar="R",
                             help=f"CMC ranks to show (1 to {MAX_RANK})")
-    evaluation.add_argument("--out", help="write the metrics as JSON here")
+    evaluation.add_argument("--out", help="write the metrics and their provenance (version, model, checkpoint, "
+                                           "dataset, protocol, date) as JSON here")
+    evaluation.add_argument("--testsets", default=None, metavar="NAMES",
+                            help="several test sets in one run, comma-separated (upstream's --testset); "
+                                 "each under --data-dir; default: --dataset")
+    evaluation.add_argument("--query-features", dest="query_features", default=None, metavar="FILE",
+                            help="evaluate features written by extract (with --gallery-features) instead "
+                                 "of reading the images")
+    evaluation.add_argument("--gallery-features", dest="gallery_features", default=None, metavar="FILE")
+    evaluation.add_argument("--save-matrix", dest="save_matrix", default=None, metavar="FILE.npz",
+                            help="write the distance (or score) matrix, or the top-k lists with --topk")
+    evaluation.add_argument("--matrix-kind", dest="matrix_kind", choices=("distance", "score"),
+                            default="distance", help="what --save-matrix stores")
+    evaluation.add_argument("--save-ranked", dest="save_ranked", default=None, metavar="FILE",
+                            help="ranked results per query (.csv, else JSON lines)")
+    evaluation.add_argument("--ranked-topk", dest="ranked_topk", type=_positive_int, default=10,
+                            help="gallery images per query in --save-ranked")
+    _add_skip_bad_images(evaluation)
     evaluation.set_defaults(run=run_eval)
 
     extraction = commands.add_parser("extract", help="write the features of a split", formatter_class=fmt)
     _add_model_and_data(extraction)
     extraction.add_argument("--split", choices=("query", "gallery", "train"), default="query")
-    extraction.add_argument("--out", required=True, help="output .pt (features, pids, cams, paths)")
+    extraction.add_argument("--out", required=True,
+                            help="output .pt (features, pids, cams, paths, provenance; eval --query-features reads it)")
+    _add_skip_bad_images(extraction)
     extraction.set_defaults(run=run_extract)
 
     pictures = commands.add_parser("visualize", help="ranked lists, correspondences, training curves",
@@ -664,6 +742,8 @@ def add_eval_parsers(commands) -> None:
     pictures.add_argument("--out", default="pictures", help="output folder")
     pictures.add_argument("--log", help="a training log.jsonl to plot")
     pictures.add_argument("--num-queries", dest="num_queries", type=_positive_int, default=8)
+    pictures.add_argument("--rows-per-page", dest="rows_per_page", type=_positive_int, default=50,
+                          help="queries per page of the ranked-list overview")
     pictures.add_argument("--topk", type=_positive_int, default=10)
     pictures.add_argument("--pairs", type=_positive_int, default=3, help="correspondence pictures")
     pictures.add_argument("--seed", type=int, default=0)
