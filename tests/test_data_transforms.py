@@ -172,3 +172,15 @@ def test_seeded_shuffling_loader_repeats_and_ignores_workers(tmp_path):
         assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
     assert sorted(torch.cat([b[3] for b in zero]).tolist()) == list(range(8))
     assert torch.cat([b[3] for b in zero]).tolist() != list(range(8))  # shuffled
+
+
+def test_a_truncated_training_image_is_named(tmp_path):
+    from PIL import Image
+
+    from transmatcher_fast.data.transforms import ReidImageDataset
+
+    path = tmp_path / "0001_c1_000.jpg"
+    Image.new("RGB", (32, 64), (120, 30, 200)).save(path)
+    path.write_bytes(path.read_bytes()[:120])
+    with pytest.raises(OSError, match=str(path)):
+        ReidImageDataset([(str(path), 0, 0)])[0]

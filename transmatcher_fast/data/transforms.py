@@ -239,8 +239,11 @@ class ReidImageDataset(Dataset):
         else:
             index = key
         path, pid, camid = self.items[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError) as error:  # PIL's ways to fail
+            raise OSError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from error
         if self.transform is not None:
             image = self.transform(image)
         return image, pid, camid, index
