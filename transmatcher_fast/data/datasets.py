@@ -1,8 +1,16 @@
-"""Person re-ID datasets read from their public folder layouts.
+"""Person and vehicle re-ID datasets read from their public folder layouts.
 
 Every dataset exposes ``train``, ``query`` and ``gallery`` as lists of ``(path, pid, camid)`` with an
 absolute path, cameras 0-based and training identities relabelled to ``0..N-1``. Query and gallery
 keep the identities written in the file names, so that the evaluation can compare them.
+
+Side information and test protocols are generic, so that no caller branches on a dataset's name:
+
+* ``train_views`` / ``query_views`` / ``gallery_views`` (or ``views_of(items)``) give a viewpoint
+  per item, aligned with the split, or None when the dataset has no view labels (persons);
+* ``num_train_cameras`` / ``num_train_views`` size TransReID's SIE tables from the training split;
+* ``test_splits(trials, seed)`` gives the ``(query, gallery)`` pairs to evaluate and average: one
+  fixed pair for most datasets, ``trials`` seeded random draws for VehicleID.
 
 Conventions follow upstream's (open-reid derived) ``reid/datasets``:
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
@@ -59,16 +68,25 @@ def build_dataset(name: str, root, **kwargs) -> "ReidDataset":
 
 
 class ReidDataset:
-    """Base class: subclasses fill ``train``, ``query`` and ``gallery`` in ``__init__``."""
+    """Base class: subclasses fill ``train``, ``query`` and ``gallery`` in ``__init__``.
+
+    A subclass with view labels fills ``_views`` (absolute image path -> view, 0-based) for every
+    image it keeps; one whose test protocol draws random query/gallery splits overrides
+    :meth:`test_splits` and sets ``default_trials``. ``notes`` are lines :meth:`summary` prints
+    under its table (where views came from, what was skipped, the test protocol).
+    """
 
     name = "dataset"
     layout = ""  # the expected layout, quoted in every error message
+    default_trials = 1  # how many (query, gallery) splits test_splits() gives by default
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
         self.train: List[Item] = []
         self.query: List[Item] = []
         self.gallery: List[Item] = []
+        self._views: Optional[Dict[str, int]] = None
+        self.notes: List[str] = []
 
     # --- helpers shared by the parsers -------------------------------------------------------
     def _error(self, what: str) -> DatasetLayoutError:
@@ -93,10 +111,68 @@ class ReidDataset:
         extensions = tuple(extensions)
         return sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions and p.is_file())
 
+    # --- views ------------------------------------------------------------------------------
+    @property
+    def has_views(self) -> bool:
+        return self._views is not None
+
+    def views_of(self, items: Sequence[Item]) -> Optional[List[int]]:
+        """The view of each item (a list aligned with ``items``), or None when the dataset has no
+        view labels. Works on any items of this dataset, e.g. those of :meth:`test_splits`."""
+        if self._views is None:
+            return None
+        try:
+            return [self._views[path] for path, _, _ in items]
+        except KeyError as error:
+            raise KeyError(f"{self.name}: no view label for {error.args[0]} (not an image of this "
+                           f"dataset)") from None
+
+    @property
+    def train_views(self) -> Optional[List[int]]:
+        return self.views_of(self.train)
+
+    @property
+    def query_views(self) -> Optional[List[int]]:
+        return self.views_of(self.query)
+
+    @property
+    def gallery_views(self) -> Optional[List[int]]:
+        return self.views_of(self.gallery)
+
+    # --- test protocol ------------------------------------------------------------------------
+    def test_splits(self, trials: Optional[int] = None, seed: int = 0) -> List[Tuple[List[Item], List[Item]]]:
+        """The ``(query, gallery)`` pairs to evaluate; the reported metric is their mean.
+
+        A dataset with a fixed split has exactly one, ``(self.query, self.gallery)``, whatever
+        ``trials`` and ``seed``; datasets with a random protocol (VehicleID) override this."""
+        self._check_trials(trials)
+        return [(self.query, self.gallery)]
+
+    @staticmethod
+    def _check_trials(trials: Optional[int]) -> None:
+        if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+            raise ValueError(f"trials must be a positive int or None, got {trials!r}")
+
     # --- statistics -------------------------------------------------------------------------
     @property
     def num_train_ids(self) -> int:
         return len({pid for _, pid, _ in self.train})
+
+    @property
+    def num_train_cameras(self) -> int:
+        """Size of the camera table that the training camids index: highest camid + 1 (upstream
+        counts distinct cameras, the same number when the ids have no gaps, as on every published
+        set). 1 means no camera SIE (VehicleID); 0 for an empty training split."""
+        return max((c for _, _, c in self.train), default=-1) + 1
+
+    @property
+    def num_train_views(self) -> int:
+        """Size of the view table: highest training view + 1; 1 (one view for every image, no view
+        SIE) when the dataset has no view labels, as for persons."""
+        views = self.train_views
+        if views is None:
+            return 1
+        return max(views, default=-1) + 1
 
     @staticmethod
     def stats(items: Sequence[Item]) -> Tuple[int, int, int]:
@@ -112,6 +188,9 @@ class ReidDataset:
             ids, images, cams = self.stats(getattr(self, split))
             lines.append(f"  {split:<8} | {ids:5d} | {images:8d} | {cams:9d}")
         lines.append(rule)
+        lines.append(f"  train camera ids: {self.num_train_cameras}, view ids: {self.num_train_views}"
+                     + ("" if self.has_views else " (no view labels)"))
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -140,9 +219,15 @@ class _PidCamFolders(ReidDataset):
         super().__init__(root)
         base = self._find_root(list(self.splits.values()), self.aliases)
         self.root = base
-        for split, folder in self.splits.items():
-            items = self._parse_folder(base / folder, is_train=split == "train")
+        parsed = {split: self._parse_folder(base / folder, is_train=split == "train")
+                  for split, folder in self.splits.items()}
+        for split, items in self._select(parsed).items():
             setattr(self, split, relabel(items) if split == "train" else items)
+
+    def _select(self, parsed: Dict[str, List[Item]]) -> Dict[str, List[Item]]:
+        """Hook between parsing and relabelling (VeRi drops the images without a view here, so
+        that the training ids stay contiguous)."""
+        return parsed
 
     def _parse_folder(self, folder: Path, is_train: bool, cam_base: int = 1) -> List[Item]:
         items = []
@@ -177,6 +262,16 @@ class DukeMTMCreID(_PidCamFolders):
     aliases = ("DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID")
     layout = _MARKET_LAYOUT.replace("0002_c1s1_000451_03.jpg", "0001_c2_f0046182.jpg").replace(
         "<pid>_c<cam>s<session>_<frame>_<box>.jpg", "<pid>_c<cam>_f<frame>.jpg")
+
+
+@register_dataset("occluded_duke", "occ_duke")
+class OccludedDuke(DukeMTMCreID):
+    """Occluded-Duke (Miao et al. ICCV 2019): DukeMTMC-reID images re-split so that the query holds
+    occluded people; same file names and parsing as Duke (cameras 1-8 -> 0-7)."""
+
+    name = "Occluded-Duke"
+    aliases = ("Occluded_Duke",)
+    layout = DukeMTMCreID.layout + "\n  (or those three under <root>/Occluded_Duke/)"
 
 
 class _CUHK03NP(_PidCamFolders):
@@ -331,3 +426,217 @@ class RandPerson(ReidDataset):
                 raise self._error(f"scene {scene} is beyond the {len(self.camera_offset)} known scenes in {path}")
             items.append((str(path), pid, self.camera_offset[scene] + cam))
         self.train = relabel(items)
+
+
+# --- VeRi-776: <pid>_c<cam> names, viewpoints from the keypoint files ------------------------------
+
+@register_dataset("veri", "veri776")
+class VeRi776(_PidCamFolders):
+    """VeRi-776 (Liu et al. ICME 2016): ``image_train``, ``image_query``, ``image_test`` of
+    ``<pid>_c<cam>_<frame>_<n>.jpg`` (cameras 1-20 -> 0-19).
+
+    Viewpoints (0-7) are the last column of upstream's ``keypoint_train.txt`` / ``keypoint_test.txt``
+    (lines ``VeRi/image_test/<name>.jpg <40 keypoint coordinates> <view>``), looked up by the image's
+    basename in either file, as upstream does. The files are read from ``keypoint_dir`` when given,
+    otherwise from the first of the dataset folder, ``root`` and their ``datasets/`` sub-folders
+    that holds them. Without them the views are unknown (``*_views`` are None, noted in
+    :meth:`summary`), which is not an error.
+
+    Images the files give no view are reported, never dropped silently: ``missing_views="skip"``
+    drops them with a warning and a line in :meth:`summary` (upstream's behaviour, which only prints
+    a count), ``"error"`` raises a :class:`DatasetLayoutError`. The report is kept in
+    ``missing_views_report`` (split -> basenames).
+    """
+
+    name = "VeRi-776"
+    aliases = ("VeRi",)
+    splits = {"train": "image_train", "query": "image_query", "gallery": "image_test"}
+    keypoint_files = ("keypoint_train.txt", "keypoint_test.txt")
+    num_views = 8  # VeRi's orientation classes
+    layout = """  <root>/image_train/<pid>_c<cam>_<frame>_<n>.jpg   e.g. 0001_c001_00016450_0.jpg
+  <root>/image_query/...jpg   <root>/image_test/...jpg   (or those three under <root>/VeRi/)
+  views (optional): keypoint_train.txt, keypoint_test.txt from upstream's datasets/ folder, in <root>,
+  <root>/datasets/ or keypoint_dir; each line '<path> <40 keypoint coordinates> <view 0-7>'"""
+
+    def __init__(self, root, keypoint_dir=None, missing_views: str = "skip"):
+        if missing_views not in ("skip", "error"):
+            raise ValueError(f"missing_views must be 'skip' or 'error', got {missing_views!r}")
+        self.missing_views = missing_views
+        self.keypoint_dir = None if keypoint_dir is None else Path(keypoint_dir).expanduser()
+        self._given_root = Path(root).expanduser()
+        self.missing_views_report: Dict[str, List[str]] = {}
+        super().__init__(root)
+
+    # --- keypoint files -------------------------------------------------------------------------
+    def _find_keypoint_files(self) -> Optional[Tuple[Path, Path]]:
+        """Both keypoint files, or None when neither is found; one without the other is an error."""
+        if self.keypoint_dir is not None:
+            if not self.keypoint_dir.is_dir():
+                raise self._error(f"keypoint folder {self.keypoint_dir} does not exist")
+            missing = [str(self.keypoint_dir / n) for n in self.keypoint_files
+                       if not (self.keypoint_dir / n).is_file()]
+            if missing:
+                raise self._error(f"missing {', '.join(missing)}")
+            return tuple(self.keypoint_dir / n for n in self.keypoint_files)
+        folders = self._keypoint_folders()
+        found = [next((f / n for f in folders if (f / n).is_file()), None) for n in self.keypoint_files]
+        if found[0] is None and found[1] is None:
+            return None
+        if None in found:
+            have, lack = (found[0], self.keypoint_files[1]) if found[1] is None else (found[1], self.keypoint_files[0])
+            raise self._error(f"found {have} but no {lack} in {', '.join(map(str, folders))}; "
+                              f"views need both files (or pass keypoint_dir=)")
+        return found[0], found[1]
+
+    def _keypoint_folders(self) -> List[Path]:
+        """Where the keypoint files are looked for without ``keypoint_dir``, in order."""
+        folders: List[Path] = []
+        for folder in (self.root, self._given_root, self.root / "datasets", self._given_root / "datasets"):
+            if folder not in folders:
+                folders.append(folder)
+        return folders
+
+    def _read_keypoints(self, path: Path) -> Dict[str, int]:
+        views = {}
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) < 2:
+                    raise ValueError
+                view = int(fields[-1])
+            except ValueError:
+                raise self._error(f"cannot read '<path> ... <view>' from line {number} of {path}: "
+                                  f"{line[:120]!r}") from None
+            if not 0 <= view < self.num_views:
+                raise self._error(f"view {view} (views are 0..{self.num_views - 1}) on line {number} of {path}")
+            views[os.path.basename(fields[0])] = view
+        return views
+
+    # --- views ----------------------------------------------------------------------------------
+    def _select(self, parsed: Dict[str, List[Item]]) -> Dict[str, List[Item]]:
+        files = self._find_keypoint_files()
+        if files is None:
+            self.notes.append("views unknown: no " + " / ".join(self.keypoint_files) + " in "
+                              + ", ".join(map(str, self._keypoint_folders())) + " (pass keypoint_dir=)")
+            return parsed
+        view_of: Dict[str, int] = {}
+        for path in files:  # a basename in both files keeps its training view, as upstream
+            for name, view in self._read_keypoints(path).items():
+                view_of.setdefault(name, view)
+        kept, missing = {}, {}
+        for split, items in parsed.items():
+            kept[split] = [item for item in items if os.path.basename(item[0]) in view_of]
+            missing[split] = [os.path.basename(p) for p, _, _ in items if os.path.basename(p) not in view_of]
+        self.missing_views_report = {split: names for split, names in missing.items() if names}
+        total = sum(len(names) for names in missing.values())
+        source = f"views from {files[0]} and {files[1]}"
+        if total:
+            report = f"{total} images without a view in the keypoint files ({self._describe(missing)})"
+            if self.missing_views == "error":
+                raise self._error(f"{report}; {source}. Pass missing_views='skip' to drop them "
+                                  f"(upstream's behaviour)")
+            warnings.warn(f"{self.name}: skipped {report}", stacklevel=4)
+            self.notes.append(f"skipped {report}")
+        self.notes.insert(0, source)
+        self._views = {path: view_of[os.path.basename(path)] for items in kept.values() for path, _, _ in items}
+        return kept
+
+    @staticmethod
+    def _describe(missing: Dict[str, List[str]], first: int = 5) -> str:
+        parts = []
+        for split, names in missing.items():
+            if names:
+                more = f", ... {len(names) - first} more" if len(names) > first else ""
+                parts.append(f"{split} {len(names)}: {', '.join(names[:first])}{more}")
+        return "; ".join(parts)
+
+
+# --- VehicleID: list files, random gallery draws -------------------------------------------------
+
+@register_dataset("vehicleid")
+class VehicleID(ReidDataset):
+    """VehicleID (Liu et al. CVPR 2016): ``train_test_split/train_list.txt`` and
+    ``test_list_{800,1600,2400}.txt`` (small / medium / large test sets) of lines ``<name> <pid>``,
+    images ``image/<name>.jpg``.
+
+    There are no cameras: training images get camid 0 (``num_train_cameras`` is 1, so no camera
+    SIE) and there are no view labels. The test protocol draws, for every test identity, one random
+    image into the gallery (camid 1) and the rest into the query (camid 0), ``trials`` times (10 by
+    default) from ``numpy.random.default_rng(seed)``; :meth:`test_splits` gives the draws and the
+    reported metric is their mean. ``query`` / ``gallery`` hold the first draw of ``seed``, i.e.
+    ``test_splits(seed=seed)[0]``. Test pids keep their original numbers.
+    """
+
+    name = "VehicleID"
+    default_trials = 10
+    test_sizes = (800, 1600, 2400)
+    published_train_ids = 13164
+    layout = """  <root>/image/<name>.jpg
+  <root>/train_test_split/train_list.txt                      lines '<name> <pid>', e.g. '0001083 1'
+  <root>/train_test_split/test_list_{800,1600,2400}.txt   (test_size=800 | 1600 | 2400)
+  (or those under <root>/VehicleID_V1.0/)"""
+
+    def __init__(self, root, test_size: int = 800, seed: int = 0):
+        super().__init__(root)
+        if test_size not in self.test_sizes:
+            raise ValueError(f"test_size must be one of {self.test_sizes}, got {test_size!r}")
+        self.test_size, self.seed = test_size, seed
+        test_list = f"train_test_split/test_list_{test_size}.txt"
+        base = self._find_root(["image", "train_test_split/train_list.txt", test_list],
+                               aliases=("VehicleID_V1.0",))
+        self.root = base
+        self.image_dir = base / "image"
+        self.train = relabel([(path, pid, 0) for path, pid in self._read_list(base / "train_test_split/train_list.txt")])
+        groups: Dict[int, List[str]] = {}
+        for path, pid in self._read_list(base / test_list):
+            groups.setdefault(pid, []).append(path)
+        self._test_groups = list(groups.items())  # identities in the order the list first names them
+        self.query, self.gallery = self._draw(self._rng(seed))
+        self.notes.append(f"test protocol: test_list_{test_size}.txt, {len(groups)} identities; "
+                          f"{self.default_trials} random splits of one gallery image per identity "
+                          f"(the rest query), averaged; the table shows the first draw of seed {seed}")
+        if self.num_train_ids != self.published_train_ids or len(groups) != test_size:
+            self.notes.append(f"note: {self.num_train_ids} train / {len(groups)} test identities "
+                              f"(published: {self.published_train_ids} / {test_size})")
+
+    def _read_list(self, list_file: Path) -> List[Tuple[str, int]]:
+        entries = []
+        for number, line in enumerate(list_file.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                name, pid = fields[0], int(fields[1])
+            except ValueError:
+                raise self._error(f"cannot read '<name> <pid>' from line {number} of {list_file}: "
+                                  f"{line[:120]!r}") from None
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                name += ".jpg"
+            entries.append((str(self.image_dir / name), pid))
+        if not entries:
+            raise self._error(f"{list_file} lists no images")
+        return entries
+
+    @staticmethod
+    def _rng(seed: int):
+        import numpy as np
+        return np.random.default_rng(seed)
+
+    def _draw(self, rng) -> Tuple[List[Item], List[Item]]:
+        query, gallery = [], []
+        for pid, paths in self._test_groups:
+            pick = int(rng.integers(len(paths)))
+            gallery.append((paths[pick], pid, 1))
+            query.extend((path, pid, 0) for i, path in enumerate(paths) if i != pick)
+        return query, gallery
+
+    def test_splits(self, trials: Optional[int] = None, seed: int = 0) -> List[Tuple[List[Item], List[Item]]]:
+        """``trials`` (default 10) random query/gallery splits, drawn in turn from one
+        ``numpy.random.default_rng(seed)``: the same seed gives the same splits."""
+        self._check_trials(trials)
+        rng = self._rng(seed)
+        return [self._draw(rng) for _ in range(self.default_trials if trials is None else trials)]
