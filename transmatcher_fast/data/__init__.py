@@ -3,10 +3,15 @@ loaders. Nothing here imports the models or the ops."""
 
 from .datasets import (DatasetLayoutError, ReidDataset, build_dataset, dataset_names,
                        register_dataset)
+from .multicrop import (MultiCropCollate, MultiCropTransform, UnlabelledImages, list_images,
+                        make_multicrop_loader)
 from .synthetic import generate_synthetic
-from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ReidImageDataset, build_test_transform,
-                         build_train_transform, make_loader)
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomErasing, ReidImageDataset,
+                         build_test_transform, build_train_transform, build_transreid_test_transform,
+                         build_transreid_train_transform, make_loader)
 
 __all__ = ["DatasetLayoutError", "ReidDataset", "build_dataset", "dataset_names", "register_dataset",
            "generate_synthetic", "IMAGENET_MEAN", "IMAGENET_STD", "ReidImageDataset",
-           "build_test_transform", "build_train_transform", "make_loader"]
+           "build_test_transform", "build_train_transform", "make_loader", "RandomErasing",
+           "build_transreid_train_transform", "build_transreid_test_transform", "MultiCropTransform",
+           "MultiCropCollate", "UnlabelledImages", "list_images", "make_multicrop_loader"]
