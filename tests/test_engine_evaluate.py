@@ -167,7 +167,7 @@ def test_short_demo_ends_with_a_results_table_and_pictures(demo_run):
     assert set(summary) >= {"before", "after", "train_seconds", "mAP_ratio"}
     curve = Image.open(demo_run / "training_curve.png")
     assert curve.size[0] > 100 and curve.size[1] > 100
-    ranked = sorted((demo_run / "ranked_lists").glob("ranked_*_q*.png"))
+    ranked = sorted((demo_run / "ranked_lists").glob("ranked_q*_pid*.png"))
     assert len(ranked) == 6  # the demo draws 6 of the 8 queries
     # query + 10 gallery cells of 64x128 (the default cell) framed, in one row
     assert Image.open(ranked[0]).size[1] < 200

@@ -107,23 +107,81 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
     return summary
 
 
-def save_query_correspondences(model, matcher, dataset, evaluation, folder: Path, pairs: int = 3):
-    """For the first few queries: the correspondences with their nearest correct gallery image."""
+def save_query_correspondences(model, matcher, dataset, evaluation, folder: Path, pairs: int = 3, *,
+                               negatives: bool = True):
+    """Correspondence pictures of up to ``pairs`` queries of distinct identities: in query order,
+    the first query of each not yet drawn pid that has a correct gallery image (same pid, another
+    camera: what the protocol counts), with its nearest correct gallery image; with ``negatives``
+    also with its nearest wrong one (another pid). Nearest by ``evaluation.distances`` (dense, or
+    within a top-k list). Each picture's header has the pair's score, ``matcher.match`` on the two
+    feature maps (float32, eval mode), and its distance ``1 - sigmoid(score / 10)``; same /
+    different identity; and each image's index, pid, camera and file name. Files are named
+    ``visualize.correspondence_name(...)``. Returns the paths written, query by query (correct
+    pair first). ``model`` is unused (kept for the callers)."""
+    from .matching import TopK, score_to_distance
+
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dist = evaluation.distances
-    written = []
+    q_items = evaluation.query_items if evaluation.query_items is not None else list(dataset.query)
+    g_items = evaluation.gallery_items if evaluation.gallery_items is not None else list(dataset.gallery)
     q_pids, g_pids = evaluation.query.pids, evaluation.gallery.pids
     q_cams, g_cams = evaluation.query.cams, evaluation.gallery.cams
-    for qi in range(min(pairs, len(dataset.query))):
-        # The nearest same-identity image from another camera: what the protocol counts as a match.
-        candidates = (g_pids == q_pids[qi]) & (g_cams != q_cams[qi])
-        if not candidates.any():
+    num_query, num_gallery = len(q_pids), len(g_pids)
+    dist = evaluation.distances
+
+    def distance_row(qi: int) -> torch.Tensor:
+        if isinstance(dist, TopK):  # only the kept candidates are known
+            row = torch.full((num_gallery,), float("inf"))
+            keep = dist.index[qi] >= 0
+            row[dist.index[qi][keep]] = dist.dist[qi][keep].float()
+            return row
+        return dist[qi].float()
+
+    try:
+        device = next(matcher.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    def pair_score(probe: torch.Tensor, gallery: torch.Tensor) -> float:
+        modes = {m: m.training for m in matcher.modules()}
+        matcher.eval()
+        try:
+            with torch.no_grad():
+                return float(matcher.match(probe, gallery).reshape(-1)[0])
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
+    def label(items, index: int, pid, cam, role: str) -> str:
+        return f"{role} {index}, {visualize.id_label(pid, cam)}, {Path(items[index][0]).name}"
+
+    written, drawn = [], set()
+    for qi in range(num_query):
+        if len(drawn) >= pairs:
+            break
+        pid = int(q_pids[qi])
+        if pid in drawn:
             continue
-        gi = int(torch.where(candidates, dist[qi], torch.inf).argmin())
-        probe = evaluation.query.features[qi:qi + 1].float()
-        gallery = evaluation.gallery.features[gi:gi + 1].float()
-        matches = visualize.correspondences(matcher, probe, gallery)
-        path = folder / f"q{qi}_pid{int(q_pids[qi])}_g{gi}.png"
-        written.append(visualize.save_correspondences(path, dataset.query[qi][0], dataset.gallery[gi][0],
-                                                      matches))
+        row = distance_row(qi)
+        same = g_pids == q_pids[qi]
+        correct = same & (g_cams != q_cams[qi]) & torch.isfinite(row)
+        if not correct.any():
+            continue
+        drawn.add(pid)
+        chosen = [int(torch.where(correct, row, torch.inf).argmin())]
+        wrong = ~same & torch.isfinite(row)
+        if negatives and wrong.any():
+            chosen.append(int(torch.where(wrong, row, torch.inf).argmin()))
+        probe = evaluation.query.features[qi:qi + 1].float().to(device)
+        for gi in chosen:
+            gallery = evaluation.gallery.features[gi:gi + 1].float().to(device)
+            matches = visualize.correspondences(matcher, probe, gallery)
+            score = pair_score(probe, gallery)
+            g_pid = int(g_pids[gi])
+            path = folder / visualize.correspondence_name(qi, pid, gi, g_pid, num_query, num_gallery)
+            written.append(visualize.save_correspondences(
+                path, q_items[qi][0], g_items[gi][0], matches, score=score,
+                distance=float(score_to_distance(torch.tensor(score))), same_identity=g_pid == pid,
+                probe_label=label(q_items, qi, pid, q_cams[qi], "query"),
+                gallery_label=label(g_items, gi, g_pid, g_cams[gi], "gallery")))
     return written
