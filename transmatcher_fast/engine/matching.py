@@ -3,13 +3,19 @@
 Every image is projected once (TransMatcher's fc1 per level; QAConv's location view), then probe
 chunks are scored against gallery chunks whose size follows the device's free memory
 (``mem_get_info`` on CUDA, available RAM on CPU). The result is upstream's distance
-``1 - sigmoid(score / 10)`` as a dense ``[Nq, Ng]`` matrix, or, in top-k mode, only the k nearest
-gallery items per query, so that ``Nq x Ng`` values never have to exist at once. Under
-``torchrun`` the gallery is split across ranks and the pieces gathered.
+``1 - sigmoid(score / 10)`` (or the comparer's own ``distance(score)``, e.g. the squared Euclidean
+distance of ``models.embedding.EmbeddingDistance``) as a dense ``[Nq, Ng]`` matrix, or, in top-k
+mode, only the k nearest gallery items per query, so that ``Nq x Ng`` values never have to exist
+at once. Under ``torchrun`` the gallery is split across ranks and the pieces gathered.
+
+A comparer is any ``nn.Module`` with ``project(features, name)``, ``score_projected(probe,
+gallery)`` -> ``[P, G]`` scores (higher = closer), ``bytes_per_pair()`` and optionally
+``distance(score)``; parameters are not required.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -23,6 +29,14 @@ from .features import autocast, parse_dtype
 
 # Probe images per chunk when none is given: large enough to amortise a gallery chunk's transfer.
 DEFAULT_PROBE_CHUNK = 256
+
+
+def comparer_device(matcher: nn.Module) -> torch.device:
+    """Where a comparer runs: the device of its first parameter or buffer, else the CPU (a
+    comparer without state, e.g. a plain embedding distance)."""
+    for tensor in itertools.chain(matcher.parameters(), matcher.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def score_to_distance(score: Tensor) -> Tensor:
@@ -92,11 +106,12 @@ def match(matcher: nn.Module, probe: Tensor, gallery: Optional[Tensor] = None, *
     - ``distributed``: split the gallery across ``torch.distributed`` ranks (default: when a
       process group is initialised); every rank returns the whole result.
 
-    The matcher runs in eval mode (BatchNorm running statistics; its mode is restored)."""
+    The matcher runs in eval mode (BatchNorm running statistics; its mode is restored); its
+    device (parameters, else buffers, else the CPU) is the default ``device``."""
     _check_chunk(probe_chunk, "probe_chunk")
     _check_chunk(gallery_chunk, "gallery_chunk")
     _check_chunk(topk, "topk")
-    device = torch.device(device) if device is not None else next(matcher.parameters()).device
+    device = torch.device(device) if device is not None else comparer_device(matcher)
     amp = parse_dtype(amp, "amp") if amp is not None else (torch.bfloat16 if device.type == "cuda" else None)
     same = gallery is None or gallery is probe
     gallery = probe if gallery is None else gallery
@@ -127,6 +142,8 @@ def match(matcher: nn.Module, probe: Tensor, gallery: Optional[Tensor] = None, *
 def _match_shard(matcher, probe, gallery_proj, same, num_gallery, device, amp, probe_chunk, step,
                  topk, progress):
     num_probe = probe.shape[0]
+    # The comparer's own distance when it has one (embeddings), else upstream's matcher sigmoid.
+    to_distance = getattr(matcher, "distance", None) or score_to_distance
     k = None if topk is None else min(topk, num_gallery)
     if k is None:
         out = torch.empty(num_probe, num_gallery, dtype=torch.float32)
@@ -144,7 +161,7 @@ def _match_shard(matcher, probe, gallery_proj, same, num_gallery, device, amp, p
         for g_start in range(0, num_gallery, step):
             g_stop = min(g_start + step, num_gallery)
             with autocast(device, amp):
-                d = score_to_distance(matcher.score_projected(p, gallery_proj.slice(g_start, g_stop, device)))
+                d = to_distance(matcher.score_projected(p, gallery_proj.slice(g_start, g_stop, device)))
             if k is None:
                 out[p_start:p_stop, g_start:g_stop] = d.cpu()
                 continue
