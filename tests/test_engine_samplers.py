@@ -312,3 +312,28 @@ def test_graph_sampler_under_torch_distributed(tmp_path):
     parts = [batches_of(r["indices"], BATCH) for r in results]
     assert len(parts[0]) == len(parts[1]) == NUM_IDS // 2
     assert parts[0] == full[0::2] and parts[1] == full[1::2]
+
+
+def test_all_images_sampler_uses_every_image_once_per_epoch_in_groups_of_k():
+    """TransReID's sampler: each identity's images shuffled into groups of K (fewer than K:
+    drawn with replacement), P identities per batch while P have groups left."""
+    from transmatcher_fast.engine.samplers import AllImagesIdentitySampler
+
+    counts = {0: 8, 1: 4, 2: 9, 3: 2, 4: 12, 5: 4}
+    pids = [pid for pid, n in counts.items() for _ in range(n)]
+    sampler = AllImagesIdentitySampler(pids, batch_size=4, num_instances=2, seed=3)
+    drawn = list(sampler)
+    assert len(drawn) == len(sampler) and len(drawn) % 4 == 0
+    by_batch = [drawn[i:i + 4] for i in range(0, len(drawn), 4)]
+    for batch in by_batch:
+        batch_pids = [pids[i] for i in batch]
+        assert batch_pids[0] == batch_pids[1] and batch_pids[2] == batch_pids[3]
+        assert batch_pids[0] != batch_pids[2]  # P distinct identities
+    used = Counter(drawn)
+    # No image twice within an identity that has K or more images; groups of K, tail dropped.
+    assert all(c == 1 for i, c in used.items() if counts[pids[i]] >= 2)
+    groups_available = sum(n // 2 for n in counts.values())
+    assert len(by_batch) <= groups_available // 2 and len(by_batch) >= groups_available // 2 - 3
+    assert list(sampler) == drawn  # the same epoch again: the same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != drawn

@@ -18,7 +18,8 @@ import torch
 from transmatcher_fast.cli import build_parser, main
 from transmatcher_fast.data import generate_synthetic
 from transmatcher_fast.engine import checkpoint
-from transmatcher_fast.engine.trainer import LRSchedule, Trainer, TrainConfig
+from transmatcher_fast.engine.trainer import Trainer, TrainConfig
+from transmatcher_fast.methods.schedules import build_schedule
 
 # A model small enough for a few CPU steps a second: 64x32 images -> 4x2 = 8 locations.
 TINY = ["-d", "market", "-a", "resnet18", "--ibn", "none", "--neck", "16", "--num-trans-layers", "2",
@@ -275,20 +276,20 @@ def test_torchrun_refusal_stops_every_rank_with_the_same_message(data_dir, tmp_p
 
 
 def test_step_schedule():
-    schedule = LRSchedule(TrainConfig(epochs=15, step_size=10, gamma=0.1))
+    schedule = build_schedule(TrainConfig(epochs=15, step_size=10, gamma=0.1))
     assert [schedule.factor(e) for e in (0, 9, 10, 14)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
     assert schedule.end == 15
 
 
 def test_adaptive_schedule_decays_once_and_sets_the_end():
-    schedule = LRSchedule(TrainConfig(schedule="adaptive", step_factor=0.7, max_epochs=60))
+    schedule = build_schedule(TrainConfig(schedule="adaptive", step_factor=0.7, max_epochs=60))
     for epoch, loss in enumerate([10.0, 8.0, 6.0, 5.0]):  # base = 8.0 (second epoch); 5.0 < 5.6
         schedule.after_epoch(epoch, loss)
     assert schedule.base_loss == 8.0 and schedule.decay_epoch == 4 and schedule.end == 6
     assert schedule.factor(3) == 1.0 and schedule.factor(4) == pytest.approx(0.1)
     schedule.after_epoch(4, 1.0)
     assert schedule.end == 6  # decays once
-    restored = LRSchedule(TrainConfig(schedule="adaptive"))
+    restored = build_schedule(TrainConfig(schedule="adaptive"))
     restored.load_state_dict(schedule.state_dict())
     assert restored.state_dict() == schedule.state_dict()
 
@@ -521,7 +522,7 @@ def test_shipped_configs_parse_into_train_configs(monkeypatch):
     tm = _config_through_cli(monkeypatch, cli, CONFIGS / "transmatcher.yaml")
     assert tm == TrainConfig(neck=512)  # upstream's defaults are TrainConfig's
     qa = _config_through_cli(monkeypatch, cli, CONFIGS / "qaconv.yaml")
-    assert (qa.matcher, qa.neck, qa.num_instances, qa.loss, qa.margin, qa.clip_value, qa.schedule,
+    assert (qa.method, qa.neck, qa.num_instances, qa.loss, qa.margin, qa.clip_value, qa.schedule,
             qa.step_factor, qa.max_epochs, qa.lr) == ("qaconv", 128, 2, "triplet", 16.0, 8.0,
                                                       "adaptive", 0.7, 60, 0.005)
     qa20 = _config_through_cli(monkeypatch, cli, CONFIGS / "qaconv20.yaml")

@@ -8,8 +8,9 @@ with upstream's materialised reference, and prints shapes, time, peak memory and
 
 ``synth`` writes a procedural synthetic person dataset in Market-1501 layout.
 
-``train`` trains a feature model and matcher with upstream's recipe (``--config file.yaml`` sets
-any option; flags given on the command line win). Under ``torchrun`` it trains on every rank.
+``train`` trains a method (``--method transmatcher | qaconv | transreid``) with its upstream
+recipe (``--config file.yaml`` sets any option; flags given on the command line win). Under
+``torchrun`` it trains on every rank.
 
 ``eval`` evaluates a checkpoint with upstream's protocol (CMC, mAP, mINP; top-k and re-ranking
 options), ``extract`` writes features, ``visualize`` draws ranked lists, local correspondences
@@ -116,7 +117,9 @@ def load_config(path: str) -> dict:
                         + (f" (line {where.line + 1}, column {where.column + 1})" if where else "")) from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: must hold a mapping of option: value, got {type(values).__name__}")
-    return {str(key).replace("-", "_"): value for key, value in values.items()}
+    from .engine.trainer import upgrade_options
+
+    return upgrade_options({str(key).replace("-", "_"): value for key, value in values.items()})
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -272,9 +275,12 @@ def _choices() -> dict:
     """dest -> argparse choices of the options that name one of a fixed set (one table for
     every command, so train, eval, extract and visualize agree)."""
     from .data import dataset_names
+    from .methods import method_names
     from .models.resnet import DEPTHS, STRIDES
+    from .models.vit import ARCHS as VIT_ARCHS
 
-    return {"dataset": tuple(dataset_names()), "arch": tuple(f"resnet{d}" for d in DEPTHS),
+    return {"dataset": tuple(dataset_names()), "method": tuple(method_names()),
+            "arch": tuple(f"resnet{d}" for d in DEPTHS) + tuple(VIT_ARCHS),
             "ibn": _NoneChoices(("b", "none")), "final_layer": tuple(STRIDES)[1:]}
 
 
@@ -304,10 +310,24 @@ def _optional_str(text: str):
     return None if text.lower() == "none" else text
 
 
+def _method_default(name: str) -> str:
+    """Each method's default of option ``name``, for --help: "default: transmatcher 0.005, ..."."""
+    from .methods import get_method, method_names
+
+    values = {}
+    for method in method_names():
+        values.setdefault(str(get_method(method).defaults[name]), []).append(method)
+    return "default: " + ", ".join(f"{'/'.join(ms)} {v}" for v, ms in values.items())
+
+
 def add_train_parser(commands) -> argparse.ArgumentParser:
-    from .engine.trainer import AMP_CHOICES, LOSSES, SAMPLERS, SCHEDULES, TrainConfig
+    from .engine.trainer import AMP_CHOICES, FROM_METHOD, LOSSES, NECK_FEATS, SAMPLERS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
+
+    def by_method(name: str, text: str = "") -> dict:
+        """The default and help of an option whose default is the method's."""
+        return {"default": FROM_METHOD, "help": f"{text} ({_method_default(name)})".strip()}
 
     def non_negative_int(text: str) -> int:
         value = int(text)
@@ -316,9 +336,12 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
         return value
 
     train = commands.add_parser(
-        "train", help="train a TransMatcher / QAConv model (upstream's recipe)",
-        description="Train with upstream's recipe: graph sampler, pairwise matching loss, SGD "
-                    "Nesterov, AMP, gradient clipping. A checkpoint is written atomically after every "
+        "train", help="train a TransMatcher / QAConv / TransReID model (upstream's recipe)",
+        description="Train a method with its upstream recipe (the options marked 'default: "
+                    "<method> <value>' take the method's value unless given): transmatcher / qaconv: "
+                    "graph sampler, pairwise matching loss, SGD Nesterov, AMP, gradient clipping; "
+                    "transreid: P x K sampler, cross-entropy + soft-margin triplet, SGD, warm-up + "
+                    "cosine, AMP. A checkpoint is written atomically after every "
                     "epoch to EXP_DIR/checkpoint.pt; --resume continues a killed run. Logs: "
                     "EXP_DIR/log.jsonl and EXP_DIR/tensorboard. A run locks EXP_DIR (EXP_DIR/train.lock "
                     "holds its pid): a second run there fails at once, and a fresh start refuses a "
@@ -335,12 +358,16 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     data.add_argument("-d", "--dataset", default=d.dataset, help="dataset name (see the registry)")
     data.add_argument("--data-dir", default=d.data_dir,
                       help="folder of the dataset, or its parent holding a folder named like --dataset")
-    data.add_argument("--height", type=_positive_int, default=d.height, help="input height")
-    data.add_argument("--width", type=_positive_int, default=d.width, help="input width")
+    data.add_argument("--height", type=_positive_int, **by_method("height", "input height"))
+    data.add_argument("--width", type=_positive_int, **by_method("width", "input width"))
     data.add_argument("-j", "--workers", type=int, default=d.workers, help="data loader workers")
     model = train.add_argument_group("model")
-    model.add_argument("-a", "--arch", default=d.arch, help="resnet18/34/50/101/152")
-    model.add_argument("--ibn", type=_optional_str, default=d.ibn, help="'b' (IBN-Net-b) or none")
+    model.add_argument("--method", "--matcher", dest="method", default=d.method,
+                       help="transmatcher, qaconv (fused matchers of feature maps) or transreid (ViT "
+                            "embeddings)")
+    model.add_argument("-a", "--arch", **by_method("arch", "resnet18/34/50/101/152 or a ViT (vit_base_patch16, "
+                       "vit_small_patch16, deit_small_patch16, ...; a ViT feeds the matchers its token map)"))
+    model.add_argument("--ibn", type=_optional_str, **by_method("ibn", "'b' (IBN-Net-b) or none"))
     model.add_argument("--final-layer", "--final_layer", dest="final_layer", default=d.final_layer,
                        help="last backbone stage: layer2, layer3 or layer4")
     model.add_argument("--neck", type=int, default=d.neck,
@@ -352,39 +379,86 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     model.add_argument("--dim-feedforward", "--dim_feedforward", dest="dim_feedforward",
                        type=_positive_int, default=d.dim_feedforward, help="encoder FFN and decoder MLP width")
     model.add_argument("--dropout", type=float, default=d.dropout, help="encoder dropout")
-    model.add_argument("--matcher", choices=("transmatcher", "qaconv"), default=d.matcher)
     model.add_argument("--pretrained", type=_optional_str, default=d.pretrained,
-                       help="local torchvision / IBN-Net backbone state_dict (nothing is downloaded)")
+                       help="local backbone weights: torchvision / IBN-Net state_dict, or an ImageNet ViT / "
+                            "DeiT / DINO checkpoint (nothing is downloaded)")
+    vit = train.add_argument_group("ViT and TransReID")
+    vit.add_argument("--stride", type=_positive_int, default=d.stride,
+                     help="patch-embedding stride (16: no overlap; 12: TransReID*)")
+    vit.add_argument("--sie-camera", dest="sie_camera", action=argparse.BooleanOptionalAction,
+                     default=d.sie_camera, help="side information embedding of the camera")
+    vit.add_argument("--sie-view", dest="sie_view", action=argparse.BooleanOptionalAction,
+                     default=d.sie_view, help="side information embedding of the viewpoint")
+    vit.add_argument("--sie-coe", dest="sie_coe", type=float, default=d.sie_coe, help="SIE weight lambda")
+    vit.add_argument("--jpm", action=argparse.BooleanOptionalAction, default=d.jpm,
+                     help="jigsaw patch module (transreid)")
+    vit.add_argument("--shift-num", dest="shift_num", type=_positive_int, default=d.shift_num,
+                     help="JPM shift m (moves m-1 patches; 5 persons, 8 vehicles)")
+    vit.add_argument("--shuffle-groups", dest="shuffle_groups", type=_positive_int, default=d.shuffle_groups)
+    vit.add_argument("--divide-length", dest="divide_length", type=_positive_int, default=d.divide_length,
+                     help="JPM local groups k")
+    vit.add_argument("--rearrange", action=argparse.BooleanOptionalAction, default=d.rearrange,
+                     help="JPM shift + shuffle (off: contiguous groups)")
+    vit.add_argument("--drop-path", dest="drop_path", type=float, default=d.drop_path, help="stochastic depth")
+    vit.add_argument("--neck-feat", dest="neck_feat", choices=NECK_FEATS, default=d.neck_feat,
+                     help="test feature before or after the BNNeck")
+    vit.add_argument("--stem-conv", dest="stem_conv", action=argparse.BooleanOptionalAction,
+                     default=d.stem_conv, help="TransReID-SSL's IBN convolution stem (ICS)")
+    vit.add_argument("--pretrain-hw-ratio", dest="pretrain_hw_ratio", type=_positive_int,
+                     default=d.pretrain_hw_ratio,
+                     help="height/width ratio of the pre-trained position grid (2: DINO on LUPerson)")
+    vit.add_argument("--gem-pooling", dest="gem_pooling", action=argparse.BooleanOptionalAction,
+                     default=d.gem_pooling, help="TransReID-SSL: cls + GeM of the patch tokens")
     batches = train.add_argument_group("batches and loss")
-    batches.add_argument("--sampler", choices=SAMPLERS, default=d.sampler,
-                         help="graph: upstream GS (nearest ids by the matcher); pk: random ids")
+    batches.add_argument("--sampler", choices=SAMPLERS, **by_method(
+        "sampler", "graph: upstream GS (nearest ids by the current model); pk: every id once per epoch; pk_all: every image once per epoch (TransReID)"))
     batches.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=d.batch_size)
     batches.add_argument("--num-instances", "--num_instance", "--num_instances", dest="num_instances",
                          type=_positive_int, default=d.num_instances, help="images per identity in a batch")
-    batches.add_argument("--loss", choices=LOSSES, default=d.loss,
-                         help="pairwise: matching BCE (TransMatcher); triplet: batch-hard (QAConv 2.1)")
-    batches.add_argument("--margin", type=float, default=d.margin, help="triplet margin")
+    batches.add_argument("--loss", choices=LOSSES, **by_method(
+        "loss", "pairwise: matching BCE (TransMatcher); triplet: batch-hard (QAConv 2.1); "
+        "softmax_triplet: cross-entropy + soft-margin triplet (TransReID)"))
+    batches.add_argument("--margin", type=float, default=d.margin, help="triplet margin (matchers)")
+    batches.add_argument("--id-loss-weight", dest="id_loss_weight", type=float, default=d.id_loss_weight)
+    batches.add_argument("--triplet-loss-weight", dest="triplet_loss_weight", type=float,
+                         default=d.triplet_loss_weight)
+    batches.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=d.label_smoothing,
+                         help="cross-entropy label smoothing (TransReID's configs: off)")
+    batches.add_argument("--erasing-p", dest="erasing_p", type=float, default=d.erasing_p,
+                         help="TransReID's random erasing probability")
     optim = train.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=d.lr, help="learning rate of new layers and matcher")
+    optim.add_argument("--lr", type=float, **by_method("lr", "base learning rate"))
     optim.add_argument("--backbone-lr-factor", dest="backbone_lr_factor", type=float,
-                       default=d.backbone_lr_factor, help="backbone lr = lr x this")
-    optim.add_argument("--momentum", type=float, default=d.momentum, help="SGD (Nesterov) momentum")
-    optim.add_argument("--weight-decay", dest="weight_decay", type=float, default=d.weight_decay)
-    optim.add_argument("--epochs", type=_positive_int, default=d.epochs, help="epochs (step schedule)")
-    optim.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
-                       help="step: x gamma every step-size epochs; adaptive: QAConv 2.1's loss-driven decay")
+                       default=d.backbone_lr_factor, help="matchers: backbone lr = lr x this")
+    optim.add_argument("--bias-lr-factor", dest="bias_lr_factor", type=float, default=d.bias_lr_factor,
+                       help="transreid: bias lr = lr x this")
+    optim.add_argument("--momentum", type=float, default=d.momentum,
+                       help="SGD momentum (Nesterov for the matchers)")
+    optim.add_argument("--weight-decay", dest="weight_decay", type=float, **by_method("weight_decay"))
+    optim.add_argument("--epochs", type=_positive_int, **by_method("epochs", "epochs (step, cosine)"))
+    optim.add_argument("--schedule", choices=SCHEDULES, **by_method(
+        "schedule", "step: x gamma every step-size epochs; adaptive: QAConv 2.1's loss-driven decay; "
+        "cosine: linear warm-up then cosine (TransReID)"))
     optim.add_argument("--step-size", "--step_size", dest="step_size", type=_positive_int, default=d.step_size)
     optim.add_argument("--gamma", type=float, default=d.gamma, help="learning-rate decay factor")
     optim.add_argument("--step-factor", dest="step_factor", type=float, default=d.step_factor,
                        help="adaptive: decay when the loss is below this x the second epoch's")
     optim.add_argument("--max-epochs", dest="max_epochs", type=_positive_int, default=d.max_epochs,
                        help="adaptive: the most epochs")
-    optim.add_argument("--clip-value", "--clip_value", dest="clip_value", type=float, default=d.clip_value,
-                       help="gradient-norm clip of model and matcher (0: off)")
+    optim.add_argument("--warmup-epochs", dest="warmup_epochs", type=_positive_int, default=d.warmup_epochs,
+                       help="cosine: linear warm-up epochs")
+    optim.add_argument("--warmup-factor", dest="warmup_factor", type=float, default=d.warmup_factor,
+                       help="cosine: warm-up starts at lr x this")
+    optim.add_argument("--lr-min-factor", dest="lr_min_factor", type=float, default=d.lr_min_factor,
+                       help="cosine: ends at lr x this")
+    optim.add_argument("--schedule-offset", dest="schedule_offset", type=int, default=d.schedule_offset,
+                       help="cosine: epoch e runs at lr(e + offset): 1 TransReID, 0 TransReID-SSL")
+    optim.add_argument("--clip-value", "--clip_value", dest="clip_value", type=float,
+                       **by_method("clip_value", "gradient-norm clip of each part (0: off)"))
     optim.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
                        help="autocast: auto = fp16 + GradScaler on CUDA, none on CPU; bf16 needs no scaler")
-    optim.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=d.freeze_bn,
-                       help="keep the feature model's BatchNorm statistics frozen (upstream)")
+    optim.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, **by_method(
+        "freeze_bn", "keep the feature model's BatchNorm statistics frozen (upstream TransMatcher)"))
     gs = train.add_argument_group("graph sampler matching")
     gs.add_argument("--test-batch", dest="test_batch", type=_positive_int, default=d.test_batch,
                     help="feature extraction batch")
@@ -435,10 +509,13 @@ def add_demo_parser(commands) -> None:
     d = DemoConfig()
     demo = commands.add_parser(
         "demo", help="end to end: synthetic data, evaluate, train on CPU, evaluate, pictures",
-        description="Generate a synthetic person dataset, evaluate an untrained small TransMatcher "
-                    "(resnet18, neck 64), train it for a few minutes, evaluate it again, and write the "
-                    "before/after table, the training curve, ranked lists and correspondence pictures.",
+        description="Generate a synthetic person dataset, evaluate an untrained small model of --method "
+                    "(TransMatcher: resnet18, neck 64; TransReID: a tiny ViT from scratch), train it for a few "
+                    "minutes, evaluate it again, and write the before/after table, the training curve, ranked "
+                    "lists and the method's pictures (correspondences; ViT attention maps).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--method", default=d.method,
+                      help="transmatcher (resnet18, neck 64), qaconv, or transreid (a tiny ViT with SIE and JPM)")
     demo.add_argument("--out", default=d.out, help="output folder (data, checkpoint, results, pictures)")
     demo.add_argument("--ids", type=_positive_int, default=d.ids, help="identities (half train, half test)")
     demo.add_argument("--cams", type=_positive_int, default=d.cams)
@@ -501,7 +578,7 @@ def _dataset(args, splits=("query", "gallery")):
 
 def run_eval(args: argparse.Namespace) -> int:
     from .engine import export, validate
-    from .engine.evaluate import evaluate, evaluate_saved, parse_testsets
+    from .engine.evaluate import evaluate_saved, parse_testsets
 
     if args.rerank and args.topk is not None:
         raise UserError("--rerank needs the full query x gallery distances: use it without --topk")
@@ -535,11 +612,11 @@ def run_eval(args: argparse.Namespace) -> int:
             validate.check_valid_queries(dataset)
             topk = _clamp_topk(args.topk, dataset)
             print(dataset.summary())
-            results[name] = evaluate(
-                model, matcher, dataset.query, dataset.gallery, height=height, width=width,
-                batch_size=args.batch_size, workers=args.workers, topk=topk,
-                skip_bad_images=args.skip_bad_images, checkpoint=args.checkpoint,
-                model_config=args.model_config, dataset=dataset, **{**options, "device": device})
+            results[name] = _evaluate_dataset(
+                model, matcher, dataset, height=height, width=width, batch_size=args.batch_size,
+                workers=args.workers, topk=topk, skip_bad_images=args.skip_bad_images,
+                checkpoint=args.checkpoint, model_config=args.model_config,
+                **{**options, "device": device})
     for name, result in results.items():
         m = result.metrics
         print(_ranks_table(f"{name}{' (re-ranked)' if args.rerank else ''}", m, args.ranks))
@@ -556,6 +633,32 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_dataset(model, matcher, dataset, **options):
+    """The dataset's evaluation with the checkpoint's test transform and the dataset's views;
+    a dataset with several random test splits (VehicleID: 10) is evaluated on each and its
+    metrics averaged (the last split's distances are kept for exports)."""
+    from .engine.evaluate import average_metrics, eval_transform, evaluate
+
+    transform = eval_transform(options["model_config"], options["height"], options["width"])
+    splits = dataset.test_splits() if hasattr(dataset, "test_splits") else [(dataset.query, dataset.gallery)]
+    results = []
+    for i, (query, gallery) in enumerate(splits):
+        if len(splits) > 1:
+            print(f"test split {i + 1}/{len(splits)}")
+        results.append(evaluate(model, matcher, query, gallery, dataset=dataset, transform=transform,
+                                query_views=_views(dataset, query), gallery_views=_views(dataset, gallery),
+                                **options))
+    if len(results) > 1:
+        results[-1].metrics = average_metrics([r.metrics for r in results])
+    return results[-1]
+
+
+def _views(dataset, items):
+    """The viewpoint labels of ``items`` (None for datasets without them)."""
+    views_of = getattr(dataset, "views_of", None)
+    return views_of(items) if views_of is not None else None
+
+
 def _export(args, results) -> None:
     """--save-matrix and --save-ranked of each evaluation (one test set: the given path; several:
     the path with the test set's name before the suffix)."""
@@ -570,6 +673,7 @@ def _export(args, results) -> None:
         if args.save_matrix:
             written = export.save_matrix(path_for(args.save_matrix), result.distances, q_items, g_items,
                                          kind=args.matrix_kind, reranked=args.rerank,
+                                         to_score=result.score_of_distance,
                                          provenance_record=result.metrics.get("provenance"))
             print(f"wrote {written} ({args.matrix_kind})")
         if args.save_ranked:
@@ -611,13 +715,17 @@ def run_extract(args: argparse.Namespace) -> int:
 
     from .engine import validate
 
+    from .engine.evaluate import eval_transform
+
     validate.check_output_file(args.out, "--out")
     model, _, height, width, device = _load_for_eval(args)
     dataset = _dataset(args, (args.split,))
     items = getattr(dataset, args.split)
     features = extract(model, items, height=height, width=width, batch_size=args.batch_size,
                        workers=args.workers, device=device, amp=_eval_amp(args), progress=args.progress,
-                       skip_bad_images=args.skip_bad_images)
+                       skip_bad_images=args.skip_bad_images,
+                       transform=eval_transform(args.model_config, height, width),
+                       views=_views(dataset, items))
     record = export.provenance(model_config={**args.model_config, "height": height, "width": width},
                                checkpoint=args.checkpoint,
                                dataset={**export.dataset_info(dataset), "split": args.split})
@@ -632,7 +740,7 @@ def run_visualize(args: argparse.Namespace) -> int:
 
     from .engine import visualize
     from .engine.demo import save_query_correspondences
-    from .engine.evaluate import evaluate
+
 
     from .engine import validate
 
@@ -650,10 +758,11 @@ def run_visualize(args: argparse.Namespace) -> int:
         dataset = _dataset(args)
         validate.check_valid_queries(dataset)
         args.topk = _clamp_topk(args.topk, dataset)
-        result = evaluate(model, matcher, dataset.query, dataset.gallery, height=height, width=width,
-                          batch_size=args.batch_size, workers=args.workers, device=device, amp=_eval_amp(args),
-                          progress=args.progress)
-        written += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
+        result = _evaluate_dataset(model, matcher, dataset, height=height, width=width,
+                                   batch_size=args.batch_size, workers=args.workers, device=device,
+                                   amp=_eval_amp(args), progress=args.progress,
+                                   model_config=args.model_config)
+        written += visualize.save_ranked_lists(out / "ranked_lists", result.query_items, result.gallery_items,
                                                result.distances.numpy(), num_queries=args.num_queries,
                                                topk=args.topk, seed=args.seed,
                                                rows_per_page=args.rows_per_page)

@@ -1,6 +1,7 @@
-"""The built-in end-to-end demo: synthetic persons -> evaluate an untrained small model -> train it
-on the CPU for a few minutes -> evaluate again -> results table, training curve, ranked lists and
-local correspondences under one folder."""
+"""The built-in end-to-end demo of any method: synthetic persons -> evaluate an untrained small
+model -> train it on the CPU for a few minutes -> evaluate again -> results table, training curve,
+ranked lists and the method's own pictures (local correspondences of the fused matchers, attention
+maps of ViTs) under one folder. The small model is the method's ``demo_options``."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..data import build_dataset, generate_synthetic
-from . import visualize
-from .evaluate import evaluate, load_trained, results_table
+from ..methods import get_method
+from . import attention_pictures, visualize
+from .evaluate import eval_transform, evaluate, load_trained, results_table
 from .trainer import Trainer, TrainConfig
 
 
 @dataclass
 class DemoConfig:
+    method: str = "transmatcher"
     out: str = "demo_out"
     ids: int = 60  # half train, half test
     cams: int = 6
@@ -31,7 +34,7 @@ class DemoConfig:
     batch_size: int = 32
     num_instances: int = 4
     lr: float = 0.02
-    # Without pretrained weights the backbone must learn as fast as the rest.
+    # Without pretrained weights the backbone must learn as fast as the rest (the matchers').
     backbone_lr_factor: float = 1.0
     workers: int = 2
     seed: int = 0
@@ -59,31 +62,35 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
                            seed=config.seed, height=config.height, width=config.width)
     dataset = build_dataset("market1501", data_dir)
     _log(dataset.summary())
+    method = get_method(config.method)
     train_config = TrainConfig(
+        method=config.method, **method.demo_options,
         dataset="market1501", data_dir=str(data_dir), height=config.height, width=config.width,
-        workers=config.workers, arch="resnet18", ibn=None, neck=config.neck,
+        workers=config.workers, neck=config.neck,
         num_trans_layers=config.num_trans_layers, dim_feedforward=config.dim_feedforward,
         batch_size=config.batch_size, num_instances=config.num_instances, lr=config.lr,
         backbone_lr_factor=config.backbone_lr_factor,
-        epochs=config.epochs, step_size=config.step_size, freeze_bn=False, seed=config.seed,
+        epochs=config.epochs, step_size=config.step_size, seed=config.seed,
         exp_dir=str(out / "train"), max_steps_per_epoch=config.max_steps_per_epoch,
         progress=config.progress, log_every=5,
         overwrite=True)  # the demo's own folder: a second demo retrains it from scratch
     trainer = Trainer(train_config)
     evaluation_args = dict(height=config.height, width=config.width, batch_size=64, workers=config.workers,
-                           progress=config.progress)
+                           progress=config.progress, transform=trainer.test_transform(),
+                           query_views=dataset.query_views, gallery_views=dataset.gallery_views)
 
     _log("[2/5] evaluating the untrained model")
     before = evaluate(trainer.model, trainer.matcher, dataset.query, dataset.gallery, **evaluation_args)
     _log(results_table({"untrained": before.metrics}))
 
-    _log(f"[3/5] training for {config.epochs} epochs on {trainer.device}")
+    _log(f"[3/5] training {method.name} for {config.epochs} epochs on {trainer.device}")
     train_start = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - train_start
 
     _log("[4/5] evaluating the trained model (from its checkpoint)")
-    model, matcher, _ = load_trained(trainer.checkpoint_path)
+    model, matcher, trained_config = load_trained(trainer.checkpoint_path)
+    evaluation_args["transform"] = eval_transform(trained_config, config.height, config.width)
     after = evaluate(model, matcher, dataset.query, dataset.gallery, **evaluation_args)
     table = results_table({"untrained": before.metrics, "trained": after.metrics})
     _log(table)
@@ -93,7 +100,17 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
     pictures += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
                                             after.distances.numpy(), num_queries=6, topk=10,
                                             seed=config.seed)
-    pictures += save_query_correspondences(model, matcher, dataset, after, out / "correspondences")
+    if visualize.draws_correspondences(matcher):
+        pictures += save_query_correspondences(model, matcher, dataset, after, out / "correspondences")
+    if attention_pictures.draws_attention(model):
+        first_of_pid = {}
+        for i, item in enumerate(after.query_items):
+            first_of_pid.setdefault(int(item[1]), i)
+        picked = sorted(first_of_pid.values())[:4]  # four identities
+        items = [after.query_items[i] for i in picked]
+        pictures += attention_pictures.save_attention_pictures(
+            out / "attention", model, items, evaluation_args["transform"], views=dataset.views_of(items),
+            indices=picked)
 
     summary = {"before": before.metrics, "after": after.metrics, "train_seconds": train_seconds,
                "total_seconds": time.perf_counter() - started, "config": vars(config),

@@ -9,6 +9,7 @@ gallery items per query, so that memory follows ``Nq * k`` and the chunk size, n
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from ..data import build_test_transform
-from ..models import build_model, load_upstream_checkpoint, qaconv_neck_layout
+from ..methods import get_method
+from ..models import load_upstream_checkpoint
 from . import checkpoint as checkpoints
 from . import export, matching
 from .features import Features, checked_loader, extract_features, skipped_summary
@@ -40,49 +42,63 @@ class Evaluation:
     gallery: Features
     query_items: Optional[List[Item]] = None
     gallery_items: Optional[List[Item]] = None
+    # The comparer's inverse of its distance (None: the fused matchers' 1 - sigmoid(score / 10)).
+    score_of_distance: Optional[Any] = None
 
 
 def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
                  ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
-    """``(model, matcher, config)`` from a checkpoint of ``transmatcher-fast train`` (the
-    configuration is in it) or from upstream's ``checkpoint.pth.tar``; both in eval mode."""
+    """``(model, matcher, config)`` from a checkpoint of ``transmatcher-fast train`` (its method
+    rebuilds the parts from the configuration in it; ``matcher`` is the comparer: a fused
+    matcher or embedding distances) or from upstream's TransMatcher / QAConv
+    ``checkpoint.pth.tar``; both in eval mode. ``config`` is the resolved training configuration
+    (a dict; QAConv's ``neck_layout`` added)."""
+    from .trainer import TrainConfig
+
     state = checkpoints.load(path)
-    if "config" in state and "matcher" in state:
-        config = dict(state["config"])
-        # QAConv's neck layout (2.0: conv + BN; 2.1: conv with bias) is read off the weights.
-        layout = (qaconv_neck_layout(state["model"], f"{path} ('model')")
-                  if config["matcher"] == "qaconv" else None)
-        model, matcher = build_model(config["arch"], config["ibn"], config["final_layer"], config["neck"],
-                                     config["nhead"], config["num_trans_layers"], config["dim_feedforward"],
-                                     config["dropout"], config["height"], config["width"], config["matcher"],
-                                     neck_layout=layout or "2.0")
-        if layout is not None:
-            config["neck_layout"] = layout
-        model.load_state_dict(state["model"])
-        matcher.load_state_dict(state["matcher"])
+    if "config" in state and "model" in state and "matcher" in state:
+        resolved = TrainConfig.from_dict({k: v for k, v in state["config"].items()
+                                          if k not in ("resume", "overwrite")})
+        parts = get_method(resolved.method).load(resolved, state, str(path))
+        model, matcher = parts["model"], parts["matcher"]
+        config = dataclasses.asdict(resolved)
+        if getattr(model, "neck_layout", None) is not None:
+            config["neck_layout"] = model.neck_layout
     elif "model" in state and "criterion" in state:
         model, matcher = load_upstream_checkpoint(str(path))
-        config = {"height": 384, "width": 128}
+        config = {"method": "qaconv" if type(matcher).__name__ == "QAConv" else "transmatcher",
+                  "height": 384, "width": 128}
     else:
         raise ValueError(f"{path}: neither a transmatcher-fast checkpoint (model, matcher, config) "
                          f"nor an upstream one (model, criterion); keys: {sorted(state)}")
     return model.to(device).eval(), matcher.to(device).eval(), config
 
 
+def eval_transform(config: Dict[str, Any], height: int, width: int):
+    """The evaluation transform of a model trained with ``config`` (what :func:`load_trained`
+    returns), at ``height`` x ``width``."""
+    return get_method(config.get("method", "transmatcher")).test_transform(config, height, width)
+
+
 def extract(model: nn.Module, items: Sequence[Item], *, height: int, width: int, batch_size: int = 128,
             workers: int = 2, device=None, amp=None, progress: bool = True, desc: str = "features",
-            skip_bad_images: bool = False) -> Features:
-    """Features of ``items`` with the test transform (resize, to tensor), in item order, with the
-    items' paths (``Features.paths``).
+            skip_bad_images: bool = False, transform=None, views: Optional[Sequence[int]] = None
+            ) -> Features:
+    """Features of ``items`` with ``transform`` (default: the matchers' test transform, resize +
+    to tensor), in item order, with the items' paths (``Features.paths``). ``views``: a
+    viewpoint label per item for a model that takes side information (``model.side_info``);
+    the cameras come from the items.
 
     An unreadable image (truncated, corrupt, missing) raises :class:`features.ImageReadError`
     naming the file; with ``skip_bad_images=True`` it is skipped instead: the features hold the
     readable items only (``Features.indices`` says which; ``paths`` are theirs),
     ``Features.skipped`` lists ``(path, error)`` of the others, and a count and the first paths
     are printed to stderr."""
-    loader = checked_loader(items, build_test_transform(height, width), batch_size, num_workers=workers,
+    transform = transform if transform is not None else build_test_transform(height, width)
+    loader = checked_loader(items, transform, batch_size, num_workers=workers,
                             skip_bad_images=skip_bad_images)
-    out = extract_features(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+    out = extract_features(model, loader, device=device, amp=amp, progress=progress, desc=desc,
+                           views=views)
     paths = [str(path) for path, _, _ in items]
     out.paths = paths if out.indices is None else [paths[i] for i in out.indices.tolist()]
     if out.skipped:
@@ -103,7 +119,9 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
              topk: Optional[int] = None, rerank: bool = False, k1: int = 20, k2: int = 6,
              lambda_value: float = 0.3, protocol: str = "market", progress: bool = True,
              skip_bad_images: bool = False, checkpoint: Optional[Union[str, Path]] = None,
-             model_config: Optional[Dict[str, Any]] = None, dataset: Any = None) -> Evaluation:
+             model_config: Optional[Dict[str, Any]] = None, dataset: Any = None, transform=None,
+             query_views: Optional[Sequence[int]] = None,
+             gallery_views: Optional[Sequence[int]] = None) -> Evaluation:
     """Upstream's protocol: query features matched against the gallery, distance
     ``1 - sigmoid(score / 10)``, same-id-same-camera gallery items ignored, CMC and mAP (+ mINP).
 
@@ -117,7 +135,11 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
     ``metrics["provenance"]`` (:func:`export.provenance`) records the package version, the
     protocol, the date and the evaluated counts, plus what the caller says: ``checkpoint``
     (its path), ``model_config`` (e.g. the config :func:`load_trained` returns; the height and
-    width used are added) and ``dataset`` (a ``ReidDataset``, a name or a dict)."""
+    width used are added) and ``dataset`` (a ``ReidDataset``, a name or a dict).
+
+    ``transform`` is the test transform (default: the matchers', see :func:`extract`; a
+    checkpoint's own is :func:`eval_transform`); ``query_views`` / ``gallery_views`` the
+    viewpoint labels for models with side information."""
     if rerank and topk is not None:
         raise ValueError("rerank needs the full query x gallery distances: use it without topk")
     if not query or not gallery:
@@ -126,10 +148,10 @@ def evaluate(model: nn.Module, matcher: nn.Module, query: Sequence[Item], galler
     start = time.perf_counter()
     q = extract(model, query, height=height, width=width, batch_size=batch_size, workers=workers,
                 device=device, amp=amp, progress=progress, desc="query features",
-                skip_bad_images=skip_bad_images)
+                skip_bad_images=skip_bad_images, transform=transform, views=query_views)
     g = extract(model, gallery, height=height, width=width, batch_size=batch_size, workers=workers,
                 device=device, amp=amp, progress=progress, desc="gallery features",
-                skip_bad_images=skip_bad_images)
+                skip_bad_images=skip_bad_images, transform=transform, views=gallery_views)
     features_seconds = time.perf_counter() - start
     config = {**(model_config or {}), "height": height, "width": width}
     result = evaluate_features(matcher, q, g, device=device, amp=amp, probe_chunk=probe_chunk,
@@ -192,11 +214,13 @@ def evaluate_features(matcher: nn.Module, query: Features, gallery: Features, *,
         model_config=model_config, checkpoint=checkpoint, dataset=dataset, query=q_items,
         gallery=g_items, matcher=matcher,
         protocol=export.protocol_info(protocol, topk=topk, rerank=rerank, k1=k1, k2=k2,
-                                      lambda_value=lambda_value, amp=amp),
+                                      lambda_value=lambda_value, amp=amp,
+                                      distance=getattr(matcher, "distance_name", export.DISTANCE)),
         **(extra_provenance or {}))
     metrics = {**ranking.result(), **timings, "num_query_images": len(q),
                "num_gallery_images": len(g), "rerank": rerank, "provenance": record}
-    return Evaluation(metrics, dist, q, g, q_items, g_items)
+    return Evaluation(metrics, dist, q, g, q_items, g_items,
+                      score_of_distance=getattr(matcher, "score_of_distance", None))
 
 
 def _items_of(features: Features) -> List[Item]:
@@ -228,6 +252,24 @@ def evaluate_saved(matcher: nn.Module, query_features: Union[str, Path], gallery
     extra.update(query_features=str(Path(query_features).resolve()),
                  gallery_features=str(Path(gallery_features).resolve()))
     return evaluate_features(matcher, q, g, extra_provenance=extra, **kwargs)
+
+
+def average_metrics(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The mean of several evaluations' metrics (VehicleID's protocol: 10 random gallery
+    draws): numbers and number lists (the CMC) averaged, ``test_splits`` set to the count and
+    ``per_split`` holding each run's mAP and rank-1; anything else is the last run's."""
+    runs = list(runs)
+    out = dict(runs[-1])
+    for key, value in runs[-1].items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = sum(float(r[key]) for r in runs) / len(runs)
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            out[key] = [sum(float(r[key][i]) for r in runs) / len(runs) for i in range(len(value))]
+    out["test_splits"] = len(runs)
+    out["per_split"] = [{"mAP": r.get("mAP"), "rank1": r.get("rank1")} for r in runs]
+    return out
 
 
 def parse_testsets(text: Union[str, Sequence[str]]) -> List[str]:

@@ -29,7 +29,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -103,9 +103,10 @@ def dataset_info(dataset: Any = None, query: Optional[Sequence[Item]] = None,
 
 def protocol_info(protocol: str = "market", *, topk: Optional[int] = None, rerank: bool = False,
                   k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                  amp: Any = None) -> Dict[str, Any]:
-    """The evaluation protocol as recorded: CMC/mAP variant, distance, top-k, re-ranking."""
-    return _jsonable({"name": protocol, "distance": DISTANCE, "same_id_same_camera_removed": True,
+                  amp: Any = None, distance: str = DISTANCE) -> Dict[str, Any]:
+    """The evaluation protocol as recorded: CMC/mAP variant, distance (the fused matchers' by
+    default; a comparer's ``distance_name``), top-k, re-ranking."""
+    return _jsonable({"name": protocol, "distance": distance, "same_id_same_camera_removed": True,
                       "topk": topk, "rerank": bool(rerank),
                       "rerank_params": {"k1": k1, "k2": k2, "lambda": lambda_value} if rerank else None,
                       "amp": amp})
@@ -192,7 +193,7 @@ def _dist_arrays(distances: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
 
 def save_matrix(path: PathLike, distances: Any, query_items: Sequence[Item], gallery_items: Sequence[Item],
                 *, kind: str = "distance", provenance_record: Optional[Mapping[str, Any]] = None,
-                reranked: bool = False) -> Path:
+                reranked: bool = False, to_score: Optional[Callable[[Any], Any]] = None) -> Path:
     """Write ``distances`` (dense ``[Nq, Ng]``, a :class:`matching.TopK` or ``(dist, index)``)
     as an uncompressed ``.npz`` with the arrays
 
@@ -203,8 +204,9 @@ def save_matrix(path: PathLike, distances: Any, query_items: Sequence[Item], gal
     - ``kind`` (``"distance"``/``"score"``), ``layout`` (``"dense"``/``"topk"``), and
       ``provenance`` (a JSON string).
 
-    ``kind="score"`` writes matcher scores (higher = closer, :func:`distance_to_score`);
-    re-ranked distances (``reranked=True``) have no score and refuse it."""
+    ``kind="score"`` writes scores (higher = closer): ``to_score(distance)`` (a comparer's
+    ``score_of_distance``; default :func:`distance_to_score`, the fused matchers'); re-ranked
+    distances (``reranked=True``) have no score and refuse it."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "score" and reranked:
@@ -218,7 +220,8 @@ def save_matrix(path: PathLike, distances: Any, query_items: Sequence[Item], gal
     if index is not None and index.shape != values.shape:
         raise ValueError(f"top-k values {values.shape} and indices {index.shape} differ in shape")
     if kind == "score":
-        values = distance_to_score(values)
+        values = (np.asarray(to_score(values), dtype=np.float64) if to_score is not None
+                  else distance_to_score(values))
         if index is not None:
             values[index < 0] = -np.inf
     arrays = {**_items_arrays("query", query_items), **_items_arrays("gallery", gallery_items),

@@ -180,7 +180,8 @@ def extract_features(model: nn.Module, loader, *, device: Union[str, torch.devic
                      amp: Union[str, torch.dtype, None] = None,
                      storage_dtype: Union[str, torch.dtype, None] = None,
                      storage_device: Union[str, torch.device, None] = None,
-                     progress: bool = True, desc: str = "features") -> Features:
+                     progress: bool = True, desc: str = "features",
+                     views: Optional[Sequence[int]] = None) -> Features:
     """Run ``model`` (in eval mode; its mode is restored afterwards) over ``loader``, which yields
     ``(images, pids, cams, indices)`` as ``data.make_loader`` does, or ``(images, pids, cams,
     indices, bad)`` as :func:`checked_loader` does: the rows of the ``bad`` items (unreadable,
@@ -189,13 +190,19 @@ def extract_features(model: nn.Module, loader, *, device: Union[str, torch.devic
 
     ``amp``: autocast dtype (default bfloat16 on CUDA, none on CPU). ``storage_dtype``: dtype of the
     stored features (default: the autocast dtype, else float32). ``storage_device``: where they
-    live (default: the device when they fit in half its free memory, else pinned host memory)."""
+    live (default: the device when they fit in half its free memory, else pinned host memory).
+
+    A model with ``side_info`` true (TransReID with SIE) is called ``model(images,
+    cam_label=cams, view_label=views)``, the views looked up in ``views`` (one per item of the
+    loader's dataset; 0 when None)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     amp = parse_dtype(amp, "amp") if amp is not None else (torch.bfloat16 if device.type == "cuda" else None)
     storage_dtype = parse_dtype(storage_dtype, "storage_dtype") or amp or torch.float32
     count = len(loader.dataset)
     was_training = model.training
     model.eval()
+    side_info = bool(getattr(model, "side_info", False))
+    view_table = None if views is None else torch.as_tensor(list(views), dtype=torch.int64)
     store = pids = cams = None
     bad: List[Tuple[int, str, str]] = []
     try:
@@ -206,7 +213,12 @@ def extract_features(model: nn.Module, loader, *, device: Union[str, torch.devic
             if images is None:  # every image of the batch was unreadable
                 continue
             with autocast(device, amp):
-                out = model(images.to(device, non_blocking=True))
+                if side_info:
+                    view = view_table[index] if view_table is not None else torch.zeros_like(cam)
+                    out = model(images.to(device, non_blocking=True), cam_label=cam.to(device),
+                                view_label=view.to(device))
+                else:
+                    out = model(images.to(device, non_blocking=True))
             if store is None:  # the first batch tells the per-image shape
                 per_image = out[0].numel() * torch.finfo(storage_dtype).bits // 8
                 where = (torch.device(storage_device) if storage_device is not None

@@ -2,6 +2,11 @@
 
 - ``RandomIdentitySampler`` (PK): per epoch the identities are shuffled and cut into groups of
   ``P = batch_size // num_instances``; each identity brings ``num_instances`` (K) images.
+- ``AllImagesIdentitySampler`` (PK over every image, upstream TransReID's
+  ``RandomIdentitySampler``): per epoch each identity's images are shuffled and cut into groups
+  of K (an identity with fewer than K images is drawn K times with replacement; the incomplete
+  last group is dropped), and batches take P identities at random among those with groups left,
+  until fewer than P remain, so an epoch is about ``sum_id floor(n_id / K) * K`` images.
 - ``GraphSampler`` (upstream's GS, QAConv 2.0 / TransMatcher): per epoch one random image per
   identity is matched against all others with the current model (``distance_fn``); every identity
   then anchors one batch made of itself and its ``P - 1`` nearest identities, K images each. The
@@ -26,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["RandomIdentitySampler", "GraphSampler"]
+__all__ = ["RandomIdentitySampler", "AllImagesIdentitySampler", "GraphSampler"]
 
 
 def _dist_ready() -> bool:
@@ -154,6 +159,43 @@ class RandomIdentitySampler(_IdentityGroupSampler):
         for b in range(self._num_epoch_batches()):
             group = ids[b * self.ids_per_batch:(b + 1) * self.ids_per_batch]
             batches.append([i for g in group for i in self._take(self.images_per_id[g], rng)])
+        return batches
+
+
+class AllImagesIdentitySampler(_IdentityGroupSampler):
+    """TransReID's P x K sampler: every image of every identity once per epoch, in groups of K
+    (see the module docstring). Arguments as :class:`RandomIdentitySampler`'s."""
+
+    def __init__(self, pids: Sequence[int], batch_size: int = 64, num_instances: int = 4, *,
+                 seed: int = 0, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        super().__init__(pids, batch_size, num_instances, seed, num_replicas, rank)
+        self._cache: tuple = (None, [])
+
+    def _num_epoch_batches(self) -> int:
+        return max(len(self._epoch_batches()), 1)
+
+    def _epoch_batches(self) -> List[List[int]]:
+        if self._cache[0] == (self.seed, self.epoch):
+            return self._cache[1]
+        rng, k = self._rng(), self.num_instances
+        groups = []
+        for images in self.images_per_id:
+            if len(images) < k:
+                images = rng.choice(images, size=k, replace=True)
+            images = rng.permutation(images)
+            groups.append([images[i:i + k].tolist() for i in range(0, len(images) - k + 1, k)])
+        available = list(range(self.num_ids))
+        batches = []
+        while len(available) >= self.ids_per_batch:
+            chosen = rng.choice(len(available), size=self.ids_per_batch, replace=False)
+            picked = [available[i] for i in chosen]
+            batch = []
+            for g in picked:
+                batch += groups[g].pop(0)
+                if not groups[g]:
+                    available.remove(g)
+            batches.append(batch)
+        self._cache = ((self.seed, self.epoch), batches)
         return batches
 
 

@@ -1,11 +1,13 @@
-"""Training with upstream's recipe (TransMatcher ``main.py`` + ``reid/trainers.py``), resumable.
+"""Training of any re-ID method (:mod:`..methods`), resumable.
 
-One epoch: the sampler plans the batches (the graph sampler matches one image per identity with
-the current model), then every batch of ``num_instances`` images per identity is matched against
-itself and scored by the pairwise BCE (or batch-hard triplet) loss; SGD Nesterov with the backbone
-at 0.1x the learning rate, autocast + GradScaler, gradient-norm clipping of the feature model and
-the matcher separately. At the end of every epoch a checkpoint with everything needed to go on
-(model, matcher, optimizer, scaler, schedule, sampler, RNG state) replaces the previous one
+The method (``config.method``) builds the parts (feature model, comparer), the training step's
+loss, the parameter groups, the optimizer and the augmentation; everything else is here, the
+same for every method. One epoch: the sampler plans the batches (the graph sampler matches one
+image per identity with the current model; the P x K sampler draws identities), every batch of
+``num_instances`` images per identity goes through the method's training step under autocast
+(+ GradScaler for fp16), gradients are clipped per part when ``clip_value`` > 0, and the schedule
+sets every group's rate per epoch. At the end of every epoch a checkpoint with everything needed
+to go on (parts, optimizer, scaler, schedule, sampler, RNG state) replaces the previous one
 atomically, so a run killed at any time loses at most the epoch in progress, and ``resume``
 repeats that epoch exactly: every random stream of an epoch is derived from (seed, epoch), and
 each sample's augmentation from (seed, rank, epoch, position, index), whatever the worker count.
@@ -16,8 +18,8 @@ far), ``log.jsonl`` and ``tensorboard/``. A resume applies the options of
 :data:`RESUME_MAY_CHANGE` (logged as a ``"resume"`` record) and refuses any other difference from
 the checkpoint's configuration (:class:`ResumeConfigError`).
 
-Under ``torchrun`` the feature model and the matcher train as one DistributedDataParallel module;
-each rank takes whole batches of the sampler's plan.
+Under ``torchrun`` the method's training step (holding every trained part) is one
+DistributedDataParallel module; each rank takes whole batches of the sampler's plan.
 """
 
 from __future__ import annotations
@@ -39,17 +41,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import build_dataset, build_train_transform, make_loader
-from ..models import build_model
+from ..data import build_dataset, make_loader
+from ..methods import METHOD_DEFAULTED, get_method
+from ..methods.schedules import SCHEDULES, build_schedule
 from . import checkpoint, matching, rundir
 from .evaluate import evaluate, extract
 from .features import autocast, parse_dtype
-from .losses import PairwiseMatchingLoss, TripletLoss
-from .samplers import GraphSampler, RandomIdentitySampler
+from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler
 
-SAMPLERS = ("graph", "pk")
-LOSSES = ("pairwise", "triplet")
-SCHEDULES = ("step", "adaptive")
+SAMPLERS = ("graph", "pk", "pk_all")
+LOSSES = ("pairwise", "triplet", "softmax_triplet")
+NECK_FEATS = ("before", "after")
 AMP_CHOICES = ("auto", "none", "fp16", "bf16")
 CHECKPOINT_NAME, LOG_NAME = rundir.CHECKPOINT_NAME, rundir.LOG_NAME
 BEST_NAME, CONFIG_NAME = rundir.BEST_NAME, rundir.CONFIG_NAME
@@ -63,6 +65,26 @@ RESUME_MAY_CHANGE = frozenset({
 _START_OPTIONS = frozenset({"resume", "overwrite"})
 
 
+class _FromMethod:
+    """The default of an option of :data:`~..methods.METHOD_DEFAULTED`: the method's value."""
+
+    def __repr__(self) -> str:
+        return "the method's"
+
+
+FROM_METHOD = _FromMethod()
+
+
+def upgrade_options(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Options as an older version wrote them, renamed: ``matcher`` (transmatcher / qaconv) is
+    now ``method``."""
+    values = dict(values)
+    if "matcher" in values:
+        legacy = values.pop("matcher")
+        values.setdefault("method", legacy)
+    return values
+
+
 class ResumeConfigError(rundir.RunDirError, ValueError):
     """``--resume`` with options that differ from the checkpoint's where they may not; ``str`` is
     one line naming each differing option with the checkpoint's value and the given one."""
@@ -72,7 +94,8 @@ def resume_changes(saved: Dict[str, Any], config: "TrainConfig") -> Dict[str, Li
     """``{option: [checkpoint's value, given value]}`` for every option that differs, the start
     options excepted. An option the checkpoint lacks (written by an older version) counts as
     its default."""
-    defaults = dataclasses.asdict(TrainConfig())
+    saved = upgrade_options(saved)
+    defaults = dataclasses.asdict(TrainConfig(method=saved.get("method", "transmatcher")))
     current = dataclasses.asdict(config)
     changes = {}
     for name, value in current.items():
@@ -102,44 +125,71 @@ def check_resume(saved: Dict[str, Any], config: "TrainConfig", folder: Any = "")
 
 @dataclass
 class TrainConfig:
-    """Every training option; defaults are upstream's (TransMatcher ``main.py``)."""
+    """Every training option. The options of :data:`~..methods.METHOD_DEFAULTED` default to the
+    method's recipe (``FROM_METHOD``, resolved at construction: TransMatcher's ``main.py`` for
+    ``transmatcher`` / ``qaconv``, TransReID's configs for ``transreid``); the others are
+    upstream TransMatcher's or TransReID's, each used only by the methods it concerns."""
+    method: str = "transmatcher"
     # data
     dataset: str = "market1501"
     data_dir: str = "data"
-    height: int = 384
-    width: int = 128
+    height: Any = FROM_METHOD
+    width: Any = FROM_METHOD
     workers: int = 4
     # model
-    arch: str = "resnet50"
-    ibn: Optional[str] = "b"
+    arch: Any = FROM_METHOD
+    ibn: Any = FROM_METHOD
     final_layer: str = "layer3"
     neck: Optional[int] = None  # 512 for TransMatcher, 128 for QAConv
     nhead: int = 1
     num_trans_layers: int = 3
     dim_feedforward: int = 2048
     dropout: float = 0.0
-    matcher: str = "transmatcher"
     pretrained: Optional[str] = None
+    # ViT (TransReID; a ViT's token map for the matchers)
+    stride: int = 16  # overlapping patch embedding: 16 (none), 12 (TransReID*)
+    sie_camera: bool = False
+    sie_view: bool = False
+    sie_coe: float = 3.0
+    jpm: bool = False
+    shift_num: int = 5
+    shuffle_groups: int = 2
+    divide_length: int = 4
+    rearrange: bool = True
+    drop_path: float = 0.1
+    neck_feat: str = "before"
+    stem_conv: bool = False  # TransReID-SSL's IBN convolution stem (ICS)
+    pretrain_hw_ratio: int = 1  # TransReID-SSL: 2 for DINO weights pre-trained at 256 x 128
+    gem_pooling: bool = False
     # batches and loss
-    sampler: str = "graph"
+    sampler: Any = FROM_METHOD
     batch_size: int = 64
     num_instances: int = 4
-    loss: str = "pairwise"
+    loss: Any = FROM_METHOD
     margin: float = 16.0
+    id_loss_weight: float = 1.0
+    triplet_loss_weight: float = 1.0
+    label_smoothing: float = 0.0
+    erasing_p: float = 0.5  # TransReID's random erasing probability
     # optimisation
-    lr: float = 0.005
+    lr: Any = FROM_METHOD
     backbone_lr_factor: float = 0.1
+    bias_lr_factor: float = 2.0
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 15
-    schedule: str = "step"
+    weight_decay: Any = FROM_METHOD
+    epochs: Any = FROM_METHOD
+    schedule: Any = FROM_METHOD
     step_size: int = 10
     gamma: float = 0.1
     step_factor: float = 0.7
     max_epochs: int = 60
-    clip_value: float = 4.0
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.01
+    lr_min_factor: float = 0.002
+    schedule_offset: int = 1  # cosine: epoch e runs at lr(e + offset) (TransReID 1, SSL 0)
+    clip_value: Any = FROM_METHOD
     amp: str = "auto"  # fp16 + GradScaler on CUDA (upstream), none on CPU
-    freeze_bn: bool = True
+    freeze_bn: Any = FROM_METHOD
     # graph sampler matching (upstream's --test_prob_batch / --test_gal_batch)
     test_batch: int = 64
     test_prob_batch: Optional[int] = None
@@ -157,12 +207,17 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
+        method = get_method(self.method)
+        for name in METHOD_DEFAULTED:
+            if getattr(self, name) is FROM_METHOD:
+                setattr(self, name, method.defaults[name])
         for name, choices in (("sampler", SAMPLERS), ("loss", LOSSES), ("schedule", SCHEDULES),
-                              ("amp", AMP_CHOICES)):
+                              ("amp", AMP_CHOICES), ("neck_feat", NECK_FEATS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("batch_size", "num_instances", "epochs", "step_size", "max_epochs", "test_batch",
-                     "log_every", "height", "width"):
+                     "log_every", "height", "width", "stride", "shift_num", "shuffle_groups",
+                     "divide_length", "warmup_epochs", "pretrain_hw_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -171,77 +226,27 @@ class TrainConfig:
         if self.batch_size % self.num_instances:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances "
                              f"({self.num_instances})")
-        for name in ("lr", "clip_value", "margin"):
+        for name in ("lr", "clip_value", "margin", "sie_coe", "drop_path", "label_smoothing",
+                     "bias_lr_factor", "warmup_factor", "lr_min_factor", "id_loss_weight",
+                     "triplet_loss_weight", "schedule_offset"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if not 0 <= self.erasing_p <= 1:
+            raise ValueError(f"erasing_p must be a probability in [0, 1], got {self.erasing_p!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume (continue the run in exp_dir) and overwrite (replace it) "
                              "exclude each other")
+        method.check(self)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        """From a mapping of option: value (unknown names refused; older names upgraded)."""
+        values = upgrade_options(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-class LRSchedule:
-    """The learning-rate factor per epoch.
-
-    ``step``: ``gamma ** (epoch // step_size)`` for ``epochs`` epochs (upstream TransMatcher).
-    ``adaptive`` (QAConv 2.1): the second epoch's loss is the base; the first epoch whose loss falls
-    below ``step_factor * base`` multiplies the rate by ``gamma`` once and sets the end to
-    ``min(max_epochs, e + e // 2)`` epochs (e = epochs done), else training stops at ``max_epochs``.
-    """
-
-    def __init__(self, config: TrainConfig):
-        self.kind, self.gamma, self.step_size = config.schedule, config.gamma, config.step_size
-        self.step_factor, self.epochs, self.max_epochs = config.step_factor, config.epochs, config.max_epochs
-        self.base_loss: Optional[float] = None
-        self.decay_epoch: Optional[int] = None
-
-    @property
-    def end(self) -> int:
-        """Epochs to train (from the configuration, so a resumed run may be given more)."""
-        if self.kind == "step":
-            return self.epochs
-        if self.decay_epoch is None:
-            return self.max_epochs
-        return min(self.max_epochs, self.decay_epoch + self.decay_epoch // 2)
-
-    def factor(self, epoch: int) -> float:
-        if self.kind == "step":
-            return self.gamma ** (epoch // self.step_size)
-        return 1.0 if self.decay_epoch is None or epoch < self.decay_epoch else self.gamma
-
-    def after_epoch(self, epoch: int, loss: float) -> None:
-        if self.kind != "adaptive" or not math.isfinite(loss):
-            return
-        if epoch == 1:
-            self.base_loss = loss
-        elif (self.base_loss is not None and self.decay_epoch is None
-              and loss < self.step_factor * self.base_loss):
-            self.decay_epoch = epoch + 1  # epochs done: the decay applies from the next one
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"base_loss": self.base_loss, "decay_epoch": self.decay_epoch}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.base_loss, self.decay_epoch = state["base_loss"], state["decay_epoch"]
-
-
-class _TrainStep(nn.Module):
-    """Feature model + loss (which holds the matcher) as one module, so DistributedDataParallel
-    synchronises the gradients of both."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module):
-        super().__init__()
-        self.model, self.criterion = model, criterion
-
-    def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return self.criterion(self.model(images), targets)
 
 
 def _init_distributed() -> tuple[int, int, int, bool]:
@@ -276,7 +281,8 @@ def _seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Builds data, model, matcher, loss, optimizer and sampler from a :class:`TrainConfig`;
+    """Builds data, the method's parts, step, optimizer and the sampler from a
+    :class:`TrainConfig`;
     ``fit()`` trains (resuming from ``exp_dir/checkpoint.pt`` when ``config.resume``).
 
     The trainer owns ``exp_dir`` from its construction until ``fit()`` ends (see
@@ -314,22 +320,13 @@ class Trainer:
         self.dataset = build_dataset(config.dataset, dataset_root(config.data_dir, config.dataset))
         if self.is_main:
             print(self.dataset.summary())
-        self.model, self.matcher = build_model(
-            config.arch, config.ibn, config.final_layer, config.neck, config.nhead,
-            config.num_trans_layers, config.dim_feedforward, config.dropout, config.height,
-            config.width, config.matcher, config.pretrained)
-        # Upstream registers an unused template decoder layer; it never gets a gradient, which
-        # DistributedDataParallel would reject, so it is left out of training.
-        template = getattr(self.matcher, "decoder_layer", None)
-        if template is not None:
-            template.requires_grad_(False)
-        self.model.to(self.device)
-        self.matcher.to(self.device)
-        if config.loss == "pairwise":
-            self.criterion = PairwiseMatchingLoss(self.matcher)
-        else:
-            self.criterion = TripletLoss(self.matcher, margin=config.margin)
-        self.step_module: nn.Module = _TrainStep(self.model, self.criterion)
+        self.method = get_method(config.method)
+        self.model_args = self.method.model_args(config, self.dataset)
+        self.parts = self.method.build(config, self.model_args)
+        for part in self.parts.values():
+            part.to(self.device)
+        self.model, self.matcher = self.parts["model"], self.parts["matcher"]
+        self.step_module: nn.Module = self.method.step_module(self.parts, config)
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -337,16 +334,20 @@ class Trainer:
         # fp16 needs loss scaling; bfloat16 has float32's range and does not.
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16
                        else None)
-        self.schedule = LRSchedule(config)
+        self.schedule = build_schedule(config)
 
         pids = [pid for _, pid, _ in self.dataset.train]
         if config.sampler == "graph":
             self.sampler = GraphSampler(pids, self._graph_distance, config.batch_size,
                                         config.num_instances, seed=config.seed)
         else:
-            self.sampler = RandomIdentitySampler(pids, config.batch_size, config.num_instances,
-                                                 seed=config.seed)
-        self.train_transform = build_train_transform(config.height, config.width)
+            kind = RandomIdentitySampler if config.sampler == "pk" else AllImagesIdentitySampler
+            self.sampler = kind(pids, config.batch_size, config.num_instances, seed=config.seed)
+        # Viewpoint labels (SIE) per training image; 0 where the dataset has none.
+        views = getattr(self.dataset, "train_views", None)
+        self.train_views = torch.tensor(views if views is not None else [0] * len(self.dataset.train),
+                                        dtype=torch.int64)
+        self.train_transform = self.method.train_transform(config)
         self.loader = make_loader(self.dataset.train, self.train_transform, config.batch_size,
                                   sampler=self.sampler, num_workers=config.workers, seed=config.seed,
                                   stream=self.rank)
@@ -358,19 +359,10 @@ class Trainer:
         self._writer = None
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        backbone = [p for p in self.model.base.parameters() if p.requires_grad]
-        backbone_ids = {id(p) for p in backbone}
-        new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        matcher = [p for p in self.matcher.parameters() if p.requires_grad]
-        groups = [{"params": backbone, "lr": c.lr * c.backbone_lr_factor, "name": "backbone"},
-                  {"params": new, "lr": c.lr, "name": "new"},
-                  {"params": matcher, "lr": c.lr, "name": "matcher"}]
-        groups = [g for g in groups if g["params"]]
+        groups = self.method.param_groups(self.parts, self.config)
         for group in groups:
             group["initial_lr"] = group["lr"]
-        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                               nesterov=c.momentum > 0)
+        return self.method.optimizer(groups, self.config)
 
     def _graph_distance(self, indices: List[int]) -> Tensor:
         """The graph sampler's [P, P] distances of one image per identity (rank 0 only)."""
@@ -378,7 +370,8 @@ class Trainer:
         items = [self.dataset.train[i] for i in indices]
         features = extract(self.model, items, height=c.height, width=c.width, batch_size=c.test_batch,
                            workers=c.workers, device=self.device, amp=self.amp_dtype, progress=False,
-                           desc="graph sampler").features
+                           desc="graph sampler", transform=self.test_transform(),
+                           views=self.train_views[indices].tolist()).features
         return matching.match(self.matcher, features, None, device=self.device, amp=self.amp_dtype,
                               probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
                               distributed=False)
@@ -432,10 +425,16 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.exp_dir / CHECKPOINT_NAME
 
+    def test_transform(self):
+        """The evaluation transform of this run's method and input size."""
+        return self.method.test_transform(self.config, self.config.height, self.config.width)
+
+    def _parts_state(self) -> Dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
     def state_dict(self, epochs_done: int) -> Dict[str, Any]:
-        return {"epoch": epochs_done, "global_step": self.global_step,
-                "model": self.model.state_dict(), "matcher": self.matcher.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+        return {"epoch": epochs_done, "global_step": self.global_step, **self._parts_state(),
+                "model_args": self.model_args, "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
                 "rng": checkpoint.rng_state(), "history": self.history,
@@ -444,8 +443,8 @@ class Trainer:
                 "version": __version__}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.matcher.load_state_dict(state["matcher"])
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -555,9 +554,7 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------
     def _set_epoch(self, epoch: int) -> None:
-        factor = self.schedule.factor(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+        self.schedule.set_epoch(self.optimizer, epoch)
         self.sampler.set_epoch(epoch)
         # The augmentation streams of an epoch depend on (seed, epoch, rank) only, so a resumed
         # epoch repeats the interrupted one.
@@ -578,16 +575,19 @@ class Trainer:
 
     def _clip(self) -> None:
         if self.config.clip_value > 0:
-            for module in (self.model, self.matcher):
+            for module in self.parts.values():
                 params = [p for p in module.parameters() if p.grad is not None]
                 if params:
                     torch.nn.utils.clip_grad_norm_(params, self.config.clip_value)
 
-    def train_step(self, images: Tensor, targets: Tensor) -> tuple[float, float]:
+    def train_step(self, images: Tensor, targets: Tensor, cams: Optional[Tensor] = None,
+                   views: Optional[Tensor] = None) -> tuple[float, float]:
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        cams = torch.zeros_like(targets) if cams is None else cams.to(self.device, non_blocking=True)
+        views = torch.zeros_like(targets) if views is None else views.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
-            loss_rows, acc_rows = self.step_module(images, targets)
+            loss_rows, acc_rows = self.step_module(images, targets, cams, views)
         # Upstream averages the rows whose loss is finite.
         finite = torch.isfinite(loss_rows)
         loss = torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum() / finite.sum().clamp_min(1)
@@ -625,11 +625,11 @@ class Trainer:
         loss_sum = acc_sum = 0.0
         steps = images_seen = acc_steps = 0
         tick = epoch_start = time.perf_counter()
-        for images, pids, _, _ in batches:
+        for images, pids, cams, indices in batches:
             if steps >= total:
                 break
             self._train_mode()
-            loss, acc = self.train_step(images, pids)
+            loss, acc = self.train_step(images, pids, cams, self.train_views[indices])
             steps += 1
             self.global_step += 1
             images_seen += images.shape[0]
@@ -649,7 +649,7 @@ class Trainer:
         seconds = time.perf_counter() - epoch_start
         mean_loss, mean_acc = self._mean_over_ranks(loss_sum / max(steps, 1),
                                                     acc_sum / acc_steps if acc_steps else float("nan"))
-        return {"kind": "epoch", "epoch": epoch, "loss": mean_loss, "acc": mean_acc,
+        return {"kind": "epoch", "epoch": epoch, "step": self.global_step, "loss": mean_loss, "acc": mean_acc,
                 "lr": self.optimizer.param_groups[-1]["lr"], "steps": steps,
                 "seconds": seconds, "plan_seconds": plan_seconds,
                 "images_per_s": images_seen * self.world / max(seconds, 1e-9)}
@@ -708,10 +708,8 @@ class Trainer:
         """What a result of this run came from: package version, model configuration, checkpoint,
         dataset, protocol and date."""
         c = self.config
-        model_keys = ("arch", "ibn", "final_layer", "neck", "nhead", "num_trans_layers",
-                      "dim_feedforward", "dropout", "matcher", "height", "width", "pretrained")
-        return {"package": "transmatcher_fast", "version": __version__,
-                "model": {k: getattr(c, k) for k in model_keys},
+        return {"package": "transmatcher_fast", "version": __version__, "method": c.method,
+                "model": {k: getattr(c, k) for k in self.method.model_options},
                 "checkpoint": str(self.checkpoint_path), "epochs_done": None if epoch is None else epoch + 1,
                 "global_step": self.global_step, "dataset": c.dataset,
                 "data_dir": str(dataset_root(c.data_dir, c.dataset)),
@@ -730,7 +728,9 @@ class Trainer:
                               height=c.height, width=c.width, batch_size=c.test_batch,
                               workers=c.workers, device=self.device, amp=self.amp_dtype,
                               probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
-                              protocol=EVAL_PROTOCOL, progress=False)
+                              protocol=EVAL_PROTOCOL, progress=False, transform=self.test_transform(),
+                              query_views=getattr(self.dataset, "query_views", None),
+                              gallery_views=getattr(self.dataset, "gallery_views", None))
         finally:
             checkpoint.set_rng_state(rng)
         metrics = result.metrics
@@ -738,8 +738,7 @@ class Trainer:
         if improved:
             self.best = {"epoch": epoch, "mAP": float(metrics["mAP"]), "rank1": float(metrics["rank1"])}
             checkpoint.save_atomic({"epoch": epoch + 1, "global_step": self.global_step,
-                                    "model": self.model.state_dict(),
-                                    "matcher": self.matcher.state_dict(),
+                                    **self._parts_state(), "model_args": self.model_args,
                                     "config": dataclasses.asdict(self.config), "metrics": metrics,
                                     "provenance": self.provenance(epoch)},
                                    self.exp_dir / BEST_NAME)

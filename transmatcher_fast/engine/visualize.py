@@ -515,6 +515,11 @@ def _match_dict(q_best: Tensor, g_best: Tensor, q_index: Tensor, g_index: Tensor
             "label": "QAConv" if layer is None else f"layer {layer}"}
 
 
+def draws_correspondences(matcher: Any) -> bool:
+    """Whether :func:`correspondences` can draw ``matcher`` (a fused TransMatcher or QAConv)."""
+    return isinstance(matcher, (TransMatcher, QAConv))
+
+
 def correspondences(matcher: Union[TransMatcher, QAConv], probe_features: Tensor,
                     gallery_features: Tensor) -> list[dict]:
     """Per decoder layer (QAConv: one), where each location of one probe image found its best

@@ -87,6 +87,23 @@ class EmbeddingDistance(nn.Module):
         score = score.float()
         return (1.0 - score if self.metric == "cosine" else score.neg()).clamp_(min=0.0)
 
+    @property
+    def distance_name(self) -> str:
+        """The distance as results record it (the fused matchers': ``1 - sigmoid(score / 10)``)."""
+        if self.metric == "cosine":
+            return "1 - cos of L2-normalised embeddings"
+        if self.normalize:
+            return "squared Euclidean of L2-normalised embeddings (2 - 2 cos)"
+        return "squared Euclidean of embeddings"
+
+    def score_of_distance(self, distance: Tensor) -> Tensor:
+        """Distances of :meth:`distance` back to similarities (higher = closer): ``cos`` for the
+        cosine metric and for normalised Euclidean distances (``1 - d / 2``), ``-d`` otherwise."""
+        distance = torch.as_tensor(distance).float()
+        if self.metric == "cosine":
+            return 1.0 - distance
+        return 1.0 - distance / 2.0 if self.normalize else -distance
+
     def bytes_per_pair(self) -> int:
         """Temporaries per probe x gallery pair in the engine: the score and the distance
         (float32), and the top-k merge's concatenated distances (4) and int64 indices (8)."""

@@ -1,4 +1,6 @@
-"""Matching losses on the score matrix of a batch against itself.
+"""The training losses of the methods.
+
+Matching losses (TransMatcher, QAConv) on the score matrix of a batch against itself.
 
 Both losses call the matcher with upstream's protocol (``matcher.make_kernel(features)``, then
 ``scores = matcher(features)``, a ``[b, b]`` matrix of logits, higher = more similar) and return
@@ -14,17 +16,21 @@ computed in float32 under autocast too.
 Accuracy (no gradient) is whether the row's hardest positive (self excluded) outscores its
 hardest negative. Unlike upstream (which then reports 1 or 0 from its +-1e15 fill values), a
 row with no other image of its identity, or with no image of another identity, gets NaN.
+
+Embedding losses (TransReID, ``loss/make_loss.py``): ``soft_margin_triplet`` (batch-hard,
+Euclidean distances of un-normalised features) and ``TransReIDLoss`` (cross-entropy on the BN
+features' class scores plus the soft-margin triplet, JPM's 0.5 global + 0.5 mean-of-locals).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PairwiseMatchingLoss", "TripletLoss"]
+__all__ = ["PairwiseMatchingLoss", "TripletLoss", "soft_margin_triplet", "TransReIDLoss"]
 
 
 def _batch_scores(matcher: nn.Module, features: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
@@ -116,3 +122,77 @@ class TripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"
+
+
+def soft_margin_triplet(features: Tensor, targets: Tensor) -> Tensor:
+    """Upstream's ``TripletLoss(margin=None)`` (``NO_MARGIN: True``): per anchor, the hardest
+    positive's distance ``d_ap`` (the largest, self included as upstream) and the hardest
+    negative's ``d_an`` (the smallest), ``mean(log(1 + exp(d_ap - d_an)))``, with
+    ``d = sqrt(max(|a|^2 + |b|^2 - 2ab, 1e-12))``.
+
+    The distances are computed in float32 whatever the autocast: upstream's fp16
+    ``|a|^2 + |b|^2 - 2ab`` cancels catastrophically for 768-d features of norm ~20 and makes
+    the hard-example mining noisy. Identities may have different image counts in the batch
+    (masked max/min; upstream's reshape needs equal counts and gives the same values then). An
+    anchor without a negative is left out; a batch of one identity gives 0.
+    """
+    if features.dim() != 2 or targets.shape != features.shape[:1]:
+        raise ValueError(f"features must be [b, d] and targets [b], got {tuple(features.shape)} "
+                         f"and {tuple(targets.shape)}")
+    with torch.autocast(features.device.type, enabled=False):
+        x = features.float() if features.dtype != torch.float64 else features
+        squared = x.pow(2).sum(1)
+        dist = (squared[:, None] + squared[None, :] - 2.0 * (x @ x.t())).clamp_min(1e-12).sqrt()
+        targets = targets.to(x.device)
+        same = targets[:, None] == targets[None, :]
+        d_ap = dist.masked_fill(~same, float("-inf")).max(1).values
+        d_an = dist.masked_fill(same, float("inf")).min(1).values
+        valid = (~same).any(1)
+        if not valid.any():
+            return dist.sum() * 0.0
+        return F.soft_margin_loss(d_an[valid] - d_ap[valid], torch.ones_like(d_an[valid]))
+
+
+class TransReIDLoss(nn.Module):
+    """TransReID's ``softmax_triplet`` loss on the model's training outputs.
+
+    ``forward(scores, features, targets)``, with ``scores`` / ``features`` a tensor (no JPM:
+    ``[b, classes]`` / ``[b, d]``) or lists ``[global, local_1..k]`` (JPM), returns
+    ``(loss [1], acc [1])``:
+
+        ID  = CE(global)                       or 0.5 CE(global) + 0.5 mean_j CE(local_j)
+        TRI = T(f_global)                      or 0.5 T(f_global) + 0.5 mean_j T(f_local_j)
+        loss = id_weight * ID + triplet_weight * TRI
+
+    CE is plain cross-entropy (upstream's configs: label smoothing off; ``label_smoothing``
+    gives upstream's ``CrossEntropyLabelSmooth``, the same as torch's smoothing), computed in
+    float32; T is :func:`soft_margin_triplet`. ``acc`` is the global head's top-1 accuracy.
+    """
+
+    def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.id_weight, self.triplet_weight = float(id_weight), float(triplet_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    @staticmethod
+    def _combine(values: Sequence[Tensor]) -> Tensor:
+        if len(values) == 1:
+            return values[0]
+        return 0.5 * values[0] + 0.5 * torch.stack(list(values[1:])).mean()
+
+    def forward(self, scores: Union[Tensor, Sequence[Tensor]], features: Union[Tensor, Sequence[Tensor]],
+                targets: Tensor) -> Tuple[Tensor, Tensor]:
+        scores = [scores] if isinstance(scores, Tensor) else list(scores)
+        features = [features] if isinstance(features, Tensor) else list(features)
+        targets = targets.to(scores[0].device)
+        ce = [F.cross_entropy(s.float(), targets, label_smoothing=self.label_smoothing) for s in scores]
+        tri = [soft_margin_triplet(f, targets) for f in features]
+        loss = self.id_weight * self._combine(ce) + self.triplet_weight * self._combine(tri)
+        with torch.no_grad():
+            acc = (scores[0].argmax(1) == targets).float().mean()
+        return loss.reshape(1), acc.reshape(1)
+
+    def extra_repr(self) -> str:
+        return (f"id_weight={self.id_weight}, triplet_weight={self.triplet_weight}, "
+                f"label_smoothing={self.label_smoothing}")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from transmatcher_fast import TransMatcher
-from transmatcher_fast.engine.losses import PairwiseMatchingLoss, TripletLoss
+from transmatcher_fast.methods.losses import PairwiseMatchingLoss, TripletLoss
 
 NAN = float("nan")
 

@@ -1,0 +1,12 @@
+"""Re-ID methods on one engine: each module says how its model is built, trained and compared
+(see :mod:`.base`); ``get_method(name)`` returns the registered one.
+
+- ``transmatcher``: TransMatcher (fused matching of feature maps; ResNet or ViT features)
+- ``qaconv``: QAConv (fused matching without gate or projection)
+- ``transreid``: TransReID / TransReID-SSL fine-tuning (ViT embeddings, Euclidean distance)
+"""
+
+from .base import METHOD_DEFAULTED, Method, Parts, get_method, method_names, register_method
+from . import qaconv, transmatcher, transreid  # noqa: F401  (registers the methods)
+
+__all__ = ["Method", "Parts", "METHOD_DEFAULTED", "get_method", "method_names", "register_method"]

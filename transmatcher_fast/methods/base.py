@@ -1,0 +1,112 @@
+"""The seam between the engine and a re-ID method.
+
+A :class:`Method` says how its model is built, which loss, parameter groups and optimizer train
+it, which augmentation feeds it, and how its images become comparable. The engine (training
+loop, AMP, checkpoints and exact resume, DDP, logging, evaluation protocol, exports, pictures)
+calls only what is defined here and never asks which method it runs.
+
+What a method builds is a dict of *parts*, saved in a checkpoint under their names:
+
+- ``"model"``: images -> features, ``model(images)`` in eval mode; with ``model.side_info``
+  true it is called ``model(images, cam_label=cams, view_label=views)``;
+- ``"matcher"``: the comparer of two sets of features (``project`` / ``score_projected`` /
+  ``bytes_per_pair``, optionally ``distance``; see ``engine.matching``): a fused matcher
+  (TransMatcher, QAConv) or embedding distances;
+- any other trained state the method needs (none of ours yet).
+
+The training step (:meth:`Method.step_module`) is one ``nn.Module`` holding every trained part,
+so DistributedDataParallel synchronises all of them: ``forward(images, pids, cams, views)``
+returns ``(loss [r], acc [r])`` rows; the engine averages the finite ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..data import build_test_transform, build_train_transform
+
+Parts = Dict[str, nn.Module]
+
+# The options whose default is the method's (TrainConfig fills them from Method.defaults).
+METHOD_DEFAULTED = ("arch", "ibn", "height", "width", "lr", "weight_decay", "epochs", "sampler",
+                    "loss", "clip_value", "freeze_bn", "schedule")
+
+
+class Method:
+    """One re-ID method; subclasses override what differs. ``defaults`` must give a value for
+    every option of :data:`METHOD_DEFAULTED`."""
+
+    name: str = ""
+    summary: str = ""
+    defaults: Mapping[str, Any] = {}
+    # The options that define the model: recorded in results' provenance.
+    model_options: Tuple[str, ...] = ()
+    losses: Tuple[str, ...] = ()
+    # The small model of ``transmatcher-fast demo`` (TrainConfig values; the demo sets the rest).
+    demo_options: Mapping[str, Any] = {}
+
+    def check(self, config) -> None:
+        """Refuse option values this method cannot train with (a ValueError naming them)."""
+        if self.losses and config.loss not in self.losses:
+            raise ValueError(f"loss {config.loss!r} is not a loss of method {self.name!r}: choose "
+                             f"from {self.losses}")
+
+    def model_args(self, config, dataset) -> Dict[str, Any]:
+        """What the model needs from the training data (class or camera counts); saved in the
+        checkpoint so that :meth:`build` can rebuild the model without the data."""
+        return {}
+
+    def build(self, config, model_args: Mapping[str, Any], *, pretrained: bool = True) -> Parts:
+        raise NotImplementedError
+
+    def step_module(self, parts: Parts, config) -> nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, parts: Parts, config) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def optimizer(self, groups: List[Dict[str, Any]], config) -> torch.optim.Optimizer:
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+
+    def train_transform(self, config):
+        return build_train_transform(config.height, config.width)
+
+    def test_transform(self, config: Mapping[str, Any], height: int, width: int):
+        """The evaluation transform for a model trained with ``config`` (a dict, as checkpoints
+        hold it), at ``height`` x ``width``."""
+        return build_test_transform(height, width)
+
+    def load(self, config, state: Mapping[str, Any], source: str) -> Parts:
+        """The parts of a checkpoint written by the engine (``state[name]`` per part), built
+        from its resolved ``config`` without pretrained weights (the checkpoint has them)."""
+        parts = self.build(config, state.get("model_args", {}), pretrained=False)
+        for name, part in parts.items():
+            if name not in state:
+                raise ValueError(f"{source}: no {name!r} weights in the checkpoint (keys: {sorted(state)})")
+            part.load_state_dict(state[name])
+        return parts
+
+
+_REGISTRY: Dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    missing = [k for k in METHOD_DEFAULTED if k not in method.defaults]
+    if missing:
+        raise ValueError(f"method {method.name!r} gives no default for {missing}")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def method_names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: Optional[str]) -> Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"method must be one of {method_names()}, got {name!r}")
+    return _REGISTRY[name]
