@@ -298,7 +298,7 @@ def test_config_validation_names_the_option():
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=30, num_instances=4)
     with pytest.raises(ValueError, match="sampler"):
-        TrainConfig(sampler="random")
+        TrainConfig(sampler="uniform")
     with pytest.raises(ValueError, match="unknown training options.*bogus"):
         TrainConfig.from_dict({"bogus": 1})
 

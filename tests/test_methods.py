@@ -144,6 +144,30 @@ def test_transreid_eval_through_the_cli_and_eval_during_training(data_dir, tmp_p
                  str(data_dir), "-j", "0", "--no-progress", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 < result["mAP"] <= 1
+    assert result["provenance"]["protocol"]["distance"].startswith("squared Euclidean")
+    pictures = tmp_path / "pictures"
+    assert main(["visualize", "--checkpoint", str(run / "checkpoint.pt"), "-d", "market", "--data-dir",
+                 str(data_dir), "-j", "0", "--no-progress", "--num-queries", "2", "--out", str(pictures),
+                 "--log", str(run / "log.jsonl"), "--attention-keep", "0.6"]) == 0
+    attention = sorted((pictures / "attention").glob("attention_q*_pid*.png"))
+    ranked = sorted((pictures / "ranked_lists").glob("ranked_q*_pid*.png"))
+    assert len(attention) == len(ranked) == 2
+    assert [p.name.split("_pid")[0][len("attention_"):] for p in attention] == \
+        [p.name.split("_pid")[0][len("ranked_"):] for p in ranked]  # the same queries
+    assert not (pictures / "correspondences").exists()  # embeddings: no location matches
+    from PIL import Image
+    # image, rollout, 3 heads, JPM groups: six panels side by side
+    assert Image.open(attention[0]).width >= 6 * 128
+
+
+def test_keep_mass_is_the_smallest_set_with_the_fraction():
+    from transmatcher_fast.engine.attention_pictures import keep_mass
+
+    a = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]]).numpy()
+    assert keep_mass(a, 0.6).tolist() == [[True, False, True, False], [True, True, True, False]]
+    assert keep_mass(a, 1.0).all()
+    with pytest.raises(ValueError, match="fraction"):
+        keep_mass(a, 0.0)
 
 
 def test_transreid_trains_in_sync_under_torchrun(data_dir, tmp_path):

@@ -738,9 +738,9 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_visualize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .engine import visualize
+    from .engine import attention_pictures, visualize
     from .engine.demo import save_query_correspondences
-
+    from .engine.evaluate import eval_transform
 
     from .engine import validate
 
@@ -766,8 +766,15 @@ def run_visualize(args: argparse.Namespace) -> int:
                                                result.distances.numpy(), num_queries=args.num_queries,
                                                topk=args.topk, seed=args.seed,
                                                rows_per_page=args.rows_per_page)
-        written += save_query_correspondences(model, matcher, dataset, result, out / "correspondences",
-                                            pairs=args.pairs)
+        if visualize.draws_correspondences(matcher):
+            written += save_query_correspondences(model, matcher, dataset, result, out / "correspondences",
+                                                  pairs=args.pairs)
+        if attention_pictures.draws_attention(model):  # ViT models: beside the ranked lists
+            picked = visualize.picked_queries(len(result.query_items), args.num_queries, args.seed)
+            items = [result.query_items[i] for i in picked]
+            written += attention_pictures.save_attention_pictures(
+                out / "attention", model, items, eval_transform(args.model_config, height, width),
+                views=_views(dataset, items), indices=picked, keep=args.attention_keep)
     print(f"wrote {len(written)} pictures under {out}")
     return 0
 
@@ -845,7 +852,7 @@ def add_eval_parsers(commands) -> None:
     _add_skip_bad_images(extraction)
     extraction.set_defaults(run=run_extract)
 
-    pictures = commands.add_parser("visualize", help="ranked lists, correspondences, training curves",
+    pictures = commands.add_parser("visualize", help="ranked lists, correspondences, ViT attention maps, training curves",
                                    formatter_class=fmt)
     _add_model_and_data(pictures, checkpoint_required=False)
     pictures.add_argument("--out", default="pictures", help="output folder")
@@ -855,6 +862,9 @@ def add_eval_parsers(commands) -> None:
                           help="queries per page of the ranked-list overview")
     pictures.add_argument("--topk", type=_positive_int, default=10)
     pictures.add_argument("--pairs", type=_positive_int, default=3, help="correspondence pictures")
+    pictures.add_argument("--attention-keep", dest="attention_keep", type=float, default=None,
+                          help="ViT attention: show per head only the patches holding this fraction of "
+                               "its mass (DINO's view: 0.6); default: the whole map")
     pictures.add_argument("--seed", type=int, default=0)
     pictures.set_defaults(run=run_visualize)
 

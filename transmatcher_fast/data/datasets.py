@@ -58,6 +58,12 @@ def dataset_names() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_root(data_dir, dataset: str) -> Path:
+    """``data_dir`` itself, or upstream's ``<data_dir>/<dataset>`` when that folder exists."""
+    nested = Path(data_dir).expanduser() / dataset
+    return nested if nested.is_dir() else Path(data_dir).expanduser()
+
+
 def build_dataset(name: str, root, **kwargs) -> "ReidDataset":
     """``name`` is a registry key (``dataset_names()``); ``root`` the dataset's own folder."""
     try:

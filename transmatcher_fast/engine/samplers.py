@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["RandomIdentitySampler", "AllImagesIdentitySampler", "GraphSampler"]
+__all__ = ["RandomIdentitySampler", "AllImagesIdentitySampler", "GraphSampler", "ShuffledBatchSampler"]
 
 
 def _dist_ready() -> bool:
@@ -303,3 +303,45 @@ class GraphSampler(_IdentityGroupSampler):
         for anchor in range(self.num_ids):  # anchor first, then its neighbours, nearest first
             batches.append([idx for i in [anchor] + table[anchor] for idx in draw(i)])
         return [batches[b] for b in rng.permutation(len(batches))]
+
+
+class ShuffledBatchSampler(Sampler[int]):
+    """Plain shuffled batches for unlabelled data (DINO): per epoch a permutation of the
+    ``num_items`` indices from ``default_rng([seed, epoch])``, cut into whole batches (the last
+    incomplete one dropped, as DINO's loader does); under DDP each rank takes whole batches
+    ``batches[rank::num_replicas]`` (the epoch cut to a multiple of ``num_replicas``). Same
+    ``set_epoch`` / ``state_dict`` / ``num_batches`` as the identity samplers."""
+
+    def __init__(self, num_items: int, batch_size: int, *, seed: int = 0,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        self.num_items = _check_int("num_items", num_items, 1)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed, self.epoch = _check_int("seed", seed, 0), 0
+        self.num_replicas = num_replicas or (dist.get_world_size() if _dist_ready() else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if _dist_ready() else 0)
+        if self.num_items < self.batch_size * self.num_replicas:
+            raise ValueError(f"{num_items} items make no whole batch of {batch_size} per rank "
+                             f"({self.num_replicas} ranks)")
+
+    @property
+    def num_batches(self) -> int:
+        return self.num_items // self.batch_size // self.num_replicas
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        batches = order[:self.num_batches * self.num_replicas * self.batch_size].reshape(-1, self.batch_size)
+        for batch in batches[self.rank::self.num_replicas]:
+            yield from batch.tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"sampler": type(self).__name__, "seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = _check_int("seed", state["seed"], 0)
+        self.set_epoch(state["epoch"])

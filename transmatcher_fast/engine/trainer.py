@@ -41,15 +41,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import build_dataset, make_loader
+from ..data import dataset_root
 from ..methods import METHOD_DEFAULTED, get_method
 from ..methods.schedules import SCHEDULES, build_schedule
 from . import checkpoint, matching, rundir
 from .evaluate import evaluate, extract
 from .features import autocast, parse_dtype
-from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler
+from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler, ShuffledBatchSampler
 
-SAMPLERS = ("graph", "pk", "pk_all")
+SAMPLERS = ("graph", "pk", "pk_all", "random")
 LOSSES = ("pairwise", "triplet", "softmax_triplet")
 NECK_FEATS = ("before", "after")
 AMP_CHOICES = ("auto", "none", "fp16", "bf16")
@@ -265,10 +265,6 @@ def _init_distributed() -> tuple[int, int, int, bool]:
     return 1, 0, 0, started
 
 
-def dataset_root(data_dir: str, dataset: str) -> Path:
-    """``data_dir`` itself, or upstream's ``<data_dir>/<dataset>`` when that folder exists."""
-    nested = Path(data_dir).expanduser() / dataset
-    return nested if nested.is_dir() else Path(data_dir).expanduser()
 
 
 def _seed_everything(seed: int) -> None:
@@ -317,10 +313,10 @@ class Trainer:
         config = self.config
         _seed_everything(config.seed)
 
-        self.dataset = build_dataset(config.dataset, dataset_root(config.data_dir, config.dataset))
+        self.method = get_method(config.method)
+        self.dataset = self.method.dataset(config)
         if self.is_main:
             print(self.dataset.summary())
-        self.method = get_method(config.method)
         self.model_args = self.method.model_args(config, self.dataset)
         self.parts = self.method.build(config, self.model_args)
         for part in self.parts.values():
@@ -336,27 +332,33 @@ class Trainer:
                        else None)
         self.schedule = build_schedule(config)
 
-        pids = [pid for _, pid, _ in self.dataset.train]
-        if config.sampler == "graph":
-            self.sampler = GraphSampler(pids, self._graph_distance, config.batch_size,
-                                        config.num_instances, seed=config.seed)
-        else:
-            kind = RandomIdentitySampler if config.sampler == "pk" else AllImagesIdentitySampler
-            self.sampler = kind(pids, config.batch_size, config.num_instances, seed=config.seed)
+        self.sampler = self._build_sampler()
         # Viewpoint labels (SIE) per training image; 0 where the dataset has none.
         views = getattr(self.dataset, "train_views", None)
         self.train_views = torch.tensor(views if views is not None else [0] * len(self.dataset.train),
                                         dtype=torch.int64)
         self.train_transform = self.method.train_transform(config)
-        self.loader = make_loader(self.dataset.train, self.train_transform, config.batch_size,
-                                  sampler=self.sampler, num_workers=config.workers, seed=config.seed,
-                                  stream=self.rank)
+        self.loader = self.method.loader(config, self.dataset.train, self.train_transform, self.sampler,
+                                         rank=self.rank)
         self.start_epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.global_step = 0
         self.best: Optional[Dict[str, Any]] = None  # {"epoch", "mAP", "rank1"} of best.pt
         self.config_changes: List[Dict[str, Any]] = []  # what each resume changed
         self._writer = None
+
+    def _build_sampler(self):
+        """The configuration's batch sampler over the training items' identities (one identity
+        for unlabelled data: then only ``pk_all``-style plain batches make sense)."""
+        c = self.config
+        pids = [item[1] for item in self.dataset.train]
+        if c.sampler == "graph":
+            return GraphSampler(pids, self._graph_distance, c.batch_size, c.num_instances, seed=c.seed)
+        if c.sampler == "pk":
+            return RandomIdentitySampler(pids, c.batch_size, c.num_instances, seed=c.seed)
+        if c.sampler == "pk_all":
+            return AllImagesIdentitySampler(pids, c.batch_size, c.num_instances, seed=c.seed)
+        return ShuffledBatchSampler(len(pids), c.batch_size, seed=c.seed)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = self.method.param_groups(self.parts, self.config)
@@ -580,14 +582,11 @@ class Trainer:
                 if params:
                     torch.nn.utils.clip_grad_norm_(params, self.config.clip_value)
 
-    def train_step(self, images: Tensor, targets: Tensor, cams: Optional[Tensor] = None,
-                   views: Optional[Tensor] = None) -> tuple[float, float]:
-        images = images.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        cams = torch.zeros_like(targets) if cams is None else cams.to(self.device, non_blocking=True)
-        views = torch.zeros_like(targets) if views is None else views.to(self.device, non_blocking=True)
+    def train_step(self, inputs: tuple, epoch: int, progress: float) -> tuple[float, float]:
+        """One optimisation step on the method's step inputs; ``progress`` is the fraction of
+        training done after it (for per-step schedules such as DINO's teacher momentum)."""
         with autocast(self.device, self.amp_dtype):
-            loss_rows, acc_rows = self.step_module(images, targets, cams, views)
+            loss_rows, acc_rows = self.step_module(*inputs)
         # Upstream averages the rows whose loss is finite.
         finite = torch.isfinite(loss_rows)
         loss = torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum() / finite.sum().clamp_min(1)
@@ -596,12 +595,15 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             self._clip()
+            self.method.before_optimizer_step(self.parts, self.config, epoch)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             self._clip()
+            self.method.before_optimizer_step(self.parts, self.config, epoch)
             self.optimizer.step()
+        self.method.after_optimizer_step(self.parts, self.config, progress)
         acc = acc_rows[finite & torch.isfinite(acc_rows)]
         return loss.item(), acc.float().mean().item() if acc.numel() else float("nan")
 
@@ -625,19 +627,22 @@ class Trainer:
         loss_sum = acc_sum = 0.0
         steps = images_seen = acc_steps = 0
         tick = epoch_start = time.perf_counter()
-        for images, pids, cams, indices in batches:
+        total_steps = total * self.schedule.end
+        for batch in batches:
             if steps >= total:
                 break
             self._train_mode()
-            loss, acc = self.train_step(images, pids, cams, self.train_views[indices])
+            self.schedule.set_iteration(self.optimizer, epoch, steps, total)
+            inputs, count = self.method.step_inputs(batch, epoch, self.train_views, self.device)
+            loss, acc = self.train_step(inputs, epoch, (epoch * total + steps + 1) / max(total_steps, 1))
             steps += 1
             self.global_step += 1
-            images_seen += images.shape[0]
+            images_seen += count
             loss_sum += loss
             if math.isfinite(acc):
                 acc_sum, acc_steps = acc_sum + acc, acc_steps + 1
             now = time.perf_counter()
-            rate = images.shape[0] * self.world / max(now - tick, 1e-9)
+            rate = count * self.world / max(now - tick, 1e-9)
             tick = now
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{rate:.1f}")

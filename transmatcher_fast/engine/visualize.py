@@ -419,6 +419,12 @@ def _split_dist(dist_or_topk: Any, num_query: int, num_gallery: int):
     return dist, None
 
 
+def picked_queries(num_query: int, num_queries: int, seed: int = 0) -> list:
+    """The query indices :func:`save_ranked_lists` draws (``num_queries`` of ``num_query`` at
+    random from ``seed``, in order), so other pictures can show the same queries."""
+    return sorted(random.Random(seed).sample(range(num_query), min(num_queries, num_query)))
+
+
 def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[Any]],
                       gallery_items: Sequence[Sequence[Any]], dist_or_topk: Any, *,
                       num_queries: int = 8, topk: int = 10, seed: int = 0,
@@ -451,7 +457,7 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
     dist, index = _split_dist(dist_or_topk, num_query, num_gallery)
     gallery_pids = np.array([int(item[1]) for item in gallery_items], dtype=np.int64)
     gallery_camids = np.array([int(item[2]) for item in gallery_items], dtype=np.int64)
-    picked = sorted(random.Random(seed).sample(range(num_query), min(num_queries, num_query)))
+    picked = picked_queries(num_query, num_queries, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_pages = math.ceil(len(picked) / rows_per_page)

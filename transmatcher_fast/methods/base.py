@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..data import build_test_transform, build_train_transform
+from torch import Tensor
+
+from ..data import build_dataset, build_test_transform, build_train_transform, dataset_root, make_loader
 
 Parts = Dict[str, nn.Module]
 
@@ -53,6 +55,31 @@ class Method:
         if self.losses and config.loss not in self.losses:
             raise ValueError(f"loss {config.loss!r} is not a loss of method {self.name!r}: choose "
                              f"from {self.losses}")
+
+    def dataset(self, config):
+        """The training data: a ``ReidDataset`` (``train`` items ``(path, pid, camid)``, and the
+        ``query`` / ``gallery`` that evaluation during training uses)."""
+        return build_dataset(config.dataset, dataset_root(config.data_dir, config.dataset))
+
+    def loader(self, config, items, transform, sampler, *, rank: int = 0):
+        """The training DataLoader of ``items`` through ``transform`` in ``sampler``'s batches;
+        each sample's augmentation seeded by (seed, rank, epoch, position, index)."""
+        return make_loader(items, transform, config.batch_size, sampler=sampler,
+                           num_workers=config.workers, seed=config.seed, stream=rank)
+
+    def step_inputs(self, batch, epoch: int, train_views: Tensor, device: torch.device):
+        """The training step's arguments from one loader batch, on ``device``, and the number of
+        images in it: ``(images, pids, cams, views)``."""
+        images, pids, cams, indices = batch
+        inputs = (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
+                  cams.to(device, non_blocking=True), train_views[indices].to(device, non_blocking=True))
+        return inputs, images.shape[0]
+
+    def before_optimizer_step(self, parts: Parts, config, epoch: int) -> None:
+        """After the backward pass (gradients unscaled and clipped), before the optimizer step."""
+
+    def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
+        """After the optimizer step; ``progress`` in (0, 1] is the fraction of training done."""
 
     def model_args(self, config, dataset) -> Dict[str, Any]:
         """What the model needs from the training data (class or camera counts); saved in the

@@ -46,6 +46,11 @@ class Schedule:
         for group in optimizer.param_groups:
             group["lr"] = self.lr(epoch, group["initial_lr"])
 
+    def set_iteration(self, optimizer: torch.optim.Optimizer, epoch: int, iteration: int,
+                      iterations_per_epoch: int) -> None:
+        """Before each step: per-iteration schedules (DINO's) set the rates here; the per-epoch
+        ones do nothing."""
+
     def after_epoch(self, epoch: int, loss: float) -> None:
         """Told each epoch's mean loss (only the adaptive schedule listens)."""
 
