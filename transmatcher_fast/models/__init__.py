@@ -3,6 +3,7 @@
     from transmatcher_fast import TransMatcher          # instead of upstream's transmatcher.py
     model, matcher = transmatcher_fast.build_model()    # upstream's default configuration
     model, matcher = transmatcher_fast.load_upstream_checkpoint("checkpoint.pth.tar")
+    model = transmatcher_fast.models.TransReID(751, camera_num=6, sie_camera=True, jpm=True)
 """
 
 from .checkpoint import load_upstream_checkpoint, qaconv_neck_layout, set_qaconv_neck_layout
@@ -12,6 +13,9 @@ from .head import matching_head
 from .qaconv import QAConv
 from .resnet import ResNet
 from .transmatcher import TransformerDecoder, TransformerDecoderLayer, TransMatcher
+from .transreid import TransReID, jpm_index
+from .vit import (ARCHS as VIT_ARCHS, AttentionMaps, VisionTransformer, ViTMatchingFeatures, build_vit,
+                  load_pretrained, resize_pos_embed)
 
 __all__ = [
     "TransMatcher",
@@ -28,4 +32,13 @@ __all__ = [
     "qaconv_neck_layout",
     "set_qaconv_neck_layout",
     "matching_head",
+    "TransReID",
+    "jpm_index",
+    "VisionTransformer",
+    "ViTMatchingFeatures",
+    "AttentionMaps",
+    "VIT_ARCHS",
+    "build_vit",
+    "load_pretrained",
+    "resize_pos_embed",
 ]
