@@ -144,7 +144,7 @@ def test_forward_shapes_and_backward(jpm, sie):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 64, 32, generator=gen)
     cam, view = labels(4, gen)
-    scores, feats = model(x, cam, view)
+    scores, feats = model(x, cam_label=cam, view_label=view)
     k = 4 if jpm else 0
     if jpm:
         assert isinstance(scores, list) and len(scores) == len(feats) == k + 1
@@ -159,9 +159,9 @@ def test_forward_shapes_and_backward(jpm, sie):
     assert no_grad == unused
     model.eval()
     with torch.no_grad():
-        assert model(x, cam, view).shape == (4, 192 * (k + 1))
+        assert model(x, cam_label=cam, view_label=view).shape == (4, 192 * (k + 1))
         model.neck_feat = "after"
-        assert model(x, cam, view).shape == (4, 192 * (k + 1))
+        assert model(x, cam_label=cam, view_label=view).shape == (4, 192 * (k + 1))
 
 
 @pytest.mark.parametrize("jpm", [False, True])
@@ -176,10 +176,10 @@ def test_outputs_and_gradients_match_upstream(jpm):
     for neck_feat in ("before", "after"):
         ours.eval().neck_feat = ref.eval().neck_feat = neck_feat
         with torch.no_grad():
-            torch.testing.assert_close(ours(x, cam, view), ref(x, cam_label=cam, view_label=view),
+            torch.testing.assert_close(ours(x, cam_label=cam, view_label=view), ref(x, cam_label=cam, view_label=view),
                                        rtol=1e-4, atol=1e-5)
     ours.train(), ref.train()
-    torch.testing.assert_close(flat(ours(x, cam, view)), flat(ref(x, cam_label=cam, view_label=view)),
+    torch.testing.assert_close(flat(ours(x, cam_label=cam, view_label=view)), flat(ref(x, cam_label=cam, view_label=view)),
                                rtol=1e-4, atol=1e-5)
     # Running statistics were updated alike.
     torch.testing.assert_close(ours.bottleneck.running_mean, ref.bottleneck.running_mean)
@@ -201,11 +201,11 @@ def test_drop_path_trains_and_eval_ignores_it():
     cam = torch.tensor([0, 2, 1])
     ours.eval(), ref.eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, cam), ref(x, cam_label=cam), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(x, cam_label=cam), ref(x, cam_label=cam), rtol=1e-4, atol=1e-5)
     ours.train()
     torch.manual_seed(0)
-    a = flat(ours(x, cam))
-    b = flat(ours(x, cam))
+    a = flat(ours(x, cam_label=cam))
+    b = flat(ours(x, cam_label=cam))
     assert not torch.allclose(a, b)  # stochastic depth is on in training
 
 
@@ -294,7 +294,7 @@ def test_sie_rows_added_once_to_every_token(camera_num, view_num, sie_camera, si
     x = torch.randn(4, 3, 64, 32)
     cam, view = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 1, 0])
     with torch.no_grad():
-        tokens = base.embed(x, cam, view)
+        tokens = base.embed(x, cam_label=cam, view_label=view)
         plain = torch.cat([base.cls_token.expand(4, -1, -1), base.patch_embed(x)], dim=1) + base.pos_embed
     expected = torch.tensor([0.1 * index(c, v) for c, v in zip(cam.tolist(), view.tolist())])
     torch.testing.assert_close(tokens - plain, 3.0 * expected.view(4, 1, 1).expand_as(plain))
@@ -302,7 +302,7 @@ def test_sie_rows_added_once_to_every_token(camera_num, view_num, sie_camera, si
     ref.load_state_dict(model.state_dict())
     ref.eval(), model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, cam, view), ref(x, cam_label=cam, view_label=view),
+        torch.testing.assert_close(model(x, cam_label=cam, view_label=view), ref(x, cam_label=cam, view_label=view),
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -501,7 +501,7 @@ def test_load_trained_upstream_checkpoint(tmp_path):
     x, cam = torch.randn(2, 3, 64, 32), torch.tensor([1, 2])
     model.eval(), ref.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, cam), ref(x, cam_label=cam))
+        torch.testing.assert_close(model(x, cam_label=cam), ref(x, cam_label=cam))
     five = TransReID(7, 3, 2, jpm=True, sie_camera=True, divide_length=5, **TINY)
     with pytest.raises(ValueError, match="transformer_120.pth.*missing keys.*classifier_5.weight"):
         five.load_param(str(tmp_path / "transformer_120.pth"))
@@ -579,11 +579,11 @@ def test_torch_compile():
     model = TransReID(5, 3, 0, sie_camera=True, jpm=True, drop_path=0.0, **TINY)
     compiled = torch.compile(model, backend="aot_eager")  # dynamo + AOT autograd, no C++ build here
     x, cam = torch.randn(2, 3, 64, 32), torch.tensor([0, 2])
-    out = compiled(x, cam)
+    out = compiled(x, cam_label=cam)
     flat(out).square().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    expected = model(x, cam)
+    expected = model(x, cam_label=cam)
     flat(expected).square().sum().backward()
     torch.testing.assert_close(flat(out), flat(expected))
     for n, p in model.named_parameters():
@@ -591,7 +591,7 @@ def test_torch_compile():
             torch.testing.assert_close(grads[n], p.grad, msg=n)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, cam), model(x, cam))
+        torch.testing.assert_close(compiled(x, cam_label=cam), model(x, cam_label=cam))
 
 
 def test_fused_pieces_gradcheck():
@@ -610,7 +610,7 @@ def test_fused_pieces_gradcheck():
     assert torch.autograd.gradcheck(lambda x: block.forward_cls(x), (x,))
 
 
-def saved_bytes(model, *args):
+def saved_bytes(model, x, cam):
     """Bytes of the distinct storages, parameters aside, autograd keeps for backward of one forward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -622,7 +622,7 @@ def saved_bytes(model, *args):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*args)
+        out = model(x, cam_label=cam)
     return sum(seen.values()), out
 
 
@@ -630,7 +630,7 @@ def test_keeps_less_for_backward_than_upstream():
     ours, ref = pair(jpm=True, sie_camera=True, **STRIDED)
     x, cam = torch.randn(4, 3, 128, 64), torch.tensor([0, 1, 2, 0])
     ours_bytes, _ = saved_bytes(ours, x, cam)
-    ref_bytes, _ = saved_bytes(ref, x, None, cam)
+    ref_bytes, _ = saved_bytes(ref, x, cam)
     assert ours_bytes < 0.6 * ref_bytes, (ours_bytes, ref_bytes)
 
 

@@ -148,7 +148,9 @@ class TransReID(nn.Module):
     def _branches(self, name: str) -> list:
         return [getattr(self, f"{name}_{j}") for j in range(1, self.divide_length + 1)]
 
-    def forward(self, x: Tensor, cam_label=None, view_label=None):
+    def forward(self, x: Tensor, label=None, cam_label=None, view_label=None):
+        """Upstream's call, ``model(img, target, cam_label=..., view_label=...)``: ``label`` is
+        taken and unused, as by upstream's softmax heads (only its ArcFace-style heads read it)."""
         if not self.jpm:
             global_feat = self.base(x, cam_label, view_label)
             feat = self.bottleneck(global_feat)
