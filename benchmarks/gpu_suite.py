@@ -75,7 +75,7 @@ TWO_31 = 2 ** 31
 # skipped when less time than this is left.
 ESTIMATES = {
     "correctness": 90, "ties": 15, "nan": 10, "offset_2_31": 30, "pytest": 5, "ceilings": 10,
-    "variants": 60, "training": 60, "evaluation": 70, "market_eval": 150,
+    "variants": 60, "training": 60, "evaluation": 70, "market_eval": 150, "transreid": 90,
 }
 # Seconds the variant sweep leaves for the timings after it (training + evaluation).
 SWEEP_RESERVE_S = 100
@@ -1346,6 +1346,19 @@ def bench_market_eval(out: Path, log, timeout: float) -> dict:
     return record
 
 
+def bench_transreid_gpu(out: Path, log, timeout: float) -> dict:
+    """benchmarks/bench_transreid.py on the GPU: ViT-B/16 training step (batch 64, 256x128,
+    strides 16 and 12, JPM + SIE, fp16 AMP as upstream trains) and feature extraction, ours
+    against upstream's explicit-attention, sequential-JPM computation."""
+    folder = out / "transreid"
+    folder.mkdir(exist_ok=True)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_transreid.py"), "--device", "cuda",
+           "--arch", "vit_base_patch16", "--batch", "64", "--amp", "fp16", "--out", str(folder)]
+    record = _run(cmd, timeout, log, tail=3000)
+    record["summary"] = record.get("output_tail", "").strip().splitlines()[-8:]
+    return record
+
+
 # --------------------------------------------------------------------------------------------
 # Summary and plot
 
@@ -1614,7 +1627,7 @@ def run_sections(suite: Suite, args, backends, device_name) -> None:
     if args.skip_pytest:
         skip.add("pytest")
     if args.quick:
-        skip |= {"evaluation", "market_eval"}
+        skip |= {"evaluation", "market_eval", "transreid"}
 
     def reason(name):
         if args.dry_run:
@@ -1683,6 +1696,8 @@ def _sections(suite, args, backends, device_name, reason, pytest_job) -> None:
         market_reason = "tqdm is not installed (engine.matching imports it)"
     suite.section("market_eval", lambda: bench_market_eval(suite.out, log, suite.remaining() - 10),
                   skip_reason=market_reason)
+    suite.section("transreid", lambda: bench_transreid_gpu(suite.out, log, min(150.0, suite.remaining() - 10)),
+                  skip_reason=reason("transreid"))
 
 
 if __name__ == "__main__":

@@ -97,3 +97,18 @@ def test_bench_eval_compares_with_upstreams_chunked_evaluation(tmp_path):
     assert result["max_abs_distance_difference"] < 1e-5  # both evaluations give the same distances
     assert result["ours"]["seconds"] > 0 and result["upstream"]["peak_bytes"] is not None
     assert result["flops"] == 2 * 3 * 5 * 8 * 8 * 16 * 2
+
+
+def test_bench_transreid_quick_writes_results(tmp_path):
+    """The TransReID benchmark end to end (tiny ViT, one round): both computations, the same
+    outputs, ratios and the JSON the GPU suite's 'transreid' section collects."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_transreid.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--threads", "1",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(next(tmp_path.glob("bench_transreid_*.json")).read_text())
+    for row in report["rows"]:
+        assert row["train_speedup"] > 0 and row["train_memory_ratio"] > 0
+        assert row["outputs"]["eval_feature_rel_error"]["ours_vs_reference"] < 1e-4

@@ -485,6 +485,8 @@ def test_every_gpu_section_runs_in_order_on_the_interpreter(on_cpu, monkeypatch,
         S.bench_evaluation, shape=(2, 4, 9, 7, 20), chunk=2, dtypes=(("fp32-tf32", "float32"),)))
     monkeypatch.setattr(S, "bench_market_eval", lambda out, log, timeout: {"returncode": 0,
                                                                           "timeout": timeout})
+    monkeypatch.setattr(S, "bench_transreid_gpu", lambda out, log, timeout: {"returncode": 0,
+                                                                            "timeout": timeout})
     tiny_test = tmp_path / "test_tiny.py"
     tiny_test.write_text("def test_ok():\n    assert True\n")
     monkeypatch.setattr(S, "PYTEST_FILES", [str(tiny_test)])
@@ -495,7 +497,7 @@ def test_every_gpu_section_runs_in_order_on_the_interpreter(on_cpu, monkeypatch,
     S.run_sections(suite, args, ["triton"], "cpu")
     saved = json.loads(suite.json_path.read_text())
     order = ["correctness", "ties", "nan", "offset_2_31", "pytest", "ceilings", "variants",
-             "training", "evaluation", "market_eval"]
+             "training", "evaluation", "market_eval", "transreid"]
     assert list(saved["sections"]) == order
     assert {n: saved["sections"][n]["status"] for n in order} == dict.fromkeys(order, "ok")
     assert saved["pytest"]["returncode"] == 0 and "1 passed" in saved["pytest"]["summary"][0]
