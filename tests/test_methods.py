@@ -296,3 +296,18 @@ def test_shipped_transreid_configs_parse(monkeypatch):
                                      test_batch=256, seed=1234)
     small = _config_through_cli(monkeypatch, cli, configs / "transreid_cpu_small.yaml")
     assert (small.arch, small.height, small.width, small.device) == ("vit_tiny_patch16", 128, 64, "cpu")
+
+
+def test_transreid_demo_runs_end_to_end_with_attention_pictures(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--method", "transreid", "--out", str(out), "--ids", "8", "--cams", "2",
+                 "--images-per-cam", "3", "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
+                 "-j", "0", "--no-progress"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["config"]["method"] == "transreid" and 0 < summary["after"]["mAP"] <= 1
+    assert summary["after"]["provenance"]["protocol"]["distance"].startswith("squared Euclidean")
+    assert len(list((out / "attention").glob("attention_q*_pid*.png"))) == 4  # four identities
+    assert list((out / "ranked_lists").glob("ranked_q*_pid*.png"))
+    assert not (out / "correspondences").exists()
+    config = json.loads(json.dumps(load_trained(out / "train" / "checkpoint.pt")[2]))
+    assert (config["arch"], config["jpm"], config["sie_camera"]) == ("vit_tiny_patch16", True, True)
