@@ -311,3 +311,34 @@ def test_transreid_demo_runs_end_to_end_with_attention_pictures(tmp_path):
     assert not (out / "correspondences").exists()
     config = json.loads(json.dumps(load_trained(out / "train" / "checkpoint.pt")[2]))
     assert (config["arch"], config["jpm"], config["sie_camera"]) == ("vit_tiny_patch16", True, True)
+
+
+def test_vehicleid_protocol_averages_ten_random_galleries_through_eval(data_dir, tmp_path):
+    """A fake VehicleID tree (images copied from the synthetic set): `eval` evaluates the 10
+    seeded query/gallery draws and reports their mean."""
+    import shutil
+
+    from transmatcher_fast.engine.evaluate import average_metrics
+
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, *TINY["transreid"], "--data-dir", str(data_dir), "--exp-dir", str(run),
+                 "--epochs", "1", "--max-steps-per-epoch", "1"]) == 0
+    root = tmp_path / "VehicleID_V1.0"
+    (root / "image").mkdir(parents=True)
+    (root / "train_test_split").mkdir()
+    sources = sorted((data_dir / "bounding_box_test").glob("*.jpg"))[:24]
+    lines = []
+    for n, path in enumerate(sources):
+        name = f"{n:07d}"
+        shutil.copy(path, root / "image" / f"{name}.jpg")
+        lines.append(f"{name} {100 + n // 4}")  # 6 vehicles x 4 images
+    (root / "train_test_split" / "train_list.txt").write_text("\n".join(lines[:8]) + "\n")
+    (root / "train_test_split" / "test_list_800.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vehicleid.json"
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "-d", "vehicleid", "--data-dir",
+                 str(tmp_path), "-j", "0", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["test_splits"] == 10 and len(result["per_split"]) == 10
+    assert result["mAP"] == pytest.approx(sum(r["mAP"] for r in result["per_split"]) / 10)
+    mean = average_metrics([{"mAP": 0.2, "cmc": [0.1, 0.3], "name": "a"}, {"mAP": 0.4, "cmc": [0.3, 0.5], "name": "b"}])
+    assert mean["mAP"] == pytest.approx(0.3) and mean["cmc"] == pytest.approx([0.2, 0.4]) and mean["name"] == "b"
