@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from . import __version__, benchmarking, ops, reference
 from .engine.validate import UserError
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=_positive_int, default=64)
     synth.set_defaults(run=run_synth)
     add_train_parser(commands)
+    add_pretrain_parser(commands)
+    add_cfs_parser(commands)
     add_eval_parsers(commands)
     parser.commands = commands.choices  # name -> subparser, for --config defaults
     for sub in parser.commands.values():
@@ -493,6 +496,274 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                      help="TensorBoard logs in EXP_DIR/tensorboard")
     train.set_defaults(run=run_train)
     return train
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .engine import checkpoint, validate
+    from .engine.trainer import Trainer, TrainConfig
+    from .methods.dino import teacher_checkpoint
+
+    values = {key: value for key, value in vars(args).items() if key not in _NOT_OPTIONS}
+    config = TrainConfig.from_dict(values)  # a bad value: ValueError, one line (see main)
+    _check_train_paths(config)
+    if config.filter_list is not None:
+        validate.check_input_file(config.filter_list, "--filter-list")
+    try:
+        trainer = Trainer(config)
+        trainer.fit()
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{PROG} pretrain: interrupted; {_last_checkpoint(config.exp_dir)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if trainer.is_main:
+        # DINO's layout of the teacher alone, for upstream's tools and for sharing; checkpoint.pt
+        # (every epoch) loads as pretrained weights too.
+        path = checkpoint.save_atomic(teacher_checkpoint(trainer.parts, trainer.schedule.end, asdict(config)),
+                                      Path(config.exp_dir) / TEACHER_NAME)
+        print(f"wrote {path}: fine-tune with transmatcher-fast train --method transreid --pretrained {path} "
+              "(or --pretrained its checkpoint.pt)")
+    trainer.close()
+    return 0
+
+
+TEACHER_NAME = "teacher.pth"  # pretrain's export of the teacher, DINO's layout
+
+
+def add_pretrain_parser(commands) -> argparse.ArgumentParser:
+    """``pretrain``: every option of ``train`` (a private copy of its parser, so that its defaults
+    and help can be DINO's without touching train's), the unlabelled data's and DINO's."""
+    from .engine.trainer import TrainConfig
+
+    d = TrainConfig(method="dino")
+    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
+    pretrain = commands.add_parser(
+        "pretrain", parents=[add_train_parser(scratch)], add_help=False,
+        help="self-supervised pre-training of a ViT on unlabelled images (DINO, TransReID-SSL)",
+        description="DINO self-supervised pre-training (TransReID-SSL's LUPerson recipe): a student "
+                    "ViT + DINO head on 2 global and --local-crops local crops per image, an EMA teacher "
+                    "on the global ones, AdamW with lr per 256 images, warm-up + cosine per iteration, "
+                    "weight decay 0.04 -> 0.4, each parameter's gradient clipped to 3.0, AMP. Data: "
+                    "-d images (default) is any folder tree of images under --data-dir (LUPerson: "
+                    "--data-dir LUP reads LUP/images); a labelled --dataset's training images work too "
+                    "and keep its query/gallery for --eval-every (kNN mAP of the teacher). --filter-list "
+                    "(cfs_list.txt of transmatcher-fast cfs, or upstream's CFS_list.pkl) with --keep N or "
+                    "--keep-ratio R pre-trains on the top of the list. Checkpoints, --resume, logs, "
+                    "TensorBoard and torchrun as train (its options below apply; those of other methods are "
+                    "refused or unused); at the end EXP_DIR/teacher.pth holds the teacher in DINO's layout. "
+                    "Fine-tune with train --method transreid --pretrained EXP_DIR/teacher.pth "
+                    "--pretrain-hw-ratio 2 (the pre-training size's height/width; "
+                    "configs/transreid_ssl_*.yaml).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = {"method": "the self-supervised method", "dataset": "images: any folder tree of unlabelled "
+             "images; or a labelled dataset (its training images)",
+             "lr": "peak learning rate per 256 images: the run uses lr x batch x GPUs / 256",
+             "weight_decay": "weight decay at the start (cosine to --weight-decay-end)",
+             "epochs": "epochs", "arch": "the ViT (vit_small_patch16, vit_base_patch16, ...)",
+             "drop_path": "student's stochastic depth (the teacher has none)",
+             "pretrained": "continue from weights: a DINO checkpoint (teacher), checkpoint.pt / teacher.pth "
+                           "of pretrain, TransReID-SSL's released ViT or ImageNet weights",
+             "batch_size": "images per GPU (upstream 64 x 8 GPUs)"}
+    for action in pretrain._actions:  # the copy's actions: train's stay as they are
+        if action.dest in helps:
+            action.help = helps[action.dest]
+        if action.dest == "method":
+            action.choices = ("dino",)
+    pretrain.set_defaults(method="dino", dataset="images", exp_dir="runs/pretrain", arch=d.arch,
+                          height=d.height, width=d.width, lr=d.lr, weight_decay=d.weight_decay,
+                          epochs=d.epochs, sampler=d.sampler, loss=d.loss, clip_value=d.clip_value,
+                          freeze_bn=d.freeze_bn, schedule=d.schedule, ibn=d.ibn, run=run_pretrain)
+
+    data = pretrain.add_argument_group("unlabelled images: CFS list")
+    data.add_argument("--filter-list", "--filter_path", dest="filter_list", type=_optional_str,
+                      default=d.filter_list, help="a CFS-ranked list of the images to keep (cfs_list.txt or "
+                      "upstream's CFS_list.pkl; names relative to the dataset's folder)")
+    data.add_argument("--keep", "--keep-num", "--keep_num", dest="keep_num", type=_optional_int,
+                      default=d.keep_num, help="keep the first N of the list (upstream 2508146: 60 %%)")
+    data.add_argument("--keep-ratio", dest="keep_ratio", type=float, default=d.keep_ratio,
+                      help="keep this fraction of the list (0.6 or 0.5 upstream)")
+    dino = pretrain.add_argument_group("DINO")
+    dino.add_argument("--out-dim", "--out_dim", dest="dino_out_dim", type=_positive_int, default=d.dino_out_dim,
+                      help="DINO head's output width (prototypes)")
+    dino.add_argument("--norm-last-layer", dest="dino_norm_last_layer", action=argparse.BooleanOptionalAction,
+                      default=d.dino_norm_last_layer, help="weight-normalised last layer with its norm frozen")
+    dino.add_argument("--use-bn-in-head", dest="dino_use_bn_in_head", action=argparse.BooleanOptionalAction,
+                      default=d.dino_use_bn_in_head, help="BatchNorm in the head's MLP")
+    dino.add_argument("--momentum-teacher", dest="dino_momentum_teacher", type=float,
+                      default=d.dino_momentum_teacher, help="teacher EMA momentum at the start (cosine to 1)")
+    dino.add_argument("--warmup-teacher-temp", dest="dino_warmup_teacher_temp", type=float,
+                      default=d.dino_warmup_teacher_temp)
+    dino.add_argument("--teacher-temp", dest="dino_teacher_temp", type=float, default=d.dino_teacher_temp)
+    dino.add_argument("--warmup-teacher-temp-epochs", dest="dino_warmup_teacher_temp_epochs",
+                      type=_non_negative_int, default=d.dino_warmup_teacher_temp_epochs)
+    dino.add_argument("--student-temp", dest="dino_student_temp", type=float, default=d.dino_student_temp)
+    dino.add_argument("--center-momentum", dest="dino_center_momentum", type=float,
+                      default=d.dino_center_momentum, help="momentum of the teacher's centre")
+    dino.add_argument("--local-crops", "--local-crops-number", dest="dino_local_crops", type=_non_negative_int,
+                      default=d.dino_local_crops, help="local crops per image (besides the 2 global ones)")
+    dino.add_argument("--local-height", "--crop-height", dest="dino_local_height", type=_optional_int,
+                      default=d.dino_local_height, help="local crop height (default: half the height)")
+    dino.add_argument("--local-width", "--crop-width", dest="dino_local_width", type=_optional_int,
+                      default=d.dino_local_width, help="local crop width (default: half the width)")
+    dino.add_argument("--global-scale", "--global-crops-scale", dest="dino_global_scale", type=float, nargs=2,
+                      metavar=("MIN", "MAX"), default=list(d.dino_global_scale),
+                      help="area range of the global crops")
+    dino.add_argument("--local-scale", "--local-crops-scale", dest="dino_local_scale", type=float, nargs=2,
+                      metavar=("MIN", "MAX"), default=list(d.dino_local_scale), help="area range of the local crops")
+    dino.add_argument("--dino-warmup-epochs", dest="dino_warmup_epochs", type=_non_negative_int,
+                      default=d.dino_warmup_epochs, help="linear learning-rate warm-up from 0 (per iteration)")
+    dino.add_argument("--min-lr", dest="dino_min_lr", type=float, default=d.dino_min_lr,
+                      help="the cosine's end")
+    dino.add_argument("--weight-decay-end", dest="dino_weight_decay_end", type=float,
+                      default=d.dino_weight_decay_end)
+    dino.add_argument("--clip-grad", dest="dino_clip_grad", type=float, default=d.dino_clip_grad,
+                      help="each parameter's gradient norm, on its own (0: off)")
+    dino.add_argument("--freeze-last-layer", dest="dino_freeze_last_layer", type=_non_negative_int,
+                      default=d.dino_freeze_last_layer, help="epochs during which the head's last layer stays")
+    return pretrain
+
+
+class _ClsToken(nn.Module):
+    """A ViT's cls token after the final LayerNorm, ``[B, 3, H, W] -> [B, D]`` (what CFS compares:
+    upstream's NECK_FEAT 'before' without JPM; GeM pooling, if the model has it, left out)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_levels(x, levels=1)[0][:, 0]
+
+
+def _cfs_proxy(path: str, flag: str, args: argparse.Namespace, device) -> nn.Module:
+    """The proxy model of ``path`` for CFS: a checkpoint of ours (pretrain's DINO teacher, or a
+    transreid fine-tune without JPM or SIE), or bare weights (pretrain's teacher.pth, upstream's
+    DINO checkpoint, TransReID-SSL's released ViT) into ``--arch`` (or the file's own config)."""
+    from .engine import validate
+    from .engine.evaluate import load_trained
+    from .methods.dino import MultiResolutionViT, _read_any
+    from .models.vit import VisionTransformer, build_vit, load_pretrained
+
+    validate.check_input_file(path, flag)
+    try:
+        state = _read_any(path)
+    except ValueError as error:
+        raise UserError(f"{flag} {error}") from None
+    size = (args.height, args.width)
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if saved and "model" in state and "matcher" in state:  # a run of transmatcher-fast
+        model, _, config = load_trained(path)
+        vit = getattr(model, "base", model)
+        if not isinstance(vit, VisionTransformer):
+            raise UserError(f"{flag} {path}: a {config['method']} model of arch {config['arch']}, not a ViT; "
+                            "CFS compares ViT cls tokens")
+        if config.get("jpm") or config.get("sie_camera") or config.get("sie_view"):
+            raise UserError(f"{flag} {path}: trained with JPM or SIE; a CFS proxy is a plain ViT (upstream: "
+                            "TransReID-SSL's fine-tuning has neither)")
+        if not isinstance(vit, MultiResolutionViT) and tuple(vit.img_size) != size:
+            raise UserError(f"--height {size[0]} --width {size[1]}: {flag} {path} was trained at "
+                            f"{vit.img_size[0]}x{vit.img_size[1]}; give that size")
+    else:
+        arch, stem_conv = saved.get("arch", args.arch), saved.get("stem_conv", args.stem_conv)
+        vit = build_vit(arch, img_size=size, stem_conv=stem_conv)
+        try:
+            load_pretrained(vit, path, args.pretrain_hw_ratio)
+        except ValueError as error:
+            raise UserError(f"{flag} {path}: {error} (the model: --arch {arch}"
+                            f"{' --stem-conv' if stem_conv else ''})") from None
+    return _ClsToken(vit).to(device).eval()
+
+
+def run_cfs(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from .data import list_images
+    from .engine import cfs, validate
+
+    device = validate.check_device(args.device)
+    images = Path(args.images).expanduser()
+    if not images.is_dir():
+        raise UserError(f"--images {images}: no such folder of images")
+    out = validate.check_output_dir(args.out, "--out")
+    if args.workers < 0:
+        raise UserError(f"-j/--workers {args.workers}: must be 0 (load in the main process) or more")
+    source = _cfs_proxy(args.source_checkpoint, "--source-checkpoint", args, device)
+    target = _cfs_proxy(args.target_checkpoint, "--target-checkpoint", args, device)
+    # Names relative to --images, as upstream's list (pretrain --data-dir IMAGES --filter-list reads them).
+    names = [os.path.relpath(p, images).replace(os.sep, "/") for p in list_images(str(images))]
+    print(f"CFS of {len(names):,} images under {images}: cosine of the source proxy's and the target "
+          f"proxy's cls tokens at {args.height}x{args.width}")
+    try:
+        result = cfs.run_cfs(source, target, names, out, root=images,
+                             transform=cfs.build_cfs_transform(args.height, args.width),
+                             batch_size=args.batch_size, num_workers=args.workers,
+                             amp=None if args.amp == "none" else args.amp, save_every=args.save_every,
+                             progress=args.progress, max_batches=args.max_batches)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        done = 0
+        try:
+            done = json.loads((out / cfs.PROGRESS_FILE).read_text())["done"]
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"{PROG} cfs: interrupted; the {done:,} of {len(names):,} images scored so far are kept in "
+              f"{out}: the same command continues", file=sys.stderr)
+        raise SystemExit(130) from None
+    if not result.complete:
+        print(f"scored {result.done:,} of {len(names):,} images (--max-batches); the same command continues")
+        return 0
+    ranked = result.ranked()[1]
+    print(f"scored {len(ranked):,} images ({len(result.failed)} unreadable, left out); CFS from "
+          f"{ranked[-1]:.4f} to {ranked[0]:.4f}")
+    for ratio in (0.5, 0.6):
+        keep = max(1, min(len(ranked), int(ratio * len(ranked) + 0.5)))
+        print(f"  top {ratio:.0%}: {keep:,} images, CFS >= {ranked[keep - 1]:.4f} "
+              f"(pretrain --filter-list {result.files['list']} --keep-ratio {ratio})")
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def add_cfs_parser(commands) -> argparse.ArgumentParser:
+    cfs = commands.add_parser(
+        "cfs", help="rank unlabelled images by conditional filtering (TransReID-SSL's CFS)",
+        description="Scores every image under --images by the cosine of two models' features (the cls "
+                    "token after the final LayerNorm, TransReID's test transform at --height x --width): "
+                    "the source proxy (DINO pre-trained on these images: a pretrain checkpoint.pt or "
+                    "teacher.pth) and the target proxy (the source proxy fine-tuned on labelled re-ID data: a "
+                    "train --method transreid checkpoint.pt, no JPM/SIE). High = close to the re-ID domain. "
+                    "Writes OUT/cfs_list.txt (best first, names relative to --images), cfs_scores.txt, "
+                    "cfs_scores.npy (input order), cfs_hist.png and cfs_failed.txt (unreadable images). "
+                    "Streams in batches (memory: one batch + 4 bytes per image) and saves its progress "
+                    "every --save-every batches and when interrupted: the same command continues.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cfs.add_argument("--source-checkpoint", required=True, help="the source proxy (pre-trained)")
+    cfs.add_argument("--target-checkpoint", required=True, help="the target proxy (fine-tuned)")
+    cfs.add_argument("--images", required=True, help="folder (tree) of the images to score")
+    cfs.add_argument("--out", required=True, help="output folder (also holds the progress of a run)")
+    cfs.add_argument("--height", type=_positive_int, default=256)
+    cfs.add_argument("--width", type=_positive_int, default=128)
+    cfs.add_argument("-a", "--arch", default="vit_small_patch16",
+                     help="the ViT of bare weight files (a checkpoint of ours says its own)")
+    cfs.add_argument("--stem-conv", dest="stem_conv", action=argparse.BooleanOptionalAction, default=False,
+                     help="bare weight files: the ICS stem")
+    cfs.add_argument("--pretrain-hw-ratio", dest="pretrain_hw_ratio", type=_positive_int, default=2,
+                     help="bare weight files: height/width ratio of their position grid (DINO on LUPerson: 2)")
+    cfs.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=64)
+    cfs.add_argument("-j", "--workers", type=_non_negative_int, default=2, help="data loader workers")
+    cfs.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
+    cfs.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                     help="autocast of the forwards (none: float32 scores, an order free of rounding)")
+    cfs.add_argument("--save-every", dest="save_every", type=_positive_int, default=50,
+                     help="batches between two saves of the progress")
+    cfs.add_argument("--max-batches", dest="max_batches", type=_optional_int, default=None,
+                     help="stop (saved) after this many batches in this call")
+    cfs.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    cfs.set_defaults(run=run_cfs)
+    return cfs
 
 
 def run_end_to_end_demo(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ from .features import autocast, parse_dtype
 from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler, ShuffledBatchSampler
 
 SAMPLERS = ("graph", "pk", "pk_all", "random")
-LOSSES = ("pairwise", "triplet", "softmax_triplet")
+LOSSES = ("pairwise", "triplet", "softmax_triplet", "dino")
 NECK_FEATS = ("before", "after")
 AMP_CHOICES = ("auto", "none", "fp16", "bf16")
 CHECKPOINT_NAME, LOG_NAME = rundir.CHECKPOINT_NAME, rundir.LOG_NAME
@@ -127,7 +127,8 @@ def check_resume(saved: Dict[str, Any], config: "TrainConfig", folder: Any = "")
 class TrainConfig:
     """Every training option. The options of :data:`~..methods.METHOD_DEFAULTED` default to the
     method's recipe (``FROM_METHOD``, resolved at construction: TransMatcher's ``main.py`` for
-    ``transmatcher`` / ``qaconv``, TransReID's configs for ``transreid``); the others are
+    ``transmatcher`` / ``qaconv``, TransReID's configs for ``transreid``, TransReID-SSL's
+    ``main_dino.py`` for ``dino``); the others are
     upstream TransMatcher's or TransReID's, each used only by the methods it concerns."""
     method: str = "transmatcher"
     # data
@@ -161,6 +162,30 @@ class TrainConfig:
     stem_conv: bool = False  # TransReID-SSL's IBN convolution stem (ICS)
     pretrain_hw_ratio: int = 1  # TransReID-SSL: 2 for DINO weights pre-trained at 256 x 128
     gem_pooling: bool = False
+    # unlabelled data (DINO): a CFS-ranked list of the images to keep (TransReID-SSL's --filter_path)
+    filter_list: Optional[str] = None  # cfs_list.txt or upstream's CFS_list.pkl
+    keep_num: Optional[int] = None  # the first N of the list (upstream's --keep_num) ...
+    keep_ratio: Optional[float] = None  # ... or this fraction of it (0.6: 2,508,146 of LUPerson)
+    # DINO pre-training (main_dino.py's options; TransReID-SSL's values)
+    dino_out_dim: int = 65536
+    dino_norm_last_layer: bool = True
+    dino_use_bn_in_head: bool = False
+    dino_momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
+    dino_warmup_teacher_temp: float = 0.04
+    dino_teacher_temp: float = 0.04
+    dino_warmup_teacher_temp_epochs: int = 0
+    dino_student_temp: float = 0.1
+    dino_center_momentum: float = 0.9
+    dino_local_crops: int = 8
+    dino_local_height: Optional[int] = None  # None: height // 2 (128 for 256)
+    dino_local_width: Optional[int] = None  # None: width // 2 (64 for 128)
+    dino_global_scale: Tuple[float, float] = (0.4, 1.0)
+    dino_local_scale: Tuple[float, float] = (0.05, 0.4)
+    dino_warmup_epochs: int = 10  # linear lr warm-up from 0, per iteration
+    dino_min_lr: float = 1e-6
+    dino_weight_decay_end: float = 0.4  # weight decay: weight_decay -> this, cosine
+    dino_clip_grad: float = 3.0  # each parameter's gradient norm on its own (0: off)
+    dino_freeze_last_layer: int = 1  # epochs during which the head's last layer does not train
     # batches and loss
     sampler: Any = FROM_METHOD
     batch_size: int = 64
@@ -223,7 +248,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every must be a non-negative integer, got {self.eval_every!r}")
-        if self.batch_size % self.num_instances:
+        self._check_dino_options()
+        if self.sampler != "random" and self.batch_size % self.num_instances:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances "
                              f"({self.num_instances})")
         for name in ("lr", "clip_value", "margin", "sie_coe", "drop_path", "label_smoothing",
@@ -237,6 +263,51 @@ class TrainConfig:
             raise ValueError("resume (continue the run in exp_dir) and overwrite (replace it) "
                              "exclude each other")
         method.check(self)
+
+    def _check_dino_options(self) -> None:
+        """Types and ranges of the unlabelled-data and DINO options (what they must satisfy
+        together with the rest is the DINO method's check)."""
+        value = self.dino_out_dim
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dino_out_dim must be a positive integer, got {value!r}")
+        for name in ("dino_local_crops", "dino_warmup_teacher_temp_epochs", "dino_warmup_epochs",
+                     "dino_freeze_last_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("keep_num", "dino_local_height", "dino_local_width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("dino_warmup_teacher_temp", "dino_teacher_temp", "dino_student_temp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("dino_momentum_teacher", "dino_center_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in ("dino_min_lr", "dino_weight_decay_end", "dino_clip_grad"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        for name in ("dino_global_scale", "dino_local_scale"):
+            value = getattr(self, name)
+            try:
+                low, high = (float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a pair (min, max) of crop areas, got {value!r}") from None
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {value!r}")
+            # One type whatever the source (CLI list, YAML list, default tuple): resume compares.
+            setattr(self, name, (low, high))
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
+        if self.keep_num is not None and self.keep_ratio is not None:
+            raise ValueError("keep_num (the first N of filter_list) and keep_ratio (a fraction of it) "
+                             "exclude each other: give one")
+        if (self.keep_num is not None or self.keep_ratio is not None) and self.filter_list is None:
+            raise ValueError("keep_num / keep_ratio keep the top of a CFS list: give filter_list too")
+        if self.schedule == "dino" and self.method != "dino":
+            raise ValueError(f"schedule 'dino' is DINO pre-training's per-iteration schedule (method "
+                             f"dino), not one for method {self.method!r}")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

@@ -1,4 +1,5 @@
-"""Learning-rate schedules, stepped once per epoch; each sets every parameter group's rate.
+"""Learning-rate schedules, stepped once per epoch (DINO's once per iteration); each sets every
+parameter group's rate.
 
 - ``step`` (TransMatcher): ``lr0 * gamma ** (epoch // step_size)`` for ``epochs`` epochs.
 - ``adaptive`` (QAConv 2.1): the second epoch's loss is the base; the first epoch whose loss falls
@@ -16,6 +17,16 @@
   ``lr`` for every group (a bias group peaks at 2 lr0 but starts and ends where the others do,
   as timm computes it); the cosine is not restarted after the warm-up.
 
+- ``dino`` (DINO pre-training, ``main_dino.py``'s ``cosine_scheduler`` arrays, set per iteration):
+  with ``it = epoch * n + i`` (n iterations per epoch), ``N = epochs * n``, ``W = warmup * n``,
+
+      lr(it) = peak * it / (W - 1)                                        it < W
+      lr(it) = min_lr + (peak - min_lr) * (1 + cos(pi * (it - W) / (N - W))) / 2
+      wd(it) = wd_end + (wd0 - wd_end) * (1 + cos(pi * it / N)) / 2   (the "regularized" group only)
+
+  ``peak = lr * batch_size * world_size / 256`` (the linear scaling rule); every group gets the
+  same rate. A pure function of (epoch, iteration, n, configuration): nothing to save for resume.
+
 ``lr0`` is each group's ``initial_lr``. ``end`` is the number of epochs to train; ``state_dict``
 holds what a resume needs (only the adaptive schedule has state).
 """
@@ -27,7 +38,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-SCHEDULES = ("step", "adaptive", "cosine")
+SCHEDULES = ("step", "adaptive", "cosine", "dino")
 
 
 class Schedule:
@@ -121,6 +132,72 @@ class WarmupCosineSchedule(Schedule):
         return self.lr_min + 0.5 * (base - self.lr_min) * (1 + math.cos(math.pi * t / self.epochs))
 
 
+def _cosine(base: float, final: float, step: int, steps: int) -> float:
+    """Step ``step`` of ``steps`` of DINO's cosine from ``base`` towards ``final`` (``final`` from
+    ``steps`` on)."""
+    if step >= steps:
+        return final
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * step / steps))
+
+
+def dino_peak_lr(config) -> float:
+    """DINO's rate after warm-up: ``lr`` is given per 256 images of a (global) batch."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return config.lr * config.batch_size * world / 256.0
+
+
+class DINOSchedule(Schedule):
+    """DINO's learning rate (linear warm-up from 0, then cosine to ``min_lr``) and weight decay
+    (cosine from ``weight_decay`` to ``weight_decay_end``), both per iteration (see the module
+    docstring). The teacher's momentum follows the same cosine; it is not a rate of the optimizer,
+    so the DINO method computes it (:func:`dino_teacher_momentum`)."""
+
+    def __init__(self, epochs: int, peak_lr: float, min_lr: float = 1e-6, warmup_epochs: int = 10,
+                 weight_decay: float = 0.04, weight_decay_end: float = 0.4):
+        if not 0 <= warmup_epochs <= epochs:
+            raise ValueError(f"dino_warmup_epochs must lie in [0, epochs={epochs}], got {warmup_epochs}")
+        self.epochs, self.peak_lr, self.min_lr, self.warmup_epochs = epochs, peak_lr, min_lr, warmup_epochs
+        self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
+
+    def lr_at(self, iteration: int, iterations_per_epoch: int) -> float:
+        """The rate of global iteration ``iteration`` (0-based)."""
+        warmup = self.warmup_epochs * iterations_per_epoch
+        if iteration < warmup:  # np.linspace(0, peak, warmup): both ends included
+            return self.peak_lr * iteration / (warmup - 1) if warmup > 1 else 0.0
+        return _cosine(self.peak_lr, self.min_lr, iteration - warmup,
+                       self.epochs * iterations_per_epoch - warmup)
+
+    def weight_decay_at(self, iteration: int, iterations_per_epoch: int) -> float:
+        return _cosine(self.weight_decay, self.weight_decay_end, iteration,
+                       self.epochs * iterations_per_epoch)
+
+    def lr(self, epoch: int, base: float) -> float:  # the rate at an epoch's start (logs)
+        return self.peak_lr if epoch >= self.warmup_epochs else 0.0
+
+    def set_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Nothing: the rates change every iteration (:meth:`set_iteration`)."""
+
+    def set_iteration(self, optimizer: torch.optim.Optimizer, epoch: int, iteration: int,
+                      iterations_per_epoch: int) -> None:
+        step = epoch * iterations_per_epoch + iteration
+        lr = self.lr_at(step, iterations_per_epoch)
+        weight_decay = self.weight_decay_at(step, iterations_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("name") == "regularized":  # upstream: group 0; the others have none
+                group["weight_decay"] = weight_decay
+
+
+def dino_teacher_momentum(momentum: float, progress: float) -> float:
+    """The teacher's EMA momentum after a step that ends ``progress`` (in (0, 1]) of training:
+    ``1 - (1 - momentum) * (1 + cos(pi * progress)) / 2``, from ``momentum`` towards 1.
+    (Upstream indexes its array by the step's 0-based number, ``progress - 1 / N``: one step
+    earlier on the same curve.)"""
+    return 1.0 - (1.0 - momentum) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
 def build_schedule(config) -> Schedule:
     """The schedule named by ``config.schedule`` with the configuration's values."""
     if config.schedule == "step":
@@ -130,4 +207,7 @@ def build_schedule(config) -> Schedule:
     if config.schedule == "cosine":
         return WarmupCosineSchedule(config.epochs, config.lr, config.warmup_epochs,
                                     config.warmup_factor, config.lr_min_factor, config.schedule_offset)
+    if config.schedule == "dino":
+        return DINOSchedule(config.epochs, dino_peak_lr(config), config.dino_min_lr,
+                            config.dino_warmup_epochs, config.weight_decay, config.dino_weight_decay_end)
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")

@@ -1,0 +1,322 @@
+"""DINO self-supervised pre-training of a ViT on unlabelled person images (TransReID-SSL's LUPerson
+recipe, ``dino/main_dino.py``; ``reference/transreid-upstream.md`` §3.5), as a method of the engine.
+
+Parts, saved in every checkpoint under these names (upstream's where upstream has them):
+
+- ``student``: ``MultiCropWrapper(ViT, DINOHead)`` (3-layer MLP, bottleneck 256, weight-normalised
+  last layer), drop path ``drop_path`` (0.1), trained by AdamW;
+- ``teacher``: the same network without drop path, started as a copy of the student and then
+  its EMA after every step (momentum ``dino_momentum_teacher`` 0.996 -> 1, cosine); no gradients;
+- ``dino_loss``: :class:`~..models.dino.DINOLoss` and its ``center`` buffer (momentum 0.9);
+- ``model``: the teacher's backbone (images ``[B, 3, H, W]`` -> cls token after the final LN,
+  ``[B, D]``) and ``matcher``: cosine distance. So ``--eval-every`` on a labelled ``--dataset``
+  measures a kNN-style re-ID mAP of the pre-trained features, ``eval`` / ``visualize`` take the
+  checkpoint as any other, and ``TransReID(pretrained="checkpoint.pt")`` reads the teacher's
+  backbone (``load_pretrained`` takes ``checkpoint["model"]``). ``checkpoint["teacher"]`` holds
+  DINO's own layout (``backbone.*``, ``head.*``), which upstream's tools read too.
+
+One step (:class:`DINOStep`): the 2 global crops (``height x width``) through the teacher, all
+``2 + dino_local_crops`` crops through the student (one backbone call per resolution: the local
+crops' position embedding is resized, :class:`MultiResolutionViT`), DINOLoss at the epoch's
+teacher temperature (warm-up ``dino_warmup_teacher_temp`` -> ``dino_teacher_temp`` over
+``dino_warmup_teacher_temp_epochs``), student temperature 0.1. Around the optimizer step (the
+engine's hooks, after AMP's unscaling): every parameter's gradient clipped to norm
+``dino_clip_grad`` on its own, and the head's last layer's gradient dropped during the first
+``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA. The learning rate (``lr`` per
+256 images of the global batch, linear warm-up from 0 over ``dino_warmup_epochs``, cosine to
+``dino_min_lr``) and the weight decay (``weight_decay`` -> ``dino_weight_decay_end``, cosine, on
+the regularised group only) are set every iteration by the ``dino`` schedule
+(:class:`~.schedules.DINOSchedule`); with the momentum they are functions of (epoch, iteration,
+iterations per epoch, configuration), so a resume repeats the interrupted epoch exactly.
+
+Data: ``--dataset images`` is any folder tree of unlabelled images (LUPerson: one folder of
+``.jpg``); any labelled dataset's training images serve as unlabelled ones too (and keep its
+query/gallery for evaluation). ``filter_list`` + ``keep_num`` / ``keep_ratio`` keep the top of a
+CFS list (``transmatcher-fast cfs``, or upstream's ``CFS_list.pkl``). Augmentation:
+:class:`~..data.multicrop.MultiCropTransform` (2 global crops, scale 0.4-1, and 8 local crops at
+half the size, scale 0.05-0.4; ImageNet mean/std, as DINO), each sample's random steps seeded
+from (seed, rank, epoch, position, index).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollate, MultiCropTransform, UnlabelledImages
+from ..data.transforms import build_transreid_test_transform, seeded_loader
+from ..data.unlabelled import UNLABELLED_DATASETS, restrict_to_list
+from ..models.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer,
+                           clip_gradients, ema_update, get_params_groups)
+from ..models.embedding import EmbeddingDistance
+from ..models.vit import ARCHS as VIT_ARCHS, PATCH, VisionTransformer, arch_config, check_fits, load_pretrained
+from .base import Method, Parts, register_method
+from .schedules import dino_peak_lr, dino_teacher_momentum
+
+__all__ = ["DINOMethod", "DINOStep", "MultiResolutionViT", "load_dino_weights", "teacher_checkpoint",
+           "view_agreement"]
+
+
+class MultiResolutionViT(VisionTransformer):
+    """The ViT of DINO's multi-crop: an image of another size than ``img_size`` (a local crop,
+    128 x 64 for a 256 x 128 model) gets the position embedding resized to its grid, bicubically
+    with upstream's scale factor ``(n + 0.1) / N`` per axis (TransReID-SSL's
+    ``dino/vision_transformer.py``, ``interpolate_pos_encoding``). At ``img_size`` it is exactly
+    :class:`~..models.vit.VisionTransformer`, whose parameters and names it has."""
+
+    def embed(self, x: Tensor, cam_label=None, view_label=None) -> Tensor:
+        """Images ``[B, 3, h, w]`` (any size the patch embedding takes) -> tokens ``[B, 1 + n, D]``."""
+        if x.dim() != 4 or tuple(x.shape[-2:]) == tuple(self.img_size):
+            return super().embed(x, cam_label, view_label)  # (which also names a bad shape)
+        embedding = self.patch_embed
+        grid = embedding.proj(embedding.conv(x) if embedding.stem_conv else x)  # [B, D, gy, gx]
+        tokens = grid.flatten(2).transpose(1, 2)
+        tokens = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
+        tokens = tokens + self.resized_pos_embed(*grid.shape[-2:])
+        sie = self._sie(cam_label, view_label, x.device)
+        if sie is not None:
+            tokens = tokens + self.sie_coe * sie
+        return self.pos_drop(tokens)
+
+    def resized_pos_embed(self, num_y: int, num_x: int) -> Tensor:
+        """``pos_embed`` ``[1, 1 + N, D]`` for a ``num_y x num_x`` grid: ``[1, 1 + num_y * num_x, D]``."""
+        dim = self.pos_embed.shape[-1]
+        grid = self.pos_embed[:, 1:].reshape(1, self.num_y, self.num_x, dim).permute(0, 3, 1, 2)
+        # The 0.1 keeps floor(N * scale) at n despite rounding (facebookresearch/dino#8).
+        grid = F.interpolate(grid, scale_factor=((num_y + 0.1) / self.num_y, (num_x + 0.1) / self.num_x),
+                             mode="bicubic")
+        if tuple(grid.shape[-2:]) != (num_y, num_x):
+            raise ValueError(f"position embedding resized to {tuple(grid.shape[-2:])}, not the "
+                             f"{(num_y, num_x)} grid of the input")
+        return torch.cat((self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)), dim=1)
+
+
+@torch.no_grad()
+def view_agreement(student_output: Tensor, teacher_output: Tensor, center: Tensor, ncrops: int) -> Tensor:
+    """How often the student's most likely prototype for a view is the (centred) teacher's for
+    the other global view, over DINOLoss's pairs (teacher view ``i``, student view ``v != i``):
+    the step's "accuracy" in the logs. ``student_output`` ``[ncrops * B, K]``, ``teacher_output``
+    ``[2 * B, K]``, ``center`` ``[1, K]`` -> a float32 scalar in [0, 1]."""
+    student = student_output.argmax(-1).view(ncrops, -1)
+    teacher = (teacher_output.float() - center).argmax(-1).view(2, -1)
+    hits = [(student[v] == teacher[i]).float().mean() for i in range(2) for v in range(ncrops) if v != i]
+    return torch.stack(hits).mean()
+
+
+class DINOStep(nn.Module):
+    """Student + teacher + loss as one module (for DDP; the teacher has no trainable parameter,
+    so DDP leaves it alone and every rank's EMA of the same student keeps the teachers equal).
+
+    ``forward(crops, epoch)``: ``crops`` the ``2 + L`` crop batches ``[B, 3, h_i, w_i]`` (the 2
+    global ones first, DINO's layout) -> ``(loss [1], view agreement [1])``."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: DINOLoss):
+        super().__init__()
+        self.student, self.teacher, self.loss = student, teacher, loss
+
+    def forward(self, crops: Sequence[Tensor], epoch: int):
+        with torch.no_grad():
+            teacher_output = self.teacher(list(crops[:2]))  # only the global views
+        student_output = self.student(list(crops))
+        agreement = view_agreement(student_output, teacher_output, self.loss.center, self.loss.ncrops)
+        loss = self.loss(student_output, teacher_output, epoch)  # (moves the centre)
+        return loss.reshape(1), agreement.reshape(1)
+
+
+def _read_any(path: str) -> Dict[str, Any]:
+    """A checkpoint file, ``weights_only`` (DINO's carry their argparse.Namespace: plain data)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds for a bad file
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint without running code (truncated, "
+                         f"not a checkpoint, or it holds Python objects; {type(error).__name__})") from error
+    return state if isinstance(state, dict) else {}
+
+
+def load_dino_weights(student: MultiCropWrapper, path: str, hw_ratio: int = 1,
+                      loss: Optional[DINOLoss] = None) -> Dict[str, List[str]]:
+    """Pre-trained weights into a student, to continue pre-training: the backbone from any layout
+    :func:`~..models.vit.load_pretrained` reads (DINO's ``teacher`` entry, TransReID-SSL's
+    released backbone, ImageNet ViT/DeiT, our ``checkpoint.pt``), ``pos_embed`` resized by the
+    ``hw_ratio`` rule; the head, when the file has one (``teacher``'s ``head.*``); the loss's
+    centre, when it has ``dino_loss.center`` of the same width. A head that does not fit raises
+    a ValueError naming the file and the keys. Returns ``{"loaded": [...], "skipped": [...]}``."""
+    report = load_pretrained(student.backbone, path, hw_ratio)
+    state = _read_any(path)
+    teacher = state.get("teacher") if isinstance(state.get("teacher"), dict) else {}
+    teacher = {k.removeprefix("module."): v for k, v in teacher.items()}
+    head = {k[len("head."):]: v for k, v in teacher.items() if k.startswith("head.")}
+    if head:
+        check_fits(path, student.head.state_dict(), head)
+        student.head.load_state_dict(head)
+        report["loaded"] += [f"head.{k}" for k in sorted(head)]
+    center = state.get("dino_loss", {}).get("center") if isinstance(state.get("dino_loss"), dict) else None
+    if loss is not None and isinstance(center, Tensor) and center.shape == loss.center.shape:
+        loss.center.copy_(center)
+        report["loaded"].append("dino_loss.center")
+    return report
+
+
+def teacher_checkpoint(parts: Parts, epochs_done: int, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """DINO's checkpoint layout of the teacher (``{'teacher': {backbone.*, head.*}, ...}``, what
+    upstream's ``convert_model_dino.py`` and ``load_pretrained`` read), with our configuration."""
+    return {"teacher": parts["teacher"].state_dict(), "dino_loss": parts["dino_loss"].state_dict(),
+            "epoch": epochs_done, "config": dict(config)}
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class DINOMethod(Method):
+    name = "dino"
+    summary = "DINO: self-supervised pre-training of a ViT (student, EMA teacher, multi-crop)"
+    defaults = {"arch": "vit_small_patch16", "ibn": None, "height": 256, "width": 128, "lr": 0.0005,
+                "weight_decay": 0.04, "epochs": 100, "sampler": "random", "loss": "dino",
+                "clip_value": 0.0, "freeze_bn": False, "schedule": "dino"}
+    model_options = ("method", "arch", "height", "width", "stride", "stem_conv", "drop_path",
+                     "dino_out_dim", "dino_norm_last_layer", "dino_use_bn_in_head", "pretrained",
+                     "pretrain_hw_ratio", "filter_list", "keep_num", "keep_ratio")
+    losses = ("dino",)
+    # A tiny ViT and head (the demo sets lr, batch and epochs).
+    demo_options = {"arch": "vit_tiny_patch16", "drop_path": 0.0, "dino_out_dim": 1024,
+                    "dino_local_crops": 4, "dino_warmup_epochs": 1}
+
+    def local_size(self, config) -> tuple:
+        return (config.dino_local_height or config.height // 2, config.dino_local_width or config.width // 2)
+
+    def check(self, config) -> None:
+        super().check(config)
+        refuse = []
+        if config.arch not in VIT_ARCHS:
+            refuse.append(f"arch {config.arch!r} (DINO here trains a ViT: {', '.join(sorted(VIT_ARCHS))})")
+        if config.sampler != "random":
+            refuse.append(f"sampler {config.sampler!r} (unlabelled images: 'random')")
+        if config.schedule != "dino":
+            refuse.append(f"schedule {config.schedule!r} (DINO's per-iteration one: 'dino')")
+        if config.clip_value:
+            refuse.append(f"clip_value {config.clip_value} (DINO clips each parameter's gradient on its "
+                          "own: set dino_clip_grad)")
+        if config.jpm or config.sie_camera or config.sie_view or config.gem_pooling:
+            refuse.append("jpm / sie_camera / sie_view / gem_pooling (fine-tuning options; DINO trains "
+                          "the plain cls token)")
+        if config.freeze_bn:
+            refuse.append("freeze_bn (the ICS stem's BatchNorm trains)")
+        if config.dino_warmup_teacher_temp_epochs > config.epochs:
+            refuse.append(f"dino_warmup_teacher_temp_epochs {config.dino_warmup_teacher_temp_epochs} "
+                          f"(more than the {config.epochs} epochs)")
+        if config.dino_warmup_epochs > config.epochs:
+            refuse.append(f"dino_warmup_epochs {config.dino_warmup_epochs} (more than the {config.epochs} epochs)")
+        if min(self.local_size(config)) < PATCH:
+            refuse.append(f"local crops of {self.local_size(config)} (at least {PATCH} x {PATCH}: one patch)")
+        if refuse:
+            raise ValueError("method 'dino' cannot train with " + "; ".join(refuse))
+        if config.eval_every and config.dataset in UNLABELLED_DATASETS:
+            raise ValueError(f"eval_every {config.eval_every}: the unlabelled images of dataset "
+                             f"{config.dataset!r} have no query/gallery to evaluate on; give a labelled "
+                             "--dataset (e.g. market1501: its training images pre-train, its query/gallery "
+                             "measure the teacher's kNN mAP) or --eval-every 0")
+
+    def dataset(self, config):
+        """The configured dataset; only its training images are used, as unlabelled ones (the
+        top of ``filter_list`` when given)."""
+        dataset = super().dataset(config)
+        if config.filter_list is not None:
+            # The CFS list helpers live with the scoring (engine.cfs), which imports nothing of
+            # the training engine: a lazy import keeps methods importable before the engine.
+            from ..engine.cfs import read_cfs_list, select_top
+
+            names = read_cfs_list(config.filter_list)
+            listed = len(names)
+            if config.keep_num is not None and config.keep_num > listed:
+                raise ValueError(f"keep_num {config.keep_num}: {config.filter_list} lists only {listed:,} images")
+            if config.keep_num is not None or config.keep_ratio is not None:
+                names = select_top(names, keep=config.keep_num, keep_ratio=config.keep_ratio)
+            note = (f"(the first {len(names):,} of {listed:,}: "
+                    + (f"keep_num {config.keep_num})" if config.keep_num is not None else
+                       f"keep_ratio {config.keep_ratio})" if config.keep_ratio is not None else "all listed)"))
+            restrict_to_list(dataset, names, config.filter_list, note)
+        return dataset
+
+    def loader(self, config, items, transform, sampler, *, rank: int = 0):
+        """Crop lists of the items' images, DINO's layout: a batch is ``(crops, indices)`` with
+        ``crops[i]`` ``[B, 3, h_i, w_i]`` (crop i of every image: the 2 global ones first)."""
+        dataset = UnlabelledImages([path for path, _, _ in items], transform, seed=config.seed, stream=rank)
+        return seeded_loader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
+                             seed=config.seed, collate_fn=MultiCropCollate(by_resolution=False))
+
+    def step_inputs(self, batch, epoch: int, train_views: Tensor, device: torch.device):
+        crops, indices = batch
+        return ([c.to(device, non_blocking=True) for c in crops], epoch), indices.shape[0]
+
+    def _vit(self, config, drop_path: float) -> MultiResolutionViT:
+        return MultiResolutionViT(**arch_config(config.arch), img_size=(config.height, config.width),
+                                  stride_size=config.stride, drop_path_rate=drop_path,
+                                  stem_conv=config.stem_conv)
+
+    def build(self, config, model_args: Mapping[str, Any], *, pretrained: bool = True) -> Parts:
+        student_vit, teacher_vit = self._vit(config, config.drop_path), self._vit(config, 0.0)
+        dim = student_vit.embed_dim
+        student = MultiCropWrapper(student_vit, DINOHead(dim, config.dino_out_dim, config.dino_use_bn_in_head,
+                                                         config.dino_norm_last_layer))
+        teacher = MultiCropWrapper(teacher_vit, DINOHead(dim, config.dino_out_dim, config.dino_use_bn_in_head))
+        loss = DINOLoss(config.dino_out_dim, 2 + config.dino_local_crops, config.dino_warmup_teacher_temp,
+                        config.dino_teacher_temp, config.dino_warmup_teacher_temp_epochs, config.epochs,
+                        config.dino_student_temp, config.dino_center_momentum)
+        if pretrained and config.pretrained is not None:
+            load_dino_weights(student, config.pretrained, config.pretrain_hw_ratio, loss)
+        # BatchNorm (the ICS stem, a BN head) is synchronised across GPUs, as upstream; gloo on
+        # the CPU has no SyncBatchNorm, and DDP's buffer broadcast keeps the ranks equal there.
+        if (dist.is_available() and dist.is_initialized() and torch.cuda.is_available()
+                and _has_batchnorm(student)):
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher.load_state_dict(student.state_dict())  # teacher and student start equal
+        teacher.requires_grad_(False)  # no backpropagation through the teacher
+        model = teacher.backbone
+        model.side_info = False
+        return {"model": model, "matcher": EmbeddingDistance("cosine"), "student": student,
+                "teacher": teacher, "dino_loss": loss}
+
+    def step_module(self, parts: Parts, config) -> nn.Module:
+        return DINOStep(parts["student"], parts["teacher"], parts["dino_loss"])
+
+    def param_groups(self, parts: Parts, config) -> List[Dict[str, Any]]:
+        """DINO's two groups of the student: weights with weight decay (the schedule moves it),
+        biases and 1-D parameters without; both at the same rate."""
+        regularized, not_regularized = get_params_groups(parts["student"])
+        peak = dino_peak_lr(config)
+        groups = [{**regularized, "name": "regularized", "lr": peak, "weight_decay": config.weight_decay},
+                  {**not_regularized, "name": "not_regularized", "lr": peak}]
+        return [g for g in groups if g["params"]]
+
+    def optimizer(self, groups, config) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups)
+
+    def before_optimizer_step(self, parts: Parts, config, epoch: int) -> None:
+        student = parts["student"]
+        if config.dino_clip_grad > 0:
+            clip_gradients(student, config.dino_clip_grad)
+        cancel_gradients_last_layer(epoch, student, config.dino_freeze_last_layer)
+
+    def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
+        ema_update(parts["teacher"], parts["student"], dino_teacher_momentum(config.dino_momentum_teacher, progress))
+
+    def train_transform(self, config):
+        return MultiCropTransform(global_size=(config.height, config.width), local_size=self.local_size(config),
+                                  global_scale=tuple(config.dino_global_scale),
+                                  local_scale=tuple(config.dino_local_scale),
+                                  local_crops=config.dino_local_crops, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def test_transform(self, config, height: int, width: int):
+        # DINO's normalisation (ImageNet's), TransReID's resize.
+        return build_transreid_test_transform(height, width, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+register_method(DINOMethod())
