@@ -33,7 +33,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.transforms import Compose, Normalize, Resize, ToTensor
+from .checkpoint import atomic_write
 from .features import autocast, checked_loader, parse_dtype
 
 PathLike = Union[str, os.PathLike]
@@ -150,18 +150,7 @@ def _fingerprint(paths: List[str]) -> str:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``: a
-    reader (or a resumed run) sees the old file or the new one, never a torn one."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, "wb")
 
 
 def _write_text(path: Path, lines: Sequence[str]) -> None:

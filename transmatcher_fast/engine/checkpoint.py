@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Callable, Dict, List, Union
 
 import numpy as np
 import torch
@@ -36,15 +36,18 @@ def temporaries(path: PathLike) -> List[Path]:
     return sorted(p for p in path.parent.glob(pattern) if p.is_file())
 
 
-def save_atomic(state: Dict[str, Any], path: PathLike) -> Path:
-    """``torch.save(state)`` to ``path`` through a temporary file and an atomic rename."""
+def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") -> Path:
+    """``write(file)`` into a temporary file beside ``path`` (``.<name>.*.tmp``), flushed to
+    disk and renamed over ``path``, then the folder entry synced: a reader, or a resumed run,
+    sees the old file or the new one, never a torn one; a failed write leaves no temporary.
+    Text modes write with ``newline=""`` (what the csv module expects)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX.format(name=path.name), suffix=_TMP_SUFFIX,
                                    dir=path.parent)
     try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+        with os.fdopen(handle, mode, **({"newline": ""} if "b" not in mode else {})) as file:
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -63,6 +66,11 @@ def save_atomic(state: Dict[str, Any], path: PathLike) -> Path:
     finally:
         os.close(folder)
     return path
+
+
+def save_atomic(state: Dict[str, Any], path: PathLike) -> Path:
+    """``torch.save(state)`` to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda file: torch.save(state, file))
 
 
 def load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import csv
 import datetime as _datetime
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_write
 from .features import Features
 from .matching import TopK
 
@@ -133,18 +132,8 @@ def provenance(*, model_config: Optional[Mapping[str, Any]] = None, checkpoint: 
     return _jsonable(record)
 
 
-def _atomic_write(path: PathLike, write, mode: str = "w", suffix: str = "") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    try:
-        with os.fdopen(handle, mode, **({"newline": ""} if "b" not in mode else {})) as file:
-            write(file)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _atomic_write(path: PathLike, write, mode: str = "w") -> Path:
+    return atomic_write(path, write, mode)
 
 
 def write_results_json(path: PathLike, results: Mapping[str, Any],
