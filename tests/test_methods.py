@@ -344,3 +344,11 @@ def test_vehicleid_protocol_averages_ten_random_galleries_through_eval(data_dir,
     assert result["mAP"] == pytest.approx(sum(r["mAP"] for r in result["per_split"]) / 10)
     mean = average_metrics([{"mAP": 0.2, "cmc": [0.1, 0.3], "name": "a"}, {"mAP": 0.4, "cmc": [0.3, 0.5], "name": "b"}])
     assert mean["mAP"] == pytest.approx(0.3) and mean["cmc"] == pytest.approx([0.2, 0.4]) and mean["name"] == "b"
+
+
+def test_train_config_refuses_a_pretrain_only_option_that_would_be_ignored(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: transreid\ndino_out_dim: 1024\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(config)])
+    assert "['dino_out_dim'] are not options of train" in str(exit_info.value)

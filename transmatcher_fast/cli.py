@@ -1158,11 +1158,33 @@ def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     values = load_config(args.config)
     subparser = parser.commands[args.command]
     known = {action.dest for action in subparser._actions}
+    if args.command in ("train", "pretrain"):
+        values = _drop_other_commands_defaults(values, known, args)
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"--config {args.config}: unknown options {unknown}")
     subparser.set_defaults(**_typed_config(subparser, values, args.config))
     return parser.parse_args(argv)
+
+
+def _drop_other_commands_defaults(values: dict, known: set, args) -> dict:
+    """A run's config.yaml holds every training option; those without a flag in this command
+    (DINO's in a ``train`` run) are dropped where they hold their default, and refused where
+    they do not (they would be ignored)."""
+    import dataclasses
+
+    from .engine.trainer import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    other = {k for k in values if k not in known and k in defaults}
+    def plain(v):  # YAML has lists where the defaults have tuples
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    changed = sorted(k for k in other if plain(values[k]) != plain(defaults[k]))
+    if changed:
+        raise UserError(f"--config {args.config}: {changed} are not options of {args.command} "
+                        f"(set them with the command that has them)")
+    return {k: v for k, v in values.items() if k not in other}
 
 
 def _typed_config(parser: argparse.ArgumentParser, values: dict, path: str) -> dict:
