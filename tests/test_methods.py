@@ -352,3 +352,10 @@ def test_train_config_refuses_a_pretrain_only_option_that_would_be_ignored(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", str(config)])
     assert "['dino_out_dim'] are not options of train" in str(exit_info.value)
+
+
+def test_transreid_evaluates_in_float32_as_upstream():
+    from transmatcher_fast.engine.evaluate import default_eval_amp
+
+    assert default_eval_amp({"method": "transreid"}) == "none"  # upstream's do_inference: fp32
+    assert default_eval_amp({"method": "transmatcher"}) is None  # the engine's: bf16 on CUDA

@@ -825,7 +825,13 @@ def _load_for_eval(args, with_data: bool = True):
 
 
 def _eval_amp(args):
-    return None if args.amp == "auto" else args.amp
+    """--amp, or for auto the checkpoint's method's choice (once it is loaded)."""
+    from .engine.evaluate import default_eval_amp
+
+    if args.amp != "auto":
+        return args.amp
+    config = getattr(args, "model_config", None)
+    return default_eval_amp(config) if config is not None else None
 
 
 def _clamp_topk(topk, dataset, flag: str = "--topk"):
@@ -908,9 +914,11 @@ def _evaluate_dataset(model, matcher, dataset, **options):
     """The dataset's evaluation with the checkpoint's test transform and the dataset's views;
     a dataset with several random test splits (VehicleID: 10) is evaluated on each and its
     metrics averaged (the last split's distances are kept for exports)."""
-    from .engine.evaluate import average_metrics, eval_transform, evaluate
+    from .engine.evaluate import average_metrics, default_eval_amp, eval_transform, evaluate
 
     transform = eval_transform(options["model_config"], options["height"], options["width"])
+    if options.get("amp") is None:  # --amp auto: the method's choice
+        options = {**options, "amp": default_eval_amp(options["model_config"])}
     splits = dataset.test_splits() if hasattr(dataset, "test_splits") else [(dataset.query, dataset.gallery)]
     results = []
     for i, (query, gallery) in enumerate(splits):

@@ -76,7 +76,7 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
         overwrite=True)  # the demo's own folder: a second demo retrains it from scratch
     trainer = Trainer(train_config)
     evaluation_args = dict(height=config.height, width=config.width, batch_size=64, workers=config.workers,
-                           progress=config.progress, transform=trainer.test_transform(),
+                           progress=config.progress, transform=trainer.test_transform(), amp=method.eval_amp,
                            query_views=dataset.query_views, gallery_views=dataset.gallery_views)
 
     _log("[2/5] evaluating the untrained model")

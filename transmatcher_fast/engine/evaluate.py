@@ -74,6 +74,12 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     return model.to(device).eval(), matcher.to(device).eval(), config
 
 
+def default_eval_amp(config: Dict[str, Any]) -> Optional[str]:
+    """The evaluation autocast of a model trained with ``config`` when none is asked for: its
+    method's (TransReID: float32, as upstream), else None (bf16 on CUDA)."""
+    return get_method(config.get("method", "transmatcher")).eval_amp
+
+
 def eval_transform(config: Dict[str, Any], height: int, width: int):
     """The evaluation transform of a model trained with ``config`` (what :func:`load_trained`
     returns), at ``height`` x ``width``."""

@@ -802,7 +802,8 @@ class Trainer:
         try:
             result = evaluate(self.model, self.matcher, self.dataset.query, self.dataset.gallery,
                               height=c.height, width=c.width, batch_size=c.test_batch,
-                              workers=c.workers, device=self.device, amp=self.amp_dtype,
+                              workers=c.workers, device=self.device,
+                              amp=self.method.eval_amp or self.amp_dtype,
                               probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
                               protocol=EVAL_PROTOCOL, progress=False, transform=self.test_transform(),
                               query_views=getattr(self.dataset, "query_views", None),

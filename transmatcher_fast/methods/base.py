@@ -47,6 +47,8 @@ class Method:
     # The options that define the model: recorded in results' provenance.
     model_options: Tuple[str, ...] = ()
     losses: Tuple[str, ...] = ()
+    # Evaluation's autocast when the user leaves it to us: None = the engine's (bf16 on CUDA).
+    eval_amp: Optional[str] = None
     # The small model of ``transmatcher-fast demo`` (TrainConfig values; the demo sets the rest).
     demo_options: Mapping[str, Any] = {}
 

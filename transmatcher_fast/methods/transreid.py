@@ -47,6 +47,7 @@ class TransReIDMethod(Method):
                      "drop_path", "neck_feat", "stem_conv", "pretrain_hw_ratio", "gem_pooling",
                      "pretrained")
     losses = ("softmax_triplet",)
+    eval_amp = "none"  # upstream's inference is float32 (do_inference has no autocast)
     # A tiny ViT from scratch with camera SIE and JPM (the whole model, small).
     demo_options = {"arch": "vit_tiny_patch16", "sie_camera": True, "jpm": True, "drop_path": 0.0,
                     "warmup_epochs": 2}
