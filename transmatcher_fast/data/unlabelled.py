@@ -63,14 +63,13 @@ def restrict_to_list(dataset: ReidDataset, names: Sequence[str], source: str,
     ``dataset.root`` (what ``transmatcher-fast cfs --images ROOT`` writes; upstream's list is
     relative to LUPerson's ``images`` folder) or an absolute path. A name without a training image
     raises a FileNotFoundError naming ``source`` (the list file) and the first missing names."""
-    root = str(dataset.root)
-    by_name = {}
-    for item in dataset.train:
-        by_name[_relative_name(item[0], root)] = item
-        by_name.setdefault(os.path.abspath(item[0]), item)
+    root = os.path.abspath(dataset.root)
+    # One key per image (LUPerson: 4 M): its name relative to the root; absolute names are cut.
+    by_name = {_relative_name(os.path.abspath(item[0]), root): item for item in dataset.train}
     kept, missing = [], []
     for name in names:
-        key = os.path.abspath(name) if os.path.isabs(name) else str(name).replace(os.sep, "/")
+        name = str(name)
+        key = _relative_name(os.path.abspath(name), root) if os.path.isabs(name) else name.replace(os.sep, "/")
         item = by_name.get(key)
         if item is None:
             missing.append(name)

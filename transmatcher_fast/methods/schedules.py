@@ -173,9 +173,6 @@ class DINOSchedule(Schedule):
         return _cosine(self.weight_decay, self.weight_decay_end, iteration,
                        self.epochs * iterations_per_epoch)
 
-    def lr(self, epoch: int, base: float) -> float:  # the rate at an epoch's start (logs)
-        return self.peak_lr if epoch >= self.warmup_epochs else 0.0
-
     def set_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         """Nothing: the rates change every iteration (:meth:`set_iteration`)."""
 
