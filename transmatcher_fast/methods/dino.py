@@ -184,6 +184,7 @@ class DINOMethod(Method):
                      "dino_out_dim", "dino_norm_last_layer", "dino_use_bn_in_head", "pretrained",
                      "pretrain_hw_ratio", "filter_list", "keep_num", "keep_ratio")
     losses = ("dino",)
+    eval_amp = "none"  # upstream's kNN evaluation (eval_knn.py) extracts features in float32
     # A tiny ViT and head (the demo sets lr, batch and epochs).
     demo_options = {"arch": "vit_tiny_patch16", "drop_path": 0.0, "dino_out_dim": 1024,
                     "dino_local_crops": 4, "dino_warmup_epochs": 1}
