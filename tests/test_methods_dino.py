@@ -73,11 +73,11 @@ def test_dino_schedule_is_upstreams_cosine_scheduler_per_iteration():
             assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr[it]] * 2, rel=1e-12, abs=1e-15)
             assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(wd[it], rel=1e-12)
             assert optimizer.param_groups[1]["weight_decay"] == 0.0  # never regularised
-    # The teacher's momentum: upstream's curve, read one step later (the engine's progress).
+    # The teacher's momentum: upstream's curve, at the step's 0-based iteration.
     momentum = cosine_scheduler(0.996, 1, epochs, n)
     total = epochs * n
     for it in range(total - 1):
-        assert dino_teacher_momentum(0.996, (it + 1) / total) == pytest.approx(momentum[it + 1], abs=1e-12)
+        assert dino_teacher_momentum(0.996, it / total) == pytest.approx(momentum[it], abs=1e-12)
     assert dino_teacher_momentum(0.996, 0.0) == pytest.approx(0.996) and dino_teacher_momentum(0.996, 1.0) == 1.0
 
 
@@ -157,6 +157,7 @@ def test_engine_steps_are_upstreams_train_one_epoch(data_dir, tmp_path):
     n, epochs, peak = 2, 2, 0.0005 * 8 / 256
     lr = cosine_scheduler(peak, 1e-6, epochs, n, warmup_epochs=1)
     wd = cosine_scheduler(0.04, 0.4, epochs, n)
+    momentum_schedule = cosine_scheduler(0.996, 1, epochs, n)
     optimizer = torch.optim.AdamW(get_params_groups(student))
     losses = []
     for epoch in range(epochs):
@@ -175,7 +176,7 @@ def test_engine_steps_are_upstreams_train_one_epoch(data_dir, tmp_path):
             clip_gradients(student, 0.05)
             cancel_gradients_last_layer(epoch, student, 1)
             optimizer.step()
-            m = dino_teacher_momentum(0.996, (it + 1) / (n * epochs))  # upstream: momentum_schedule[it]
+            m = momentum_schedule[it]  # upstream's array, by the 0-based iteration
             with torch.no_grad():
                 for q, k in zip(student.parameters(), teacher.parameters()):
                     k.data.mul_(m).add_((1 - m) * q.detach().data)

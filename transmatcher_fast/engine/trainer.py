@@ -655,7 +655,8 @@ class Trainer:
 
     def train_step(self, inputs: tuple, epoch: int, progress: float) -> tuple[float, float]:
         """One optimisation step on the method's step inputs; ``progress`` is the fraction of
-        training done after it (for per-step schedules such as DINO's teacher momentum)."""
+        training done before it, ``iteration / total_iterations`` (for per-step schedules such as
+        DINO's teacher momentum, which upstream indexes by the 0-based iteration)."""
         with autocast(self.device, self.amp_dtype):
             loss_rows, acc_rows = self.step_module(*inputs)
         # Upstream averages the rows whose loss is finite.
@@ -705,7 +706,7 @@ class Trainer:
             self._train_mode()
             self.schedule.set_iteration(self.optimizer, epoch, steps, total)
             inputs, count = self.method.step_inputs(batch, epoch, self.train_views, self.device)
-            loss, acc = self.train_step(inputs, epoch, (epoch * total + steps + 1) / max(total_steps, 1))
+            loss, acc = self.train_step(inputs, epoch, (epoch * total + steps) / max(total_steps, 1))
             steps += 1
             self.global_step += 1
             images_seen += count

@@ -81,7 +81,8 @@ class Method:
         """After the backward pass (gradients unscaled and clipped), before the optimizer step."""
 
     def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
-        """After the optimizer step; ``progress`` in (0, 1] is the fraction of training done."""
+        """After the optimizer step; ``progress`` in [0, 1) is ``iteration / total_iterations``
+        of this step (0-based: the fraction of training done before it)."""
 
     def model_args(self, config, dataset) -> Dict[str, Any]:
         """What the model needs from the training data (class or camera counts); saved in the

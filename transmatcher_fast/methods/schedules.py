@@ -188,10 +188,9 @@ class DINOSchedule(Schedule):
 
 
 def dino_teacher_momentum(momentum: float, progress: float) -> float:
-    """The teacher's EMA momentum after a step that ends ``progress`` (in (0, 1]) of training:
-    ``1 - (1 - momentum) * (1 + cos(pi * progress)) / 2``, from ``momentum`` towards 1.
-    (Upstream indexes its array by the step's 0-based number, ``progress - 1 / N``: one step
-    earlier on the same curve.)"""
+    """The teacher's EMA momentum of the step at ``progress = iteration / total_iterations``
+    (0-based): ``1 - (1 - momentum) * (1 + cos(pi * progress)) / 2``, from ``momentum`` towards
+    1, upstream's ``cosine_scheduler(momentum, 1, epochs, niter)[iteration]``."""
     return 1.0 - (1.0 - momentum) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
