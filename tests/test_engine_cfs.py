@@ -289,3 +289,11 @@ def test_select_top():
     for keep in (11, -1, 2.0):
         with pytest.raises(ValueError, match="keep must"):
             cfs.select_top(names, keep=keep)
+
+
+def test_histogram_of_identical_scores(tmp_path):
+    """The same model as source and target scores every image 1: the histogram still draws."""
+    from transmatcher_fast.engine.cfs import _histogram
+
+    _histogram(np.full(50, 1.0, dtype=np.float32), tmp_path / "hist.png")
+    assert (tmp_path / "hist.png").stat().st_size > 1000

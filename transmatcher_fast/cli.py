@@ -499,11 +499,10 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
-    from .engine import checkpoint, validate
+    from .engine import validate
     from .engine.trainer import Trainer, TrainConfig
-    from .methods.dino import teacher_checkpoint
+    from .methods.dino import TEACHER_NAME
 
     values = {key: value for key, value in vars(args).items() if key not in _NOT_OPTIONS}
     config = TrainConfig.from_dict(values)  # a bad value: ValueError, one line (see main)
@@ -519,17 +518,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"{PROG} pretrain: interrupted; {_last_checkpoint(config.exp_dir)}", file=sys.stderr)
         raise SystemExit(130) from None
     if trainer.is_main:
-        # DINO's layout of the teacher alone, for upstream's tools and for sharing; checkpoint.pt
-        # (every epoch) loads as pretrained weights too.
-        path = checkpoint.save_atomic(teacher_checkpoint(trainer.parts, trainer.schedule.end, asdict(config)),
-                                      Path(config.exp_dir) / TEACHER_NAME)
-        print(f"wrote {path}: fine-tune with transmatcher-fast train --method transreid --pretrained {path} "
-              "(or --pretrained its checkpoint.pt)")
+        path = Path(config.exp_dir) / TEACHER_NAME
+        print(f"{path} holds the teacher (DINO's layout, written after every epoch): fine-tune with "
+              f"transmatcher-fast train --method transreid --pretrained {path} (or --pretrained its checkpoint.pt)")
     trainer.close()
     return 0
 
 
-TEACHER_NAME = "teacher.pth"  # pretrain's export of the teacher, DINO's layout
 
 
 def add_pretrain_parser(commands) -> argparse.ArgumentParser:
@@ -1015,7 +1010,6 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_visualize(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .engine import attention_pictures, visualize
     from .engine.demo import save_query_correspondences

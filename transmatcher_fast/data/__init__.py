@@ -6,6 +6,7 @@ from .datasets import (DatasetLayoutError, ReidDataset, build_dataset, dataset_n
 from .multicrop import (MultiCropCollate, MultiCropTransform, UnlabelledImages, list_images,
                         make_multicrop_loader)
 from .synthetic import generate_synthetic
+from . import unlabelled  # noqa: F401  (registers the 'images' dataset)
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomErasing, ReidImageDataset,
                          build_test_transform, build_train_transform, build_transreid_test_transform,
                          build_transreid_train_transform, make_loader)

@@ -294,7 +294,11 @@ def _histogram(scores: np.ndarray, path: Path, marks: Sequence[float] = (0.5, 0.
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)  # Agg, no pyplot: no display, no global figure state
     ax = fig.subplots()
-    ax.hist(scores, bins=min(100, max(10, len(scores) // 20)), color="tab:blue", alpha=0.8)
+    bins = min(100, max(10, len(scores) // 20))
+    lo, hi = float(np.min(scores)), float(np.max(scores))
+    # Identical scores (e.g. the same model twice) have no range to bin: give them one.
+    ax.hist(scores, bins=bins, range=(lo - 0.5e-3, hi + 0.5e-3) if hi - lo < 1e-6 else None,
+            color="tab:blue", alpha=0.8)
     for ratio, color in zip(marks, ("tab:red", "tab:orange", "tab:green")):
         keep = _count_for_ratio(ratio, len(scores))
         cut = scores[keep - 1]

@@ -768,6 +768,7 @@ class Trainer:
                     if self._eval_due(epoch):
                         self._evaluate(epoch)
                     checkpoint.save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
+                    self.method.after_epoch(self.parts, self.config, epoch + 1, self.exp_dir)
                 epoch += 1
                 if self.world > 1:
                     dist.barrier()

@@ -84,6 +84,9 @@ class Method:
         """After the optimizer step; ``progress`` in [0, 1) is ``iteration / total_iterations``
         of this step (0-based: the fraction of training done before it)."""
 
+    def after_epoch(self, parts: Parts, config, epochs_done: int, exp_dir) -> None:
+        """On rank 0, after the epoch's checkpoint is written: exports of the method's own."""
+
     def model_args(self, config, dataset) -> Dict[str, Any]:
         """What the model needs from the training data (class or camera counts); saved in the
         checkpoint so that :meth:`build` can rebuild the model without the data."""

@@ -41,6 +41,7 @@ from (seed, rank, epoch, position, index).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -174,6 +175,9 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+TEACHER_NAME = "teacher.pth"  # the teacher alone, DINO's layout
+
+
 class DINOMethod(Method):
     name = "dino"
     summary = "DINO: self-supervised pre-training of a ViT (student, EMA teacher, multi-crop)"
@@ -305,6 +309,15 @@ class DINOMethod(Method):
         if config.dino_clip_grad > 0:
             clip_gradients(student, config.dino_clip_grad)
         cancel_gradients_last_layer(epoch, student, config.dino_freeze_last_layer)
+
+    def after_epoch(self, parts: Parts, config, epochs_done: int, exp_dir) -> None:
+        """``EXP_DIR/teacher.pth``: the teacher alone in DINO's layout, after every epoch (for
+        upstream's tools and for fine-tuning; checkpoint.pt loads as pretrained weights too)."""
+        from dataclasses import asdict
+
+        from ..engine.checkpoint import save_atomic
+
+        save_atomic(teacher_checkpoint(parts, epochs_done, asdict(config)), Path(exp_dir) / TEACHER_NAME)
 
     def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
         ema_update(parts["teacher"], parts["student"], dino_teacher_momentum(config.dino_momentum_teacher, progress))
