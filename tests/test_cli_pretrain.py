@@ -64,6 +64,14 @@ def test_pretrain_fine_tune_cfs_and_pretrain_on_the_top(data, tmp_path, capsys):
                  "-b", "16", "--epochs", "1", "--max-steps-per-epoch", "2", "--no-tensorboard", *QUIET,
                  "--exp-dir", str(tuned)]) == 0
 
+    # DINO's view of the pre-trained and the fine-tuned model side by side, for the same queries.
+    pictures = tmp_path / "pictures"
+    assert main(["visualize", "--checkpoint", str(tuned / "checkpoint.pt"), "--compare-checkpoint",
+                 str(run / "checkpoint.pt"), "-d", "market", "--data-dir", str(labelled), *QUIET,
+                 "--num-queries", "2", "--out", str(pictures)]) == 0
+    compared = sorted((pictures / "attention").glob("attention_compare_q*_pid*.png"))
+    assert len(compared) == 2 and len(list((pictures / "attention").glob("attention_q*_pid*.png"))) == 2
+
     # CFS: source proxy = the pre-trained teacher, target proxy = its fine-tuned copy. Resumable.
     cfs_out = tmp_path / "cfs"
     common = ["cfs", "--target-checkpoint", str(tuned / "checkpoint.pt"), "--images", str(unlabelled),

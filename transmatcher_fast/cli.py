@@ -1048,8 +1048,31 @@ def run_visualize(args: argparse.Namespace) -> int:
             written += attention_pictures.save_attention_pictures(
                 out / "attention", model, items, eval_transform(args.model_config, height, width),
                 views=_views(dataset, items), indices=picked, keep=args.attention_keep)
+            if args.compare_checkpoint:
+                written += _attention_comparison(args, model, height, width, items, picked, dataset, out)
+    elif args.compare_checkpoint:
+        raise UserError("--compare-checkpoint compares the attention of --checkpoint with another's: give --checkpoint")
     print(f"wrote {len(written)} pictures under {out}")
     return 0
+
+
+def _attention_comparison(args, model, height, width, items, picked, dataset, out):
+    """--checkpoint's and --compare-checkpoint's attention side by side (e.g. DINO pre-trained
+    vs fine-tuned), each model with its own test transform, DINO's 60 % view by default."""
+    from .engine import attention_pictures, validate
+    from .engine.evaluate import eval_transform, load_trained
+
+    validate.read_checkpoint(args.compare_checkpoint)
+    other, _, other_config = load_trained(args.compare_checkpoint, next(model.parameters()).device)
+    if not attention_pictures.draws_attention(other):
+        raise UserError(f"--compare-checkpoint {args.compare_checkpoint}: its model is not a ViT (no attention maps)")
+    models = {
+        Path(args.checkpoint).parent.name or "checkpoint": (model, eval_transform(args.model_config, height, width)),
+        Path(args.compare_checkpoint).parent.name or "compared": (
+            other, eval_transform(other_config, other_config.get("height", height), other_config.get("width", width)))}
+    return attention_pictures.save_attention_comparison(
+        out / "attention", models, items, views=_views(dataset, items), indices=picked,
+        keep=args.attention_keep if args.attention_keep is not None else 0.6)
 
 
 def _add_model_and_data(parser, checkpoint_required: bool = True) -> None:
@@ -1135,6 +1158,9 @@ def add_eval_parsers(commands) -> None:
                           help="queries per page of the ranked-list overview")
     pictures.add_argument("--topk", type=_positive_int, default=10)
     pictures.add_argument("--pairs", type=_positive_int, default=3, help="correspondence pictures")
+    pictures.add_argument("--compare-checkpoint", dest="compare_checkpoint", default=None,
+                          help="another ViT checkpoint (e.g. pretrain's) whose attention is drawn beside "
+                               "--checkpoint's for the same queries (attention_compare_q<i>_pid<p>.png)")
     pictures.add_argument("--attention-keep", dest="attention_keep", type=float, default=None,
                           help="ViT attention: show per head only the patches holding this fraction of "
                                "its mass (DINO's view: 0.6); default: the whole map")

@@ -129,7 +129,7 @@ def attention_panels(image: Image.Image, cls_attention: np.ndarray, rollout: np.
     panels = [("image", image), ("rollout", overlay(image, np.asarray(rollout).reshape(num_y, num_x)))]
     masks = keep_mass(heads.reshape(len(heads), -1), keep).reshape(heads.shape) if keep else [None] * len(heads)
     for h, (values, mask) in enumerate(zip(heads, masks)):
-        panels.append((f"head {h + 1}" + (f" {int(keep * 100)}%" if keep else ""),
+        panels.append((f"head {h + 1}" + (f", {int(keep * 100)} % mass" if keep else ""),
                        overlay(image, values, mask=mask)))
     if groups is not None:
         panels.append((f"JPM {len(groups)} groups", groups_picture(image, groups, grid)))
