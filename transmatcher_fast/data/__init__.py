@@ -1,6 +1,7 @@
 """Data: re-ID datasets from their public layouts, a procedural synthetic dataset, transforms and
 loaders. Nothing here imports the models or the ops."""
 
+from .cfs_list import read_cfs_list, select_top
 from .datasets import (DatasetLayoutError, ReidDataset, build_dataset, dataset_names, dataset_root,
                        register_dataset)
 from .multicrop import (MultiCropCollate, MultiCropTransform, UnlabelledImages, list_images,
@@ -11,7 +12,7 @@ from .transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomErasing, ReidImageDa
                          build_test_transform, build_train_transform, build_transreid_test_transform,
                          build_transreid_train_transform, make_loader)
 
-__all__ = ["DatasetLayoutError", "ReidDataset", "build_dataset", "dataset_names", "dataset_root", "register_dataset",
+__all__ = ["read_cfs_list", "select_top", "DatasetLayoutError", "ReidDataset", "build_dataset", "dataset_names", "dataset_root", "register_dataset",
            "generate_synthetic", "IMAGENET_MEAN", "IMAGENET_STD", "ReidImageDataset",
            "build_test_transform", "build_train_transform", "make_loader", "RandomErasing",
            "build_transreid_train_transform", "build_transreid_test_transform", "MultiCropTransform",

@@ -768,7 +768,8 @@ class Trainer:
                     if self._eval_due(epoch):
                         self._evaluate(epoch)
                     checkpoint.save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
-                    self.method.after_epoch(self.parts, self.config, epoch + 1, self.exp_dir)
+                    for name, state in self.method.exports(self.parts, self.config, epoch + 1).items():
+                        checkpoint.save_atomic(state, self.exp_dir / name)
                 epoch += 1
                 if self.world > 1:
                     dist.barrier()

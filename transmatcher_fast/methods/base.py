@@ -84,8 +84,10 @@ class Method:
         """After the optimizer step; ``progress`` in [0, 1) is ``iteration / total_iterations``
         of this step (0-based: the fraction of training done before it)."""
 
-    def after_epoch(self, parts: Parts, config, epochs_done: int, exp_dir) -> None:
-        """On rank 0, after the epoch's checkpoint is written: exports of the method's own."""
+    def exports(self, parts: Parts, config, epochs_done: int) -> Dict[str, Dict[str, Any]]:
+        """``{file name: state}`` the engine writes beside the checkpoint after every epoch (rank
+        0, atomically, loadable with ``weights_only=True``): a method's own export formats."""
+        return {}
 
     def model_args(self, config, dataset) -> Dict[str, Any]:
         """What the model needs from the training data (class or camera counts); saved in the

@@ -41,7 +41,6 @@ from (seed, rank, epoch, position, index).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -235,7 +234,7 @@ class DINOMethod(Method):
         if config.filter_list is not None:
             # The CFS list helpers live with the scoring (engine.cfs), which imports nothing of
             # the training engine: a lazy import keeps methods importable before the engine.
-            from ..engine.cfs import read_cfs_list, select_top
+            from ..data.cfs_list import read_cfs_list, select_top
 
             names = read_cfs_list(config.filter_list)
             listed = len(names)
@@ -310,14 +309,12 @@ class DINOMethod(Method):
             clip_gradients(student, config.dino_clip_grad)
         cancel_gradients_last_layer(epoch, student, config.dino_freeze_last_layer)
 
-    def after_epoch(self, parts: Parts, config, epochs_done: int, exp_dir) -> None:
+    def exports(self, parts: Parts, config, epochs_done: int) -> Dict[str, Dict[str, Any]]:
         """``EXP_DIR/teacher.pth``: the teacher alone in DINO's layout, after every epoch (for
         upstream's tools and for fine-tuning; checkpoint.pt loads as pretrained weights too)."""
         from dataclasses import asdict
 
-        from ..engine.checkpoint import save_atomic
-
-        save_atomic(teacher_checkpoint(parts, epochs_done, asdict(config)), Path(exp_dir) / TEACHER_NAME)
+        return {TEACHER_NAME: teacher_checkpoint(parts, epochs_done, asdict(config))}
 
     def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
         ema_update(parts["teacher"], parts["student"], dino_teacher_momentum(config.dino_momentum_teacher, progress))
