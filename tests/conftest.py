@@ -38,3 +38,14 @@ def backend(request):
 def _restore_backend():
     yield
     transmatcher_fast.set_backend(None)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small synthetic person set in Market-1501 layout (16 ids, 2 cameras, 64x32) that the
+    training tests of every method read (and never write)."""
+    from transmatcher_fast.data import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, ids=16, cams=2, images_per_cam=4, seed=3, height=64, width=32)
+    return root

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from transmatcher_fast.cli import build_parser, main
-from transmatcher_fast.data import generate_synthetic
 from transmatcher_fast.engine import checkpoint
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
 from transmatcher_fast.methods.schedules import build_schedule
@@ -27,13 +26,6 @@ TINY = ["-d", "market", "-a", "resnet18", "--ibn", "none", "--neck", "16", "--nu
         "-j", "0", "--no-freeze-bn", "--no-progress", "--no-tensorboard", "--log-every", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSMATCHER_FAST_BACKEND": "cpu"}
 ENV.pop("TRITON_INTERPRET", None)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, ids=16, cams=2, images_per_cam=4, seed=3, height=64, width=32)
-    return root
 
 
 def tiny_config(data_dir, exp_dir, *extra) -> TrainConfig:

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from transmatcher_fast.cli import build_parser, main
-from transmatcher_fast.data import generate_synthetic
-from transmatcher_fast.engine import checkpoint
 from transmatcher_fast.engine.evaluate import eval_transform, evaluate, load_trained
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
 from transmatcher_fast.methods import METHOD_DEFAULTED, get_method, method_names
@@ -38,13 +35,6 @@ TINY = {
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSMATCHER_FAST_BACKEND": "cpu"}
 ENV.pop("TRITON_INTERPRET", None)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, ids=16, cams=2, images_per_cam=4, seed=3, height=64, width=32)
-    return root
 
 
 def tiny_config(kind, data_dir, exp_dir, *extra) -> TrainConfig:

@@ -12,18 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from transmatcher_fast.cli import build_parser
-from transmatcher_fast.data import generate_synthetic
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
 from transmatcher_fast.methods import get_method
 from transmatcher_fast.methods.dino import MultiResolutionViT, load_dino_weights, view_agreement
 from transmatcher_fast.methods.schedules import DINOSchedule, build_schedule, dino_teacher_momentum
-from transmatcher_fast.models.dino import (DINOLoss, cancel_gradients_last_layer, clip_gradients,
+from transmatcher_fast.models.dino import (cancel_gradients_last_layer, clip_gradients,
                                            cosine_scheduler, get_params_groups)
 from transmatcher_fast.models.vit import arch_config
 
@@ -32,13 +30,6 @@ TINY = ["-d", "market", "-a", "vit_tiny_patch16", "--height", "64", "--width", "
         "--out-dim", "64", "--local-crops", "2", "--dino-warmup-epochs", "1", "--no-progress",
         "--no-tensorboard", "--log-every", "1"]
 ENV_THREADS = {"OMP_NUM_THREADS": "1", "TRANSMATCHER_FAST_BACKEND": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, ids=16, cams=2, images_per_cam=4, seed=3, height=64, width=32)
-    return root
 
 
 def dino_config(data_dir, exp_dir, *extra) -> TrainConfig:
