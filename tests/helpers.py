@@ -55,3 +55,39 @@ def expected_grads(query, gallery, score_embed, grad_q, grad_g, q_index, g_index
     """Float64 gradients routed through the given argmax (the fused backward's formula)."""
     q, g, e = as64(query, gallery, score_embed)
     return reference.max_sim_grads(grad_q.double(), grad_g.double(), q, g, e, q_index, g_index)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two(script, *args, env, timeout: float = 300):
+    """``script args`` on two local processes under torchrun (on a free port); the
+    ``subprocess.CompletedProcess`` with its output captured as text."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fit_interrupted_in_epoch(trainer, epoch: int) -> None:
+    """``trainer.fit()`` stopped by a KeyboardInterrupt (as Ctrl-C) when epoch ``epoch`` starts,
+    so the checkpoint holds the epochs before it."""
+    import pytest
+
+    train_epoch = trainer.train_epoch
+
+    def stop(e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return train_epoch(e)
+
+    trainer.train_epoch = stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()

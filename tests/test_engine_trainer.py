@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import torchrun_two
 from transmatcher_fast.cli import build_parser, main
 from transmatcher_fast.engine import checkpoint
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
@@ -228,20 +228,11 @@ def test_second_run_on_a_folder_fails_at_once_naming_the_holder(data_dir, tmp_pa
     assert steps == list(range(1, len(steps) + 1))  # one run's records only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_in_sync(data_dir, tmp_path):
     out = tmp_path / "ddp.json"
-    worker = Path(__file__).with_name("ddp_train_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *TINY,
-           "--data-dir", str(data_dir), "--exp-dir", str(tmp_path / "run"), "--epochs", "1",
-           "--max-steps-per-epoch", "2", str(out)]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    result = torchrun_two(Path(__file__).with_name("ddp_train_worker.py"), *TINY, "--data-dir", data_dir,
+                          "--exp-dir", tmp_path / "run", "--epochs", "1", "--max-steps-per-epoch", "2", out,
+                          env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["steps"] == 2
@@ -256,11 +247,8 @@ def test_torchrun_refusal_stops_every_rank_with_the_same_message(data_dir, tmp_p
     run = tmp_path / "run"
     run.mkdir()
     (run / "log.jsonl").write_text(json.dumps({"kind": "step", "epoch": 0, "step": 1}) + "\n")
-    worker = Path(__file__).with_name("ddp_train_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *TINY,
-           "--data-dir", str(data_dir), "--exp-dir", str(run), "--epochs", "1", str(tmp_path / "out.json")]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    result = torchrun_two(Path(__file__).with_name("ddp_train_worker.py"), *TINY, "--data-dir", data_dir,
+                          "--exp-dir", run, "--epochs", "1", tmp_path / "out.json", env=ENV)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert output.count(f"RunDirError: {run} already holds a training run") == 2, output[-3000:]

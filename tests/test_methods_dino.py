@@ -8,14 +8,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import fit_interrupted_in_epoch, torchrun_two
 from transmatcher_fast.cli import build_parser
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
 from transmatcher_fast.methods import get_method
@@ -190,17 +189,7 @@ def test_dino_resumes_its_next_epoch_exactly(data_dir, tmp_path):
     extra = ("--epochs", "2", "--max-steps-per-epoch", "2")
     full = Trainer(dino_config(data_dir, tmp_path / "full", *extra))
     full.fit()
-    interrupted = Trainer(dino_config(data_dir, tmp_path / "split", *extra))
-    train_epoch = interrupted.train_epoch
-
-    def stop_in_epoch_two(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_epoch(epoch)
-
-    interrupted.train_epoch = stop_in_epoch_two
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    fit_interrupted_in_epoch(Trainer(dino_config(data_dir, tmp_path / "split", *extra)), 1)
     resumed = Trainer(dino_config(data_dir, tmp_path / "split", "--resume", *extra))
     resumed.fit()
     assert step_losses(tmp_path / "split", 1) == step_losses(tmp_path / "full", 1)
@@ -237,17 +226,12 @@ trainer.close()
 def test_dino_trains_in_sync_under_torchrun(data_dir, tmp_path):
     import os
 
-    from test_engine_trainer import _free_port
-
     worker, out = tmp_path / "dino_ddp_worker.py", tmp_path / "ddp.json"
     worker.write_text(WORKER)
     env = {**os.environ, **ENV_THREADS}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *TINY,
-           "--data-dir", str(data_dir), "--exp-dir", str(tmp_path / "run"), "--epochs", "1",
-           "--max-steps-per-epoch", "2", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun_two(worker, *TINY, "--data-dir", data_dir, "--exp-dir", tmp_path / "run", "--epochs", "1",
+                          "--max-steps-per-epoch", "2", out, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["steps"] == 2
