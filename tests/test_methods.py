@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import fit_interrupted_in_epoch, torchrun_two
 from transmatcher_fast.cli import build_parser, main
 from transmatcher_fast.engine.evaluate import eval_transform, evaluate, load_trained
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
@@ -93,17 +92,7 @@ def test_every_method_resumes_its_next_epoch_exactly(kind, data_dir, tmp_path):
     extra = ("--epochs", "2", "--max-steps-per-epoch", "2")
     full = Trainer(tiny_config(kind, data_dir, tmp_path / "full", *extra))
     full.fit()
-    interrupted = Trainer(tiny_config(kind, data_dir, tmp_path / "split", *extra))
-    train_epoch = interrupted.train_epoch
-
-    def stop_in_epoch_two(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_epoch(epoch)
-
-    interrupted.train_epoch = stop_in_epoch_two
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    fit_interrupted_in_epoch(Trainer(tiny_config(kind, data_dir, tmp_path / "split", *extra)), 1)
     resumed = Trainer(tiny_config(kind, data_dir, tmp_path / "split", "--resume", *extra))
     resumed.fit()
     assert step_losses(tmp_path / "split", 1) == step_losses(tmp_path / "full", 1)
@@ -163,15 +152,10 @@ def test_keep_mass_is_the_smallest_set_with_the_fraction():
 
 
 def test_transreid_trains_in_sync_under_torchrun(data_dir, tmp_path):
-    from test_engine_trainer import _free_port
-
     out = tmp_path / "ddp.json"
-    worker = Path(__file__).with_name("ddp_train_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *COMMON,
-           *TINY["transreid"], "-b", "8", "--data-dir", str(data_dir), "--exp-dir", str(tmp_path / "run"),
-           "--epochs", "1", "--max-steps-per-epoch", "2", str(out)]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    result = torchrun_two(Path(__file__).with_name("ddp_train_worker.py"), *COMMON, *TINY["transreid"], "-b", "8",
+                          "--data-dir", data_dir, "--exp-dir", tmp_path / "run", "--epochs", "1",
+                          "--max-steps-per-epoch", "2", out, env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["steps"] == 2  # 4 batches of 2 ids x 4 images
@@ -349,3 +333,13 @@ def test_transreid_evaluates_in_float32_as_upstream():
 
     assert default_eval_amp({"method": "transreid"}) == "none"  # upstream's do_inference: fp32
     assert default_eval_amp({"method": "transmatcher"}) is None  # the engine's: bf16 on CUDA
+
+
+def test_bad_transreid_arch_and_compare_checkpoint_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="arch 'resnet50' is not a ViT"):
+        TrainConfig(method="transreid", arch="resnet50")
+    out = tmp_path / "pictures"
+    with pytest.raises(SystemExit, match="--compare-checkpoint .* give --checkpoint"):
+        main(["visualize", "--compare-checkpoint", str(tmp_path / "x.pt"), "--log", str(tmp_path / "log.jsonl"),
+              "--out", str(out)])
+    assert not out.exists()

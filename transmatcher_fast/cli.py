@@ -1019,6 +1019,10 @@ def run_visualize(args: argparse.Namespace) -> int:
 
     if not (args.log or args.checkpoint):
         raise UserError("give --checkpoint (ranked lists, correspondences) and/or --log (curves)")
+    if args.compare_checkpoint and not args.checkpoint:
+        raise UserError("--compare-checkpoint compares the attention of --checkpoint with another's: give --checkpoint")
+    if args.compare_checkpoint:
+        validate.check_input_file(args.compare_checkpoint, "--compare-checkpoint")
     out = validate.check_output_dir(args.out, "--out")
     if args.log:
         validate.check_input_file(args.log, "--log")
@@ -1050,8 +1054,6 @@ def run_visualize(args: argparse.Namespace) -> int:
                 views=_views(dataset, items), indices=picked, keep=args.attention_keep)
             if args.compare_checkpoint:
                 written += _attention_comparison(args, model, height, width, items, picked, dataset, out)
-    elif args.compare_checkpoint:
-        raise UserError("--compare-checkpoint compares the attention of --checkpoint with another's: give --checkpoint")
     print(f"wrote {len(written)} pictures under {out}")
     return 0
 

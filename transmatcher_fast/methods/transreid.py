@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..data import build_transreid_test_transform, build_transreid_train_transform
 from ..models.embedding import EmbeddingDistance
 from ..models.transreid import TransReID
+from ..models.vit import ARCHS as VIT_ARCHS
 from .base import Method, Parts, register_method
 from .losses import TransReIDLoss
 
@@ -51,6 +52,11 @@ class TransReIDMethod(Method):
     # A tiny ViT from scratch with camera SIE and JPM (the whole model, small).
     demo_options = {"arch": "vit_tiny_patch16", "sie_camera": True, "jpm": True, "drop_path": 0.0,
                     "warmup_epochs": 2}
+
+    def check(self, config) -> None:
+        super().check(config)
+        if config.arch not in VIT_ARCHS:
+            raise ValueError(f"arch {config.arch!r} is not a ViT; TransReID takes one of {sorted(VIT_ARCHS)}")
 
     def model_args(self, config, dataset) -> Dict[str, Any]:
         # SIE's camera and view counts come from the training split, as upstream's.
