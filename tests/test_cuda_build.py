@@ -13,6 +13,7 @@ import sys
 import sysconfig
 
 import pytest
+import torch
 from torch.utils import cpp_extension
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -85,7 +86,10 @@ def _glue_sources():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
 @pytest.mark.parametrize("source", _glue_sources())
 def test_glue_compiles_without_warnings(source):
-    """The torch glue against the installed torch's headers (a CPU wheel ships c10/cuda too)."""
+    """The torch glue, syntax only, against the installed torch's headers (a CPU wheel ships
+    c10/cuda too), with the defines and C++ flags the real build uses (setup.py's extension plus
+    what torch.utils.cpp_extension.BuildExtension adds), so its first full compile on a GPU
+    machine is not where a glue error first shows."""
     torch_includes = cpp_extension.include_paths()
     if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "CUDAStream.h")) for p in torch_includes):
         pytest.skip("this torch build ships no c10/cuda headers")
@@ -93,9 +97,13 @@ def test_glue_compiles_without_warnings(source):
     includes = [f"-isystem{p}" for p in [*torch_includes, cuda_include,
                                           sysconfig.get_paths()["include"]]]
     # CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; the macro skips it.
-    defines = ["-DTRANSMATCHER_FAST_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
-    cmd = ["g++", "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
-           *defines, *includes, os.path.join(cuda_resources.CUDA_DIR, source)]
+    defines = ["-DTRANSMATCHER_FAST_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               # BuildExtension: the module name (last part of transmatcher_fast._C) and the
+               # extension-API switch; older torch also passes its C++ ABI.
+               "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    cmd = ["g++", "-std=c++20", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra", "-Werror",
+           "-fsyntax-only", *defines, *includes, os.path.join(cuda_resources.CUDA_DIR, source)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
