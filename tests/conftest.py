@@ -13,17 +13,11 @@ import torch  # noqa: E402
 import transmatcher_fast  # noqa: E402
 from transmatcher_fast.ops import dispatch  # noqa: E402
 
+# The `rng` fixture and the seed sweep (make test-seeds).
+pytest_plugins = ["seed_sweep"]
+
 # Backends that run on CPU tensors. "cpu" is the C++ kernel; its absence fails test_extension.
 CPU_BACKENDS = ["cpu", "reference"]
-
-
-@pytest.fixture
-def rng(request):
-    """A generator with a fresh seed per test; the seed is printed so a failure can be replayed
-    with TRANSMATCHER_FAST_TEST_SEED=<seed>."""
-    seed = int(os.environ.get("TRANSMATCHER_FAST_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed} (TRANSMATCHER_FAST_TEST_SEED={seed} replays it)")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -195,43 +195,64 @@ def max_sim_grads(
 # those BatchNorms exactly as upstream does (so running statistics update in training mode).
 
 
-def transmatcher_layer_scores(layer, tgt: Tensor, memory: Tensor) -> Tensor:
+def pool_both_directions(score: Tensor, indices: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Upstream's global max pooling of ``score [n, Lg, Lq]`` (gallery locations s, probe
+    locations t): ``cat(max over s, max over t)``, ``[n, Lq + Lg]``.
+
+    With ``indices = (q_index [n, Lq], g_index [n, Lg])`` the values are taken at those locations
+    instead. Tests route the float64 reference through the argmax a float32 run chose: where two
+    maxima are equal within float32 rounding either choice is right, and the gradient (which
+    flows to one location) depends on the choice; the values still show a wrong choice."""
+    if indices is None:
+        return torch.cat((score.max(dim=1)[0], score.max(dim=2)[0]), dim=-1)
+    q_index, g_index = (i.reshape(score.shape[0], -1).long() for i in indices)
+    q_best = score.gather(1, q_index.unsqueeze(1)).squeeze(1)
+    g_best = score.gather(2, g_index.unsqueeze(2)).squeeze(2)
+    return torch.cat((q_best, g_best), dim=-1)
+
+
+def transmatcher_layer_scores(layer, tgt: Tensor, memory: Tensor,
+                              indices: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """Upstream's decoder layer: probe ``tgt [q, h, w, d]``, gallery ``memory [k, h, w, d]`` ->
-    ``[q, k]``, building the ``[q, k, L, L]`` gated score tensor."""
+    ``[q, k]``, building the ``[q, k, L, L]`` gated score tensor. ``indices``: see
+    :func:`pool_both_directions`."""
     q, k, d = tgt.shape[0], memory.shape[0], tgt.shape[-1]
     length = layer.score_embed.shape[-1]
     query = layer.fc1(tgt.reshape(q, length, d))      # probe locations t
     key = layer.fc1(memory.reshape(k, length, d))     # gallery locations s
     score = torch.einsum("qtd,ksd->qkst", query, key) * layer.score_embed.sigmoid()
-    score = score.reshape(q * k, length, length)
     # Per pair: max over gallery locations (one per probe location), then over probe locations.
-    score = torch.cat((score.max(dim=1)[0], score.max(dim=2)[0]), dim=-1)
+    score = pool_both_directions(score.reshape(q * k, length, length), indices)
     score = layer.bn1(score.view(-1, 1, length)).view(-1, length)
     score = layer.fc3(layer.relu(layer.bn2(layer.fc2(score))))
     score = layer.bn3(score.view(-1, 2).sum(dim=-1, keepdim=True))
     return score.view(q, k)
 
 
-def transmatcher_scores(matcher, probe: Tensor, gallery: Tensor) -> Tensor:
+def transmatcher_scores(matcher, probe: Tensor, gallery: Tensor,
+                        indices: Optional[list[tuple[Tensor, Tensor]]] = None) -> Tensor:
     """Upstream's ``make_kernel(probe); forward(gallery)``: the channel chunk n of both feature
-    maps goes through decoder layer n, the layer scores are summed, then the final scalar BN."""
+    maps goes through decoder layer n, the layer scores are summed, then the final scalar BN.
+    ``indices``: one ``(q_index, g_index)`` per layer (see :func:`pool_both_directions`)."""
     layers = matcher.decoder.layers
     probe_parts = probe.chunk(len(layers), dim=-1)
     gallery_parts = gallery.chunk(len(layers), dim=-1)
     score = None
-    for layer, p, g in zip(layers, probe_parts, gallery_parts):
-        s = transmatcher_layer_scores(layer, p, g)
+    for n, (layer, p, g) in enumerate(zip(layers, probe_parts, gallery_parts)):
+        s = transmatcher_layer_scores(layer, p, g, None if indices is None else indices[n])
         score = s if score is None else score + s
     q, k = score.shape
     return matcher.decoder.norm(score.view(-1, 1)).view(q, k)
 
 
-def qaconv_scores(matcher, probe: Tensor, gallery: Tensor) -> Tensor:
-    """Upstream's QAConv: probe ``[p, C, h, w]``, gallery ``[g, C, h, w]`` -> ``[p, g]``."""
+def qaconv_scores(matcher, probe: Tensor, gallery: Tensor,
+                  indices: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Upstream's QAConv: probe ``[p, C, h, w]``, gallery ``[g, C, h, w]`` -> ``[p, g]``.
+    ``indices``: see :func:`pool_both_directions`."""
     p, g, c = probe.shape[0], gallery.shape[0], probe.shape[1]
     hw = probe.shape[2] * probe.shape[3]
     score = torch.einsum("pcs,gcr->pgrs", probe.reshape(p, c, hw), gallery.reshape(g, c, hw))
-    score = torch.cat((score.max(dim=2)[0], score.max(dim=3)[0]), dim=-1)
+    score = pool_both_directions(score.reshape(p * g, hw, hw), indices)
     score = matcher.bn(score.view(-1, 1, hw)).view(-1, hw)
     score = matcher.fc(score).view(-1, 2).sum(dim=1, keepdim=True)
     return matcher.logit_bn(score).view(p, g)
