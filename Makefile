@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch used where no NVIDIA GPU is present (a GPU box keeps its own CUDA torch).
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: install install-torch test test-triton-compat demo bench bench-pytest clean
+.PHONY: install install-torch test test-seeds test-triton-compat demo bench bench-pytest clean
 
 install-torch:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -22,6 +22,18 @@ install: install-torch
 
 test: install
 	$(PYTHON) -m pytest tests
+
+# Every test that draws a random seed (the `rng` fixture), over SEEDS seeds derived from
+# SEED_BASE (a fresh one, printed, unless given), in parallel; ends with a summary and one replay
+# command per failure. Not part of `make test`. Narrow it with SEED_ARGS, e.g.
+#   make test-seeds SEEDS=50 SEED_ARGS="tests/test_models.py"
+SEEDS ?= 200
+SEED_BASE ?= $(shell $(PYTHON) -c "import os; print(int.from_bytes(os.urandom(4), 'little'))")
+SEED_WORKERS ?= auto
+SEED_ARGS ?= tests
+test-seeds: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(SEED_WORKERS) --seed-sweep $(SEEDS) \
+		--seed-base $(SEED_BASE) $(SEED_ARGS)
 
 # The GPU box runs triton 3.6, not ours: the interpreter tests and the sm_90/sm_80 compile checks
 # again under triton 3.6 (a venv over the installed packages; its interpreter needs numpy < 2.4).
