@@ -2,23 +2,19 @@
 # The one prepared GPU call (DESIGN.md section 6). Run from anywhere; works in the repo root:
 #
 #     bash benchmarks/gpu_run.sh                 # writes to $OUT (else benchmarks/results)
-#     bash benchmarks/gpu_run.sh --dry-run       # no build, no GPU section: checks the plumbing
+#     bash benchmarks/gpu_run.sh --dry-run       # the plan, no build, no GPU section
 #
-# Offline install (pip --no-index --no-build-isolation --no-deps -e ., CUDA for sm_90a only;
-# on failure again without the extension), then benchmarks/gpu_suite.py in a fresh interpreter
-# with a global deadline: correctness first, then the timings; the JSON and log are saved after
-# every section and a summary table is printed last. Extra arguments go to gpu_suite.py.
+# benchmarks/gpu_suite.py prints its plan first (every section's estimate from counts made on
+# the CPU, then `plan: T s of D s`), builds the extension in place (python setup.py build_ext
+# --inplace, CUDA for sm_90a; the source tree on PYTHONPATH, nothing installed; without the
+# extension if that fails), then measures in a fresh interpreter with a global deadline. The
+# JSON and log are saved after every section and a summary table is printed last. Extra
+# arguments go to gpu_suite.py (--quick, --skip a,b, --only a,b, --order-variants, ...).
 #
 # Environment: OUT (output folder), GPU_RUN_DEADLINE (seconds for the suite, default 480),
-# PYTHON (default python3), TRANSMATCHER_FAST_CUDA_ARCH (default 90a).
-#
-# Expected timeline on an H200 (estimates, cold Triton cache, 16 cores; the suite skips what
-# no longer fits): build ~100 s (at most 240, then at most 60 without the extension); start
-# ~10; correctness ~90 with tests/test_triton_kernels.py running beside it; ties ~15; NaN ~10;
-# 2**31 offset ~20; ceilings ~5; variant sweep 30-150 (what is left minus 100); training ~20-60;
-# evaluation ~30-70; Market-size matching ~150 only if that much is left. The suite ends by
-# the deadline (a watchdog saves and exits 30 s after it); this script's timeout is the backstop.
-# Files in $OUT: gpu_suite_<device>.json/.log/.png, gpu_tuning_<device>.json, market/ (<= 6).
+# PYTHON (default python3), TRANSMATCHER_FAST_CUDA_ARCH (default 90a), MAX_JOBS.
+# Files in $OUT: gpu_suite_<device>.json/.log/.png, gpu_tuning_<device>.json, ncu_raw.csv,
+# ncu_cases.json, ncu_manifest.json, compile/ and transreid/ folders.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
@@ -31,31 +27,15 @@ export PYTHONUNBUFFERED=1
 export TRANSMATCHER_FAST_CUDA_ARCH="${TRANSMATCHER_FAST_CUDA_ARCH:-90a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 
-dry=0
+extra=()
 for arg in "$@"; do
-    [ "$arg" = "--dry-run" ] && dry=1
+    # The dry run replaces the build with a no-op; the fresh interpreter runs as in a real run.
+    [ "$arg" = "--dry-run" ] && extra=(--build-cmd true)
 done
 
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "gpu_run.sh: $PY not found" >&2
     exit 2
-fi
-# What the suite needs (torch, triton, numpy) and what is optional (the rest), said up front.
-"$PY" - <<'EOF'
-import importlib.util, sys
-need = ["torch", "triton", "numpy"]
-optional = ["matplotlib", "pytest", "tqdm", "yaml", "PIL", "setuptools", "ninja"]
-have = {name: importlib.util.find_spec(name) is not None for name in need + optional}
-print("gpu_run.sh: python", sys.version.split()[0], sys.executable)
-print("gpu_run.sh: modules:", " ".join(f"{k}={'yes' if v else 'NO'}" for k, v in have.items()))
-EOF
-command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 1
-command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-
-extra=()
-if [ "$dry" = 1 ]; then
-    # No real build: a no-op install command, then the fresh interpreter as in a real run.
-    extra+=(--build-cmd true)
 fi
 
 # The suite keeps its own deadline (and a watchdog 30 s past it); this timeout is the backstop.
