@@ -281,7 +281,8 @@ def run_sections(suite: Suite, args, backends, device_name) -> None:
                                   ceilings=results.get("ceilings"))
 
     run("compile", lambda: compile_mod.warm_up(
-        suite.out, log, backends, suite.remaining() - plan_mod.later_s(plan, "compile"),
+        suite.out, log, backends, max(suite.estimates.get("compile", 30),
+                                      suite.remaining() - plan_mod.later_s(plan, "compile")),
         plan_mod.COSTS["compile_workers"], args.order_variants))
     run("correctness", lambda: corr.correctness(backends, log))
     run("ties", lambda: corr.ties(backends, log))

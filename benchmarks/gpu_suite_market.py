@@ -40,8 +40,29 @@ def backend_tables(table: dict | None, sweep: dict | None, backends) -> dict:
     return tables
 
 
+def warm_up(matcher, counts=(16, 17, 256, 257), dtype=None) -> None:
+    """The op on every kind of block the evaluation can send it, so no compilation lands in
+    the timed call: image counts a multiple of 16 or not (Triton specialises on it), small and
+    large launch-table classes (LARGE_PAIRS), bf16 with the gate, as match runs it."""
+    import torch
+
+    import transmatcher_fast
+
+    dtype = dtype or torch.bfloat16
+    locations = HEIGHT * WIDTH
+    embed = torch.randn(locations, locations, device=common.DEVICE)
+    with torch.no_grad():
+        for nq in counts:
+            for ng in counts:
+                q = torch.randn(nq, locations, D_MODEL, device=common.DEVICE, dtype=dtype)
+                g = torch.randn(ng, locations, D_MODEL, device=common.DEVICE, dtype=dtype)
+                transmatcher_fast.max_sim(q, g, embed)
+
+
 def market_eval(backends, tables: dict, log, remaining, ceilings: dict | None = None,
-                sizes=MARKET, reference_chunk=(128, 256)) -> dict:
+                sizes=MARKET, reference_chunk=(128, 256), amp="bfloat16",
+                warm_counts=(16, 17, 256, 257)) -> dict:
+    """``amp``: the autocast dtype of match (None: float32, the tests on the interpreter)."""
     import torch
 
     import transmatcher_fast
@@ -61,7 +82,8 @@ def market_eval(backends, tables: dict, log, remaining, ceilings: dict | None = 
     query = torch.randn(num_q, *shape, device=common.DEVICE)
     gallery = torch.randn(num_g, *shape, device=common.DEVICE)
     result = {"queries": num_q, "gallery": num_g, "layers": LAYERS, "locations": locations,
-              "d_model": D_MODEL, "flops": work, "amp": "bfloat16", "backends": {}}
+              "d_model": D_MODEL, "flops": work, "amp": amp, "backends": {}}
+    amp_dtype = getattr(torch, amp) if amp else None
     distances = {}
     for backend in backends:
         record = result["backends"][backend] = {"launch_table": tables.get(backend)}
@@ -71,10 +93,11 @@ def market_eval(backends, tables: dict, log, remaining, ceilings: dict | None = 
 
         def run():
             with transmatcher_fast.use_backend(backend), tuning.use_table(tables[backend]):
-                matching.match(matcher, query[:2], gallery[:2])  # warm-up
+                warm_up(matcher, warm_counts, amp_dtype or torch.float32)
+                matching.match(matcher, query[:2], gallery[:2], amp=amp_dtype)  # projections, handles
                 sync()
                 start = time.perf_counter()
-                dist = matching.match(matcher, query, gallery)
+                dist = matching.match(matcher, query, gallery, amp=amp_dtype)
                 sync()
                 return dist, time.perf_counter() - start
         got = common.attempt(record, log, f"market {backend}", run)

@@ -136,7 +136,7 @@ def parse_csv(text: str) -> list:
     if rows and "Metric Name" in rows[0]:
         kernels = {}
         for row in rows:
-            kernel = kernels.setdefault(row["ID"], {"ID": row["ID"], "Kernel Name": row.get("Kernel Name", "")})
+            kernel = kernels.setdefault(row["ID"], {"ID": row["ID"], "Kernel Name": kernel_name(row)})
             kernel[row["Metric Name"]] = row.get("Metric Value", "")
         return list(kernels.values())
     return [r for r in rows if r.get("ID", "").strip().isdigit()]
@@ -149,12 +149,19 @@ def _number(value):
         return None
 
 
+def kernel_name(kernel: dict) -> str:
+    for key in ("Kernel Name", "Function Name", "Demangled Name", "Name"):
+        if kernel.get(key):
+            return kernel[key]
+    return ""
+
+
 def assign(kernels: list, order: list, statuses: dict) -> dict:
     """Per case (``order``: the profiled cases, in launch order) its kernels between markers and
     the metrics of its longest kernel under METRICS' short names."""
     groups, current = [], None
     for kernel in kernels:
-        if MARKER in kernel.get("Kernel Name", ""):
+        if MARKER in kernel_name(kernel):
             current = []
             groups.append(current)
         elif current is not None:
@@ -162,12 +169,12 @@ def assign(kernels: list, order: list, statuses: dict) -> dict:
     cases = {name: dict(statuses.get(name, {})) for name in statuses}
     for name, group in zip(order, groups):
         case = cases.setdefault(name, {})
-        case["kernels"] = [k.get("Kernel Name", "")[:120] for k in group]
+        case["kernels"] = [kernel_name(k)[:120] for k in group]
         if not group:
             case["status"] = "no kernel profiled"
             continue
         main = max(group, key=lambda k: _number(k.get(METRICS["duration_ns"])) or 0.0)
-        case["kernel"] = main.get("Kernel Name", "")[:120]
+        case["kernel"] = kernel_name(main)[:120]
         case["metrics"] = {short: _number(main.get(full)) for short, full in METRICS.items()
                            if full in main}
     return cases
@@ -234,7 +241,8 @@ def target(cases_path: Path, manifest_path: Path) -> int:
 
     cases = json.loads(cases_path.read_text())
     nq, ng, lq, lg, d = NCU_SHAPE
-    dev, bf16 = "cuda", torch.bfloat16
+    dev = common.DEVICE
+    bf16 = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16
     q = torch.randn(nq, lq, d, device=dev, dtype=bf16)
     g = torch.randn(ng, lg, d, device=dev, dtype=bf16)
     e = torch.randn(lg, lq, device=dev)
@@ -256,16 +264,20 @@ def target(cases_path: Path, manifest_path: Path) -> int:
                 status["status"] = launch
                 continue
             launch()  # warm-up: compilation stays out of the profile
-            torch.cuda.synchronize()
+            common.sync()
             ready.append((case["name"], launch))
         except Exception as error:  # recorded per case
             status["status"] = f"error: {error!r}"[:500]
-    torch.cuda.profiler.start()
+    cuda = dev == "cuda"
+    if cuda:
+        torch.cuda.profiler.start()
     for name, launch in ready:
-        torch.cuda._sleep(1000)  # the marker before each case's kernels
+        if cuda:
+            torch.cuda._sleep(1000)  # the marker before each case's kernels
         launch()
-        torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+        common.sync()
+    if cuda:
+        torch.cuda.profiler.stop()
     manifest_path.write_text(json.dumps({"order": [n for n, _ in ready], "cases": statuses}, indent=1))
     print(f"ncu target: {len(ready)} of {len(cases)} cases launched")
     return 0

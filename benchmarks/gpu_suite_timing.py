@@ -174,11 +174,16 @@ def _tile_sums_kernel():
 
     @triton.jit
     def kernel(a_ptr, b_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        # Bands of GROUP_M row blocks sweep the columns: a band of A stays in L2 while B is
+        # read about M / (GROUP_M * BLOCK_M) times from DRAM (once per band).
         pid = tl.program_id(0)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        rows = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        band = pid // (GROUP_M * blocks_n)
+        band_rows = tl.minimum(blocks_m - band * GROUP_M, GROUP_M)
+        within = pid % (GROUP_M * blocks_n)
+        rows = (band * GROUP_M + within % band_rows) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (within // band_rows) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -195,7 +200,8 @@ def _tile_sums_kernel():
 _KERNEL = []
 
 
-def gemm_tile_sums(a, b, out=None, block=(128, 128, 64), num_warps=8, num_stages=3, tf32=True):
+def gemm_tile_sums(a, b, out=None, block=(128, 128, 64), num_warps=8, num_stages=3, tf32=True,
+                   group_m=64):
     """Per program, the sum of its ``block[0] x block[1]`` tile of ``a @ b.T`` (float32)."""
     import torch
     import triton
@@ -208,7 +214,7 @@ def gemm_tile_sums(a, b, out=None, block=(128, 128, 64), num_warps=8, num_stages
     out = torch.empty(programs, device=a.device, dtype=torch.float32) if out is None else out
     precision = "tf32" if (tf32 or a.dtype != torch.float32) else "ieee"
     _KERNEL[0][(programs,)](a, b, out, m, n, k, BLOCK_M=block[0], BLOCK_N=block[1],
-                            BLOCK_K=block_k, INPUT_PRECISION=precision,
+                            BLOCK_K=block_k, GROUP_M=group_m, INPUT_PRECISION=precision,
                             num_warps=num_warps, num_stages=num_stages)
     return out
 

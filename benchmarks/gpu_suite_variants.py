@@ -3,9 +3,10 @@ shape class, and the launch table (ops/tuning.py's format) the measurements supp
 
 Candidates come from the kernels' own lists, so what their owners add is swept: Triton's
 ``kernels.max_sim.forward_candidates`` and, for CUDA, ``tuning.CUDA_FORWARD_CANDIDATES`` (launch
-table "cuda" entries, default first) where it exists, else the default ``query_group``.
-Order-only variants (Triton ``group_q``, CUDA ``query_group``) are dropped by default: they
-change only DRAM reuse, 1-25 GB against 0.6-1.4 TB read from L2 (``--order-variants`` keeps them).
+table "cuda" entries, default first) where it exists, else ``tuning.CUDA_QUERY_GROUP_CANDIDATES``
+(a negative query_group selects another CUDA kernel, e.g. -1 the wgmma one). Order-only variants
+(Triton ``group_q``, CUDA ``query_group`` > 0) are dropped by default: they change only DRAM
+reuse, 1-25 GB against 0.6-1.4 TB read from L2 (``--order-variants`` keeps them).
 """
 
 from __future__ import annotations
@@ -96,14 +97,16 @@ def cuda_candidates(order_variants=False) -> list:
         entries = [{"query_group": 0}] + [{"query_group": g} for g in groups if g != 0]
     unique = []
     for entry in entries:
-        if not order_variants and "query_group" in entry:
-            entry = {**entry, "query_group": 0}  # 0: the kernel's default order
+        # query_group >= 0 is a block order of the mma.sync kernel (0: its default); a negative
+        # value selects another kernel (csrc/cuda: -1 the wgmma one), which is always kept.
+        if not order_variants and entry.get("query_group", -1) > 0:
+            entry = {**entry, "query_group": 0}
         if entry not in unique:
             unique.append(entry)
     return unique
 
 
-def cuda_query_groups(order_variants=True) -> list:
+def cuda_query_groups(order_variants=False) -> list:
     """The query_group orders among the CUDA candidates (0 = the kernel's default)."""
     return [e["query_group"] for e in cuda_candidates(order_variants) if set(e) == {"query_group"}]
 

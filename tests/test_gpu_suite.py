@@ -150,6 +150,13 @@ def test_order_only_variants_are_dropped_unless_asked_for():
 def test_cuda_candidates_come_from_the_tuning_module_when_it_lists_them(monkeypatch):
     from transmatcher_fast.ops import tuning
 
+    # A negative query_group selects another kernel (-1: wgmma): kept; orders > 0 dropped.
+    monkeypatch.setattr(tuning, "CUDA_QUERY_GROUP_CANDIDATES", (1, 4, -1, 16))
+    assert variants.cuda_candidates() == [{"query_group": 0}, {"query_group": -1}]
+    assert variants.cuda_query_groups() == [0, -1]
+    assert [variants.cuda_name(e) for e in variants.cuda_candidates()] == ["cuda-qg0", "cuda-qg-1"]
+    assert len(variants.cuda_candidates(order_variants=True)) == 5
+
     monkeypatch.setattr(tuning, "CUDA_FORWARD_CANDIDATES", (
         {"query_group": 0}, {"query_group": 4}, {"query_group": 0, "variant": "wgmma"}), raising=False)
     assert variants.cuda_candidates() == [{"query_group": 0}, {"query_group": 0, "variant": "wgmma"}]
@@ -591,8 +598,9 @@ def test_the_tile_sum_gemm_sums_each_tile_of_the_product():
     a, b = torch.randn(150, 40, dtype=torch.float64), torch.randn(70, 40, dtype=torch.float64)
     sums = timing.gemm_tile_sums(a.float(), b.float(), block=(64, 64, 32), num_warps=4, tf32=False)
     full = a @ b.T
-    expected = torch.stack([full[i:i + 64, j:j + 64].sum() for i in range(0, 150, 64)
-                            for j in range(0, 70, 64)])
+    # One band of row blocks (3 <= GROUP_M) sweeps the columns: column-major program order.
+    expected = torch.stack([full[i:i + 64, j:j + 64].sum() for j in range(0, 70, 64)
+                            for i in range(0, 150, 64)])
     scale = (a.abs() @ b.abs().T).sum() / len(expected)  # the size of a tile's terms
     assert ((sums.double() - expected).abs().max() / scale).item() < 1e-5
 
@@ -765,3 +773,44 @@ def test_plot_is_written_when_matplotlib_is_there(tmp_path):
     pytest.importorskip("matplotlib")
     report.plot(_fake_results(), tmp_path / "plot.png", _quiet)
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_market_section_times_each_backend_and_compares_their_distances(on_cpu, monkeypatch):
+    """The Market-size section's code on a tiny matcher (interpreter; 'cpu' stands in for the
+    second backend through the same launch tables): each backend timed, distances compared
+    with each other and with upstream's materialised computation on one chunk."""
+    from transmatcher_fast.ops import dispatch
+
+    for name, value in (("HEIGHT", 3), ("WIDTH", 3), ("D_MODEL", 16), ("FEEDFORWARD", 32), ("LAYERS", 2)):
+        monkeypatch.setattr(market, name, value)
+    backends = ["triton"] + (["cpu"] if "cpu" in dispatch.available_backends("cpu") else [])
+    tables = {b: {"format": 1, "device": None, "source": "test", "classes": {}} for b in backends}
+    result = market.market_eval(backends, tables, _quiet, lambda: 1e6, sizes=(3, 5),
+                                reference_chunk=(2, 3), amp=None, warm_counts=(1, 2),
+                                ceilings={"gemm_bf16_8192_tflops": 1.0})
+    for backend in backends:
+        entry = result["backends"][backend]
+        assert entry.get("ok"), entry
+        assert entry["seconds"] > 0 and "fraction_of_gemm_8192" in entry and "speedup_vs_upstream" in entry
+    if len(backends) == 2:
+        assert result["max_abs_distance_difference_between_backends"] < 1e-4
+    assert result["upstream_chunk"]["max_abs_distance_difference_vs_ours"] < 1e-4
+    skipped = market.market_eval(["triton"], tables, _quiet, lambda: 0.0, sizes=(3, 5),
+                                 reference_chunk=(2, 3), amp=None, warm_counts=(1,))
+    assert "deadline" in skipped["backends"]["triton"]["skipped"]
+
+
+def test_ncu_target_launches_every_available_case(on_cpu, monkeypatch, tmp_path):
+    """The profiled process's code on CPU tensors (interpreter, float32 for bf16): every case
+    with a hook is warmed up and launched, the ablations without one are recorded as such."""
+    monkeypatch.setattr(ncu, "NCU_SHAPE", (2, 3, 9, 7, 32))
+    sweep = {"classes": {"large-bf16": {"variants": [dict(v, config=TILED) for v in
+                                                     SWEEP["classes"]["large-bf16"]["variants"]
+                                                     if v["backend"] == "triton"]}}}
+    cases = ncu.ncu_cases(sweep, ["triton"])
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    assert ncu.target(tmp_path / "cases.json", tmp_path / "manifest.json") == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["order"] == ["triton-default-full", "triton-default-gate_off", "gemm-cublas",
+                                 "gemm-no-scores"]
+    assert manifest["cases"]["triton-default-mma_only"]["status"].startswith("not available")
