@@ -276,9 +276,12 @@ def run_sections(suite: Suite, args, backends, device_name) -> None:
 
     def market_eval():
         tables = market.backend_tables(state["table"], results.get("variants"), backends)
+        classes = (results.get("variants") or {}).get("classes") or {}
+        best = variants_mod.best_by_backend(classes.get("large-bf16") or {})
         later = plan_mod.later_s(plan, "market_eval")
         return market.market_eval(backends, tables, log, lambda: suite.remaining() - later,
-                                  ceilings=results.get("ceilings"))
+                                  ceilings=results.get("ceilings"),
+                                  rates={b: row.get("tflops") for b, row in best.items()})
 
     run("compile", lambda: compile_mod.warm_up(
         suite.out, log, backends, max(suite.estimates.get("compile", 30),

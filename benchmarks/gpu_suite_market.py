@@ -61,8 +61,10 @@ def warm_up(matcher, counts=(16, 17, 256, 257), dtype=None) -> None:
 
 def market_eval(backends, tables: dict, log, remaining, ceilings: dict | None = None,
                 sizes=MARKET, reference_chunk=(128, 256), amp="bfloat16",
-                warm_counts=(16, 17, 256, 257)) -> dict:
-    """``amp``: the autocast dtype of match (None: float32, the tests on the interpreter)."""
+                warm_counts=(16, 17, 256, 257), rates: dict | None = None) -> dict:
+    """``amp``: the autocast dtype of match (None: float32, the tests on the interpreter).
+    ``rates``: TFLOP/s per backend measured by the sweep (large-bf16): a backend runs only when
+    its expected time (at that rate, else the plan's assumed one) is left."""
     import torch
 
     import transmatcher_fast
@@ -75,7 +77,6 @@ def market_eval(backends, tables: dict, log, remaining, ceilings: dict | None = 
     num_q, num_g = sizes
     locations = HEIGHT * WIDTH
     work = 2.0 * num_q * num_g * locations * locations * D_MODEL * LAYERS
-    each_s = work / (COSTS["assumed_tflops"] * 1e12) + 2
     torch.manual_seed(0)
     matcher = TransMatcher(locations, D_MODEL, LAYERS, FEEDFORWARD).to(common.DEVICE).eval()
     shape = (HEIGHT, WIDTH, LAYERS * D_MODEL)
@@ -87,6 +88,9 @@ def market_eval(backends, tables: dict, log, remaining, ceilings: dict | None = 
     distances = {}
     for backend in backends:
         record = result["backends"][backend] = {"launch_table": tables.get(backend)}
+        rate = (rates or {}).get(backend) or COSTS["assumed_tflops"]
+        each_s = work / (rate * 1e12) + 5  # + warm-up and projections
+        record["expected_s"] = round(each_s, 1)
         if remaining() < each_s:
             record["skipped"] = f"deadline: {remaining():.0f} s left, estimated {each_s:.0f} s"
             continue

@@ -737,8 +737,8 @@ def test_every_gpu_section_runs_in_order_on_the_interpreter(on_cpu, monkeypatch,
                                                                     shape=(2, 2, 9, 7, 20)))
     monkeypatch.setattr(timing, "bench_evaluation", functools.partial(
         timing.bench_evaluation, shape=(2, 4, 9, 7, 20), chunk=2, dtypes=(("fp32-tf32", "float32"),)))
-    monkeypatch.setattr(market, "market_eval", lambda backends, tables, log, remaining, ceilings:
-                        seen.setdefault("market", {"tables": tables}))
+    monkeypatch.setattr(market, "market_eval", lambda backends, tables, log, remaining, ceilings,
+                        rates: seen.setdefault("market", {"tables": tables, "rates": rates}))
     monkeypatch.setattr(market, "bench_transreid_gpu", lambda out, log, timeout, env=None:
                         {"returncode": 0, "timeout": timeout})
     tiny_test = tmp_path / "test_tiny.py"
@@ -763,6 +763,7 @@ def test_every_gpu_section_runs_in_order_on_the_interpreter(on_cpu, monkeypatch,
     assert saved["variants"]["table_check"]["small-fp16"]["ok"]
     assert "triton-default-full" in seen["ncu"]["cases"]
     assert seen["market"]["tables"]["triton"]["classes"]["small-fp16"]["backend"] == "triton"
+    assert seen["market"]["rates"] == {}  # no large-bf16 class in this sweep: the plan's rate
     assert "tuned_auto" in saved["training"]["methods"]
     assert "tuned_auto" in saved["evaluation"]["fp32-tf32"]["methods"]
     summary = report.summary_table(saved)
