@@ -815,3 +815,47 @@ def test_ncu_target_launches_every_available_case(on_cpu, monkeypatch, tmp_path)
     assert manifest["order"] == ["triton-default-full", "triton-default-gate_off", "gemm-cublas",
                                  "gemm-no-scores"]
     assert manifest["cases"]["triton-default-mma_only"]["status"].startswith("not available")
+
+
+AOT_TILE_SUMS = textwrap.dedent("""
+    import json, re, subprocess, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import gpu_suite_timing
+    kernel = gpu_suite_timing._tile_sums_kernel()
+    constexprs = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 64,
+                  "INPUT_PRECISION": "tf32"}
+    signature = {n: "constexpr" if n in constexprs else "*bf16" if n in ("a_ptr", "b_ptr")
+                 else "*fp32" if n == "out_ptr" else "i32" for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if n not in constexprs}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                        attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 8, "num_stages": 3})
+    cubin = Path(sys.argv[2])
+    cubin.write_bytes(compiled.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True).stdout
+    print(json.dumps({"wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "usage": usage}))
+""")
+
+
+def test_the_no_scores_baseline_compiles_to_wgmma_on_hopper_without_spills(tmp_path):
+    """The same-shape baseline is a fair one on the GPU: Hopper tensor cores (wgmma), no local
+    memory; compiled ahead of time for sm_90 (no GPU needed; not in the interpreter)."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("no cuobjdump in the triton wheel")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", AOT_TILE_SUMS, str(REPO / "benchmarks"),
+                           str(tmp_path / "k.cubin")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["wgmma"]
+    found = re.search(r"STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", result["usage"])
+    assert found and found.groups() == ("0", "0"), result["usage"]
