@@ -135,8 +135,8 @@ def run(args) -> dict:
     trainer = Trainer(dino)
     probe_items = dataset.train[::max(1, len(dataset.train) // PROBE_IMAGES)][:PROBE_IMAGES]
     transform = trainer.test_transform()
-    from transmatcher_fast.data.transforms import open_rgb
-    images = torch.stack([transform(open_rgb(path)) for path, _, _ in probe_items])
+    from transmatcher_fast.data.images import open_image
+    images = torch.stack([transform(open_image(path)) for path, _, _ in probe_items])
     stats = [{"epoch": -1, **probe(trainer.parts, images, 0)}]  # the random initialisation
     knn_before = evaluate(trainer.model, trainer.matcher, dataset.query, dataset.gallery, height=128, width=64,
                           workers=0, progress=False, transform=transform).metrics

@@ -364,6 +364,10 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     data.add_argument("--height", type=_positive_int, **by_method("height", "input height"))
     data.add_argument("--width", type=_positive_int, **by_method("width", "input width"))
     data.add_argument("-j", "--workers", type=int, default=d.workers, help="data loader workers")
+    data.add_argument("--skip-bad-images", dest="skip_bad_images", action=argparse.BooleanOptionalAction,
+                      default=d.skip_bad_images,
+                      help="decode every training image first and leave the unreadable ones out "
+                           "(listed once, and in EXP_DIR/log.jsonl) instead of stopping at the first")
     model = train.add_argument_group("model")
     model.add_argument("--method", "--matcher", dest="method", default=d.method,
                        help="transmatcher, qaconv (fused matchers of feature maps) or transreid (ViT "
@@ -696,7 +700,8 @@ def run_cfs(args: argparse.Namespace) -> int:
                              transform=cfs.build_cfs_transform(args.height, args.width),
                              batch_size=args.batch_size, num_workers=args.workers,
                              amp=None if args.amp == "none" else args.amp, save_every=args.save_every,
-                             progress=args.progress, max_batches=args.max_batches)
+                             progress=args.progress, max_batches=args.max_batches,
+                             skip_bad_images=args.skip_bad_images)
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             raise
@@ -749,6 +754,9 @@ def add_cfs_parser(commands) -> argparse.ArgumentParser:
                      help="bare weight files: height/width ratio of their position grid (DINO on LUPerson: 2)")
     cfs.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=64)
     cfs.add_argument("-j", "--workers", type=_non_negative_int, default=2, help="data loader workers")
+    cfs.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true",
+                     help="score unreadable images NaN and list them in OUT/cfs_failed.txt (ranked "
+                          "last) instead of stopping at the first")
     cfs.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
     cfs.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                      help="autocast of the forwards (none: float32 scores, an order free of rounding)")

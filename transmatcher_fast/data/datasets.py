@@ -117,6 +117,12 @@ class ReidDataset:
         extensions = tuple(extensions)
         return sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions and p.is_file())
 
+    def drop_train_images(self, paths: Iterable[str]) -> None:
+        """Leave the training images at ``paths`` out (unreadable files, ``--skip-bad-images``);
+        identities are renumbered 0..N-1 again if one loses all its images."""
+        drop = {str(p) for p in paths}
+        self.train = relabel([item for item in self.train if str(item[0]) not in drop])
+
     # --- views ------------------------------------------------------------------------------
     @property
     def has_views(self) -> bool:

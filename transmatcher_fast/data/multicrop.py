@@ -31,9 +31,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from .images import open_image
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ColorJitter, Compose, GaussianBlur, Normalize,
                          RandomApply, RandomGrayscale, RandomHorizontalFlip, RandomResizedCrop,
-                         SeededDataset, Solarize, ToTensor, open_rgb, seeded_loader)
+                         SeededDataset, Solarize, ToTensor, seeded_loader)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -143,7 +144,7 @@ class UnlabelledImages(SeededDataset):
 
     def __getitem__(self, key):
         index = self._index(key)
-        image = open_rgb(self.paths[index])
+        image = open_image(self.paths[index])
         return (self.transform(image) if self.transform is not None else image), index
 
     def __repr__(self) -> str:

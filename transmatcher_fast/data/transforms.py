@@ -30,6 +30,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from .images import open_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -514,16 +516,6 @@ def sample_seed(seed: int, stream: int, epoch: int, position: int, index: int) -
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
-def open_rgb(path: str) -> Image.Image:
-    """The image at ``path`` as RGB; an unreadable file raises an OSError that names it (PIL's
-    own messages, such as 'Truncated File Read', do not)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError) as error:  # PIL's ways to fail
-        raise OSError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from error
-
-
 class SeededDataset(Dataset):
     """What a dataset needs to augment a sample as a function of (seed, stream, epoch, position,
     index): with ``seed``, a key ``(index, epoch, position)`` (what :class:`SampleKeys` yields)
@@ -569,7 +561,7 @@ class ReidImageDataset(SeededDataset):
     def __getitem__(self, key):
         index = self._index(key)
         path, pid, camid = self.items[index]
-        image = open_rgb(path)
+        image = open_image(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, pid, camid, index

@@ -206,7 +206,8 @@ def compute_cfs_scores(source_model: nn.Module, target_model: nn.Module, paths: 
                        transform: Optional[Callable] = None, batch_size: int = 64, num_workers: int = 0,
                        amp: Union[str, torch.dtype, None] = None, save_every: int = 50,
                        progress: bool = True, max_batches: Optional[int] = None,
-                       on_batch: Optional[Callable[[int, int], None]] = None) -> CFSResult:
+                       on_batch: Optional[Callable[[int, int], None]] = None,
+                       skip_bad_images: bool = True) -> CFSResult:
     """Score every image of ``paths`` (resumably, in ``out_dir``; see the module docstring).
 
     ``root``: a folder the paths are relative to (they are recorded as given, as upstream's list
@@ -217,7 +218,9 @@ def compute_cfs_scores(source_model: nn.Module, target_model: nn.Module, paths: 
     batches between two saves of the progress. ``max_batches``: stop (saved) after this many
     batches in this call, e.g. to split the work between jobs; ``on_batch(done, total)`` is called
     after each batch. Unreadable images (and non-finite scores) are recorded in ``failed`` and
-    scored NaN; they never stop the run. Returns the :class:`CFSResult` so far
+    scored NaN; they never stop the run, unless ``skip_bad_images=False``: then the first
+    unreadable image raises an ``ImageReadError`` naming it (what was scored before is kept).
+    Returns the :class:`CFSResult` so far
     (``.complete`` tells whether every path was processed)."""
     paths = _check_paths(paths)
     if batch_size < 1:
@@ -237,7 +240,7 @@ def compute_cfs_scores(source_model: nn.Module, target_model: nn.Module, paths: 
     base = Path(root) if root is not None else None
     items = [(str(base / p) if base is not None else p, 0, 0) for p in paths[done:]]
     loader = checked_loader(items, transform, batch_size, num_workers=num_workers,
-                            skip_bad_images=True, pin_memory=torch.cuda.is_available())
+                            skip_bad_images=skip_bad_images, pin_memory=torch.cuda.is_available())
     modes = [(m, m.training) for m in (source_model, target_model)]
     start, unsaved, batches = done, 0, 0
     bar = tqdm(total=len(paths), initial=done, desc="CFS", unit="img", disable=None if progress else True)

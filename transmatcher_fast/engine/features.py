@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from ..data.images import IMAGE_ERRORS, ImageReadError, open_image  # noqa: F401  (re-exported)
 from ..models import memory
 
 # Share of the device's free memory the stored features may take; the rest is left for matching.
@@ -50,32 +50,7 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-# What reading a broken image file raises: PIL's truncated / unidentified-image errors and missing
-# files are OSErrors; some decoders raise ValueError, SyntaxError or EOFError; huge images raise
-# DecompressionBombError.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SKIPPED_SHOWN = 5  # paths printed by skipped_summary
-
-
-class ImageReadError(OSError):
-    """An image file that cannot be read; the message starts with its path. ``path`` holds it
-    (None after the exception crossed from a DataLoader worker, which re-creates it from the
-    message alone)."""
-
-    def __init__(self, message: str, path: Optional[str] = None):
-        super().__init__(message)
-        self.path = path
-
-
-def open_image(path) -> Image.Image:
-    """The RGB image at ``path``, fully decoded; any reading error is re-raised as an
-    :class:`ImageReadError` naming the file and the cause (e.g. ``'.../0001_c1s1_000151_00.jpg:
-    cannot read the image (OSError: image file is truncated ...)'``)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except IMAGE_ERRORS as e:
-        raise ImageReadError(f"{path}: cannot read the image ({type(e).__name__}: {e})", str(path)) from e
 
 
 class CheckedImages(Dataset):

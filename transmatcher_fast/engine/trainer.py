@@ -42,11 +42,12 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import dataset_root
+from ..data.images import find_unreadable
 from ..methods import METHOD_DEFAULTED, get_method
 from ..methods.schedules import SCHEDULES, build_schedule
 from . import checkpoint, matching, rundir
 from .evaluate import evaluate, extract
-from .features import autocast, parse_dtype
+from .features import SKIPPED_SHOWN, autocast, parse_dtype
 from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler, ShuffledBatchSampler
 
 SAMPLERS = ("graph", "pk", "pk_all", "random")
@@ -137,6 +138,7 @@ class TrainConfig:
     height: Any = FROM_METHOD
     width: Any = FROM_METHOD
     workers: int = 4
+    skip_bad_images: bool = False  # check every training image first; leave unreadable ones out
     # model
     arch: Any = FROM_METHOD
     ibn: Any = FROM_METHOD
@@ -388,6 +390,7 @@ class Trainer:
         self.dataset = self.method.dataset(config)
         if self.is_main:
             print(self.dataset.summary())
+        self.skipped_images = self._leave_out_unreadable() if config.skip_bad_images else []
         self.model_args = self.method.model_args(config, self.dataset)
         self.parts = self.method.build(config, self.model_args)
         for part in self.parts.values():
@@ -417,6 +420,26 @@ class Trainer:
         self.best: Optional[Dict[str, Any]] = None  # {"epoch", "mAP", "rank1"} of best.pt
         self.config_changes: List[Dict[str, Any]] = []  # what each resume changed
         self._writer = None
+
+    def _leave_out_unreadable(self) -> List[Tuple[str, str]]:
+        """``--skip-bad-images``: every training image is decoded once, before the sampler is
+        built, and the unreadable ones are left out of the dataset. The same files give the same
+        list, so a resumed run samples its epochs exactly as the interrupted one did. Returns
+        their ``(path, error)``; ``fit`` records them in log.jsonl."""
+        paths = [path for path, _, _ in self.dataset.train]
+        bad = find_unreadable(paths, workers=self.config.workers,
+                              progress=self.config.progress and self.is_main)
+        if bad:
+            self.dataset.drop_train_images(path for path, _ in bad)
+            if self.is_main:
+                shown = "".join(f"\n  {error}" for _, error in bad[:SKIPPED_SHOWN])
+                more = f"\n  ... and {len(bad) - SKIPPED_SHOWN} more" if len(bad) > SKIPPED_SHOWN else ""
+                print(f"--skip-bad-images: left out {len(bad)} of {len(paths)} training images that "
+                      f"cannot be read (all listed in {self.exp_dir / LOG_NAME}):{shown}{more}")
+        if not self.dataset.train:
+            raise ValueError(f"--skip-bad-images: none of the {len(paths)} training images can "
+                             "be read")
+        return bad
 
     def _build_sampler(self):
         """The configuration's batch sampler over the training items' identities (one identity
@@ -569,6 +592,25 @@ class Trainer:
             for key, value in record.items():
                 if key not in ("kind", "epoch", "step", "time") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def _log_skipped_images(self) -> None:
+        """One log.jsonl record of the images ``--skip-bad-images`` left out; a resumed run
+        that finds the same ones does not list them again."""
+        if not (self.skipped_images and self.is_main):
+            return
+        images = [{"path": path, "error": error} for path, error in self.skipped_images]
+        path = self.exp_dir / LOG_NAME
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("kind") == "skipped_images" \
+                        and record.get("images") == images:
+                    return
+        self._log({"kind": "skipped_images", "epoch": self.start_epoch, "step": self.global_step,
+                   "count": len(images), "images": images, "time": time.time()})
 
     def _truncate_log(self, epochs_done: int) -> None:
         """Drop the records of the epoch a killed run did not finish (it runs again), and any
@@ -754,6 +796,7 @@ class Trainer:
         if self.config.resume:
             self._resume()
         self._open_writer()
+        self._log_skipped_images()
         try:
             epoch = self.start_epoch
             while epoch < self.schedule.end:

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 
 from ..data.datasets import DatasetLayoutError
+from ..data.images import ImageReadError
 from .rundir import RunDirError
 
 PathLike = Union[str, os.PathLike]
@@ -27,10 +28,11 @@ class UserError(Exception):
 
 def is_user_error(error: BaseException) -> bool:
     """Whether ``error`` is the user's (bad input), not a bug: a :class:`UserError`, a
-    :class:`~.rundir.RunDirError`, a :class:`~..data.DatasetLayoutError`, or a ValueError,
+    :class:`~.rundir.RunDirError`, a :class:`~..data.DatasetLayoutError`, an unreadable image
+    file (:class:`~..data.images.ImageReadError`, also from a loader worker), or a ValueError,
     KeyError or OSError (file not found, permission denied, ...) raised by this package's own
     code (its innermost frame is in ``transmatcher_fast``), which raises those for bad input."""
-    if isinstance(error, (UserError, RunDirError, DatasetLayoutError)):
+    if isinstance(error, (UserError, RunDirError, DatasetLayoutError, ImageReadError)):
         return True
     if not isinstance(error, (ValueError, KeyError, OSError)):
         return False
