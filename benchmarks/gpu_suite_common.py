@@ -19,7 +19,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE = "cuda"  # where the timing, sweep and ncu sections put their tensors (tests use "cpu")
+# Where the timing, sweep, compile and ncu code puts its tensors; tests use "cpu" (the Triton
+# interpreter), also in the worker processes (GPU_SUITE_DEVICE).
+DEVICE = os.environ.get("GPU_SUITE_DEVICE", "cuda")
 DEFAULT_DEADLINE_S = 480.0
 WATCHDOG_GRACE_S = 30.0  # after the deadline, the watchdog saves what there is and exits
 LIVE: set = set()  # subprocesses this suite started and has not reaped (the watchdog ends them)

@@ -72,18 +72,19 @@ def run_job(job: dict) -> None:
 
     dtype_name, tf32 = LABEL_DTYPES[job["label"]]
     dtype = getattr(torch, dtype_name)
+    dev = common.DEVICE
     if job["kind"] == "tile_sums":
-        a = torch.randn(300, 512, device="cuda", dtype=dtype)
+        a = torch.randn(300, job.get("d", 512), device=dev, dtype=dtype)
         gemm_tile_sums(a, a)
         return
     nq, ng, lq, lg, d = job["shape"]
-    q = torch.randn(nq, lq, d, device="cuda", dtype=dtype)
-    g = torch.randn(ng, lg, d, device="cuda", dtype=dtype)
-    e = torch.randn(lg, lq, device="cuda") if job["gate"] else None
+    q = torch.randn(nq, lq, d, device=dev, dtype=dtype)
+    g = torch.randn(ng, lg, d, device=dev, dtype=dtype)
+    e = torch.randn(lg, lq, device=dev) if job["gate"] else None
     if job["kind"] == "config":
-        outs = [torch.empty(nq, ng, lq, device="cuda"), torch.empty(nq, ng, lg, device="cuda"),
-                torch.empty(nq, ng, lq, device="cuda", dtype=torch.int32),
-                torch.empty(nq, ng, lg, device="cuda", dtype=torch.int32)]
+        outs = [torch.empty(nq, ng, lq, device=dev), torch.empty(nq, ng, lg, device=dev),
+                torch.empty(nq, ng, lq, device=dev, dtype=torch.int32),
+                torch.empty(nq, ng, lg, device=dev, dtype=torch.int32)]
         sig = None if e is None else torch.sigmoid(e).contiguous()
         precision = "tf32" if tf32 or dtype != torch.float32 else "ieee"
         kernels.forward(q, g, sig, outs, config=kernels.ForwardConfig(**job["config"]),
@@ -100,26 +101,27 @@ def worker(jobs_path: Path, index: int, count: int, result_path: Path) -> int:
     from gpu_suite_build import import_package
 
     import_package(lambda text: None)
-    import torch
 
     done = []
     for job in json.loads(jobs_path.read_text())[index::count]:
         start = time.time()
         record = {"job": job}
         common.attempt(record, lambda text: None, "compile", lambda: run_job(job))
-        torch.cuda.synchronize()
+        common.sync()
         record["seconds"] = round(time.time() - start, 2)
         done.append(record)
     result_path.write_text(json.dumps(done))
     return 0
 
 
-def warm_up(out: Path, log, backends, timeout: float, workers: int, order_variants=False) -> dict:
-    """The compile section: ``workers`` processes share the jobs; their results are merged."""
+def warm_up(out: Path, log, backends, timeout: float, workers: int, order_variants=False,
+            found: list | None = None) -> dict:
+    """The compile section: ``workers`` processes share the jobs (``found``, default ``jobs()``);
+    their results are merged."""
     from transmatcher_fast.kernels import max_sim as kernels
 
     start = time.time()
-    found = jobs(backends, kernels, order_variants)
+    found = jobs(backends, kernels, order_variants) if found is None else found
     if not found:
         return {"jobs": 0, "note": "no Triton backend"}
     workers = max(1, min(workers, len(found)))
@@ -132,7 +134,8 @@ def warm_up(out: Path, log, backends, timeout: float, workers: int, order_varian
         cmd = [sys.executable, str(Path(__file__).resolve()), "--jobs", str(jobs_path),
                "--worker", str(index), "--workers", str(workers),
                "--result", str(folder / f"worker{index}.json")]
-        procs.append(common.popen(cmd, folder / f"worker{index}.log"))
+        procs.append(common.popen(cmd, folder / f"worker{index}.log",
+                                  env={**os.environ, "GPU_SUITE_DEVICE": common.DEVICE}))
     deadline = start + timeout
     for proc in procs:
         common.wait(proc, max(1.0, deadline - time.time()))

@@ -93,7 +93,7 @@ def available_metrics(log, timeout=60) -> tuple[list, dict]:
     return chosen, {"missing_metrics": missing}
 
 
-def run_ncu(out: Path, log, cases: list, timeout: float, env=None) -> dict:
+def run_ncu(out: Path, log, cases: list, timeout: float, env=None, shape=None) -> dict:
     """The ncu section: one profiled process over every case; per case its kernels' metrics."""
     if not cases:
         return {"skipped": "no cases"}
@@ -103,7 +103,8 @@ def run_ncu(out: Path, log, cases: list, timeout: float, env=None) -> dict:
     start = time.time()
     metrics, info = available_metrics(log)
     cases_path = out / "ncu_cases.json"
-    cases_path.write_text(json.dumps(cases, indent=1))
+    shape = list(shape or NCU_SHAPE)
+    cases_path.write_text(json.dumps({"shape": shape, "cases": cases}, indent=1))
     raw_path = out / "ncu_raw.csv"
     manifest_path = out / "ncu_manifest.json"
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics",
@@ -111,7 +112,7 @@ def run_ncu(out: Path, log, cases: list, timeout: float, env=None) -> dict:
            sys.executable, str(Path(__file__).resolve()), "--target", str(cases_path),
            "--manifest", str(manifest_path)]
     record = common.run(cmd, max(1.0, timeout - (time.time() - start)), log, env=env, tail=3000)
-    result = {"cmd": record["cmd"], "returncode": record["returncode"],
+    result = {"cmd": record["cmd"], "returncode": record["returncode"], "shape": shape,
               "timed_out": record["timed_out"], "metrics": metrics, **info,
               "target_output_tail": record.get("output_tail", "")[-1500:]}
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -239,8 +240,9 @@ def target(cases_path: Path, manifest_path: Path) -> int:
     from transmatcher_fast.kernels import max_sim as kernels
     from gpu_suite_timing import gemm_tile_sums
 
-    cases = json.loads(cases_path.read_text())
-    nq, ng, lq, lg, d = NCU_SHAPE
+    plan = json.loads(cases_path.read_text())
+    cases = plan["cases"]
+    nq, ng, lq, lg, d = plan["shape"]
     dev = common.DEVICE
     bf16 = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16
     q = torch.randn(nq, lq, d, device=dev, dtype=bf16)

@@ -804,12 +804,11 @@ def test_market_section_times_each_backend_and_compares_their_distances(on_cpu, 
 def test_ncu_target_launches_every_available_case(on_cpu, monkeypatch, tmp_path):
     """The profiled process's code on CPU tensors (interpreter, float32 for bf16): every case
     with a hook is warmed up and launched, the ablations without one are recorded as such."""
-    monkeypatch.setattr(ncu, "NCU_SHAPE", (2, 3, 9, 7, 32))
     sweep = {"classes": {"large-bf16": {"variants": [dict(v, config=TILED) for v in
                                                      SWEEP["classes"]["large-bf16"]["variants"]
                                                      if v["backend"] == "triton"]}}}
     cases = ncu.ncu_cases(sweep, ["triton"])
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "cases.json").write_text(json.dumps({"shape": [2, 3, 9, 7, 32], "cases": cases}))
     assert ncu.target(tmp_path / "cases.json", tmp_path / "manifest.json") == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["order"] == ["triton-default-full", "triton-default-gate_off", "gemm-cublas",
@@ -859,3 +858,72 @@ def test_the_no_scores_baseline_compiles_to_wgmma_on_hopper_without_spills(tmp_p
     assert result["wgmma"]
     found = re.search(r"STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", result["usage"])
     assert found and found.groups() == ("0", "0"), result["usage"]
+
+
+def test_compile_workers_run_their_share_of_the_jobs(on_cpu, tmp_path):
+    """The compile section's processes on the interpreter: every job runs in one of the workers
+    (each in a fresh process), a failing one is reported, the section goes on."""
+    from dataclasses import asdict
+
+    from transmatcher_fast.kernels import max_sim as kernels
+
+    found = [{"kind": "op", "shape": [2, 3, 9, 7, 16], "label": "fp32-ieee", "gate": True,
+              "backward": True},
+             {"kind": "config", "shape": [2, 3, 9, 7, 16], "label": "fp16", "gate": False,
+              "config": asdict(kernels.ForwardConfig())},
+             {"kind": "tile_sums", "label": "fp32-tf32", "d": 16},
+             {"kind": "op", "shape": [2, 2, 9, 7, 16], "label": "fp64", "gate": True, "backward": False}]
+    result = compile_mod.warm_up(tmp_path, _quiet, ["triton"], 240, 2, found=found)
+    assert result["workers"] == 2 and result["done"] == 4, result
+    assert [f["job"]["label"] for f in result["failed"]] == ["fp64"]
+    assert compile_mod.warm_up(tmp_path, _quiet, ["cuda"], 10, 2) == {"jobs": 0, "note": "no Triton backend"}
+
+
+FAKE_NCU = textwrap.dedent('''
+    """A stand-in for Nsight Compute: --query-metrics lists base names (not the wgmma pipe); a
+    profile runs the target and writes a raw CSV with a marker before each launched case."""
+    import json, subprocess, sys
+    args = sys.argv[1:]
+    if "--query-metrics" in args:
+        print("Device GH100")
+        for name in ("gpu__time_duration", "sm__pipe_tensor_op_hmma_cycles_active", "dram__bytes_read",
+                     "sm__warps_active", "sm__inst_issued"):
+            print(f"{name}    a description")
+        sys.exit(0)
+    log = args[args.index("--log-file") + 1]
+    metrics = args[args.index("--metrics") + 1].split(",")
+    target = next(i for i, a in enumerate(args) if a.endswith("gpu_suite_ncu.py")) - 1
+    rc = subprocess.run(args[target:]).returncode
+    manifest = json.loads(open(args[args.index("--manifest") + 1]).read())
+    lines = ['"ID","Kernel Name",' + ",".join(f'"{m}"' for m in metrics), '"","",' + ",".join('""' for m in metrics)]
+    row = 0
+    for case in manifest["order"]:
+        for name in ("spin_kernel", "kernel_of_" + case):
+            lines.append(f'"{row}","{name}",' + ",".join(f'"{row + 1}"' for m in metrics))
+            row += 1
+    open(log, "w").write("==PROF== Disconnected\\n" + "\\n".join(lines) + "\\n")
+    sys.exit(rc)
+''')
+
+
+def test_ncu_section_end_to_end_with_a_stand_in_ncu(on_cpu, monkeypatch, tmp_path):
+    """run_ncu's whole path (metric query, the profiled target process, the CSV split into cases)
+    with a fake ncu on PATH and the target on CPU tensors."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ncu"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_NCU)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GPU_SUITE_DEVICE", "cpu")
+    cases = ncu.ncu_cases(None, ["triton"])
+    result = ncu.run_ncu(tmp_path, _quiet, cases, 240, shape=(2, 3, 9, 7, 32))
+    assert result["returncode"] == 0, result
+    assert "--clock-control none" in result["cmd"]
+    assert ncu.METRICS["tensor_pipe_wgmma_pct"] in result["missing_metrics"]
+    assert ncu.METRICS["tensor_pipe_wgmma_pct"] not in result["metrics"]
+    full = result["cases"]["triton-default-full"]
+    assert full["kernel"] == "kernel_of_triton-default-full" and full["metrics"]["duration_ns"] > 0
+    assert "tensor_pipe_wgmma_pct" not in full["metrics"]
+    assert result["cases"]["triton-default-max_only"]["status"].startswith("not available")
+    assert result["cases"]["gemm-no-scores"]["kernel"] == "kernel_of_gemm-no-scores"
