@@ -1,8 +1,9 @@
 """GPU suite, ncu: where the forward's time goes, from hardware counters.
 
 One ``ncu --clock-control none`` run (the card's clocks are left as they are) profiles one launch
-of each case with a few metrics: tensor-pipe utilisation (mma.sync and wgmma pipes), bytes from
-L2 to the SMs, DRAM bytes, issue-slot utilisation, achieved occupancy and the duration. Cases, on
+of each case with a few metrics (those this ncu knows for the GPU, ``--query-metrics``):
+tensor-pipe utilisation (all MMAs, and the mma.sync and wgmma parts), bytes from L2 to the SMs
+(and all L2 bytes), DRAM bytes, issue-slot utilisation, achieved occupancy and the duration. Cases, on
 ``NCU_SHAPE`` in bf16: each backend's default forward and its best other candidate from the
 sweep, each also with ablations inside the same kernel structure, and the two same-shape GEMM
 baselines (cuBLAS, which writes the scores, and the tile-sum GEMM that does not):
@@ -40,10 +41,13 @@ NCU_SHAPE = (128, 256, 192, 192, 512)  # 2.5 TFLOP: milliseconds per launch, fil
 ABLATIONS = ("full", "gate_off", "max_only", "mma_only")
 METRICS = {
     "duration_ns": "gpu__time_duration.sum",
+    # The tensor pipe (every MMA: mma.sync, and wgmma on GH100), then its mma.sync / wgmma parts.
+    "tensor_pipe_pct": "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
     "tensor_pipe_mma_pct": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
     "tensor_pipe_wgmma_pct": "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
     "l2_to_sm_bytes": "l1tex__m_xbar2l1tex_read_bytes.sum",
     "l2_read_sectors_from_sm": "lts__t_sectors_srcunit_tex_op_read.sum",
+    "l2_bytes": "lts__t_bytes.sum",  # all L2 traffic (TMA loads included)
     "dram_read_bytes": "dram__bytes_read.sum",
     "dram_write_bytes": "dram__bytes_write.sum",
     "issue_slot_pct": "sm__inst_issued.avg.pct_of_peak_sustained_active",
