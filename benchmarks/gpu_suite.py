@@ -132,6 +132,7 @@ def main(argv=None) -> int:
             record["note"] = "build command replaced (--build-cmd)" + (": dry run" if args.dry_run else "")
         return record
     suite.section("build", build, estimate_s=0)  # always runs: everything after needs it
+    suite.results["sections"]["build"]["estimate_s"] = suite.estimates["build"]  # for the record
     # The default build's processes import from the source tree (an own build command may install).
     made_link = build_cmd is None and not args.dry_run and build_mod.link_kernels(suite.log)
     child = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(out),
