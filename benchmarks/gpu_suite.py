@@ -56,7 +56,6 @@ from gpu_suite_common import REPO, WATCHDOG_GRACE_S, Suite  # noqa: E402
 from gpu_suite_report import plot, summary_table  # noqa: E402
 
 PYTEST_FILES = ["tests/test_triton_kernels.py"]
-SWEEP_MIN_S = 30
 OPTIONAL_MODULES = ("matplotlib", "pytest", "tqdm", "yaml", "PIL", "setuptools", "ninja")
 
 
@@ -250,7 +249,8 @@ def run_sections(suite: Suite, args, backends, device_name) -> None:
 
     def variants():
         estimate = suite.estimates.get("variants", 60)
-        budget = max(SWEEP_MIN_S, min(2 * estimate, suite.remaining() - plan_mod.later_s(plan, "variants")))
+        budget = max(plan_mod.SWEEP_MIN_S,
+                     min(2 * estimate, suite.remaining() - plan_mod.later_s(plan, "variants")))
         sweep = variants_mod.sweep_variants(backends, log, budget, order_variants=args.order_variants,
                                             progress=lambda partial: suite.partial("variants", partial))
         sweep["summary"] = variants_mod.sweep_summary(sweep)

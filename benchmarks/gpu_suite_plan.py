@@ -43,6 +43,7 @@ COSTS = {
 }
 MARKET = (3368, 15913, 192, 192, 512, 3)  # queries, gallery, Lq, Lg, D, layers
 BACKENDS = ("triton", "cuda")  # what the GPU box is planned for (before the build says)
+SWEEP_MIN_S = 30  # the sweep's least budget (each backend's defaults always run)
 
 
 def source_kernels():
@@ -143,11 +144,28 @@ def make_plan(deadline_s: float, backends=BACKENDS, order_variants=False, kernel
     kernels = kernels if kernels is not None else source_kernels()
     c = counts(backends, kernels, order_variants, build_jobs)
     sections = estimates(c)
+    _fit_sweep(sections, c, deadline_s)
     total = round(sum(s["estimate_s"] for s in sections.values()), 1)
     return {"deadline_s": deadline_s, "total_s": total, "fits": total <= deadline_s,
             "backends_planned": list(backends), "kernels_counted": kernels is not None,
             "counts": c, "sections": sections, "costs": dict(COSTS),
             "optional": {"pytest": f"last, with the time left (at least {COSTS['pytest_min_s']} s)"}}
+
+
+def _fit_sweep(sections: dict, c: dict, deadline_s: float) -> None:
+    """The sweep is the elastic section (its launches past the budget are skipped, defaults
+    first): where the plan is over the deadline it gets what the others leave, at least
+    SWEEP_MIN_S."""
+    over = sum(s["estimate_s"] for s in sections.values()) - deadline_s
+    sweep = sections["variants"]
+    if over <= 0 or sweep["estimate_s"] <= SWEEP_MIN_S:
+        return
+    budget = max(SWEEP_MIN_S, sweep["estimate_s"] - over)
+    fixed = len(c["sweep_launches"]) * COSTS["class_fixed_s"] + c["table_checks"] * COSTS["method_s"]
+    launches = sum(c["sweep_launches"].values())
+    timed = max(0, min(launches, int((budget - fixed) / COSTS["variant_s"])))
+    sweep.update(estimate_s=round(budget, 1),
+                 basis=sweep["basis"] + f"; budget to the deadline: about {timed} of {launches} timed")
 
 
 def format_plan(plan: dict) -> str:

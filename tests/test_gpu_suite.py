@@ -93,6 +93,20 @@ def test_plan_counts_what_the_sections_will_run():
     assert plan_mod.estimates(more)["variants"]["estimate_s"] > plan_mod.estimates(c)["variants"]["estimate_s"]
 
 
+def test_many_candidates_shrink_the_sweeps_budget_not_the_plans_fit(monkeypatch):
+    """Candidates the kernels' owners add make the sweep longer; past the deadline the plan gives
+    it what the other sections leave (its launches beyond are skipped at run time)."""
+    real = plan_mod.counts
+    monkeypatch.setattr(plan_mod, "counts", lambda *a, **k: dict(
+        real(*a, **k), sweep_launches={"small-fp16": 60, "large-bf16": 60, "large-fp32-tf32": 60}))
+    plan = plan_mod.make_plan(480)
+    assert plan["fits"] and plan["total_s"] <= 480
+    assert "budget to the deadline" in plan["sections"]["variants"]["basis"]
+    tight = plan_mod.make_plan(100)  # the fixed sections alone are over: the sweep keeps its floor
+    assert not tight["fits"] and tight["sections"]["variants"]["estimate_s"] == plan_mod.SWEEP_MIN_S
+    assert "(over:" in plan_mod.format_plan(tight)
+
+
 def test_offset_plan_passes_2_31_and_needs_about_36_gb():
     plan = corr.offset_plan(free_bytes=139 << 30)
     assert plan["elements_per_output"] == 3400 * 3400 * 192 > 2 ** 31
