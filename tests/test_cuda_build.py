@@ -28,6 +28,9 @@ TENSOR_CORE_FORWARDS = [f"max_sim_forward_kernel<{t}, {m}, {v}>"
                         for t, m in (("__half", 0), ("__nv_bfloat16", 0), ("float", 1))
                         for v in ("true", "false")]
 FP32_FORWARDS = [f"max_sim_forward_kernel<float, 2, {v}>" for v in ("true", "false")]
+# max_sim_forward_wgmma_kernel<T, N, gate>: the sm_90a wgmma forward (a stub elsewhere).
+WGMMA_FORWARDS = [f"max_sim_forward_wgmma_kernel<{t}, {n}, {g}>" for t in ("__half", "__nv_bfloat16")
+                  for n in (64, 128, 192) for g in ("true", "false")]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +72,44 @@ def test_forward_uses_tensor_cores(compiled, arch):
         assert counts["HMMA"] == 0 and counts["FFMA"] > 0, f"{name} sm_{arch}: {counts}"
 
 
+def test_wgmma_forward_uses_hgmma(compiled):
+    """sm_90a: every wgmma forward instantiation runs HGMMA (no HMMA), in the tensor-core family
+    'wgmma', with its static measures recorded (issue 24)."""
+    if cuda_resources.find_cuobjdump(NVCC) is None:
+        pytest.skip("cuobjdump not found")
+    kernels = _kernels(compiled, "90a")
+    for name in WGMMA_FORWARDS:
+        assert name in kernels, f"{name} missing from sm_90a: {sorted(kernels)}"
+        k = kernels[name]
+        assert k.sass_counts["HGMMA"] > 0 and k.sass_counts["HMMA"] == 0, (name, k.sass_counts)
+        assert k.tensor_core_family == "wgmma" and k.target == "sm_90a", (name, k.tensor_core_family)
+        assert k.epilogue_instructions_per_score is not None, (name, k.measure_notes)
+        assert 0 < k.mma_instructions_per_score < k.epilogue_instructions_per_score
+
+
+def test_static_measures_recorded(compiled):
+    """Every forward candidate with the vectorised loader has the issue's static measures in its
+    entry: epilogue and MMA instructions per score, L2 bytes per FLOP, family and target."""
+    if cuda_resources.find_cuobjdump(NVCC) is None:
+        pytest.skip("cuobjdump not found")
+    for arch in cuda_resources.ARCHS:
+        kernels = _kernels(compiled, arch)
+        measured = [n for n in TENSOR_CORE_FORWARDS + FP32_FORWARDS if n.endswith("true>")]
+        for name in measured:
+            k = kernels[name]
+            assert k.target == f"sm_{arch}" and k.tensor_core_family in ("mma", "none"), name
+            assert k.epilogue_instructions_per_score > 0, (arch, name, k.measure_notes)
+            assert k.mma_instructions_per_score > 0, (arch, name)
+            assert 0 < k.l2_bytes_per_flop["operands"] <= k.l2_bytes_per_flop["with_gate"]
+        # The measure is the one the issue defines: mma.sync f16 at 128x128 tiles, 256 threads,
+        # D = 512: 16 stages x 32 HMMA per thread = 8 HMMA per score element.
+        assert kernels["max_sim_forward_kernel<__half, 0, true>"].mma_instructions_per_score == 8.0
+
+
 @pytest.mark.parametrize("arch", cuda_resources.ARCHS)
 def test_forward_has_no_spills(compiled, arch):
     forwards = [k for name, k in _kernels(compiled, arch).items() if "max_sim_forward" in name]
-    assert len(forwards) == len(TENSOR_CORE_FORWARDS) + len(FP32_FORWARDS)
+    assert len(forwards) == len(TENSOR_CORE_FORWARDS) + len(FP32_FORWARDS) + len(WGMMA_FORWARDS)
     for k in forwards:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack == 0, (
             f"{k.name} sm_{arch}: {k.registers} registers, {k.stack} B stack, "
@@ -237,6 +274,125 @@ def test_block_order_host(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "block order ok" in run.stdout
+
+
+# Host program: the wgmma forward's helpers (common.cuh). better_candidate combined in any tree
+# gives what a scan in location order with `beats` gives (ties -> lowest location, NaN wins and
+# the lowest NaN stays, -0.0 == +0.0 keeps the lower location's sign), on random rows full of
+# ties, NaNs, infinities and signed zeros; interleave_offset places every 16-byte chunk of a
+# 192 x 64-byte stage once, in 128-byte core matrices; smem_descriptor packs its fields.
+HELPERS_TEST = r"""
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "common.cuh"
+
+using namespace transmatcher_fast::cuda;
+
+static int failures = 0;
+#define CHECK(cond, ...)                                         \
+  do {                                                           \
+    if (!(cond) && failures++ < 20) {                            \
+      std::printf("FAIL %s:%d %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                  \
+      std::printf("\n");                                         \
+    }                                                            \
+  } while (0)
+
+static bool beats_host(float v, float best) { return v > best || (v != v && best == best); }
+
+static bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+int main() {
+  std::mt19937 rng(12345);
+  const float pool[] = {0.0f, -0.0f, 1.0f, -1.0f, 2.5f, NAN, INFINITY, -INFINITY, 1e-30f, 3.0f};
+  for (int trial = 0; trial < 20000; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 40);
+    std::vector<float> v(n);
+    const int distinct = 1 + static_cast<int>(rng() % 10);
+    for (auto& x : v) x = pool[rng() % distinct];
+    // Reference: scan in location order.
+    float best = v[0];
+    int at = 0;
+    for (int k = 1; k < n; ++k)
+      if (beats_host(v[k], best)) best = v[k], at = k;
+    // Random split into parts, each scanned in order, then combined in a random order, with
+    // empty candidates (-1) mixed in.
+    std::vector<float> cv;
+    std::vector<int> ci;
+    for (int k = 0; k < n;) {
+      const int len = 1 + static_cast<int>(rng() % 5);
+      float b = v[k];
+      int a = k;
+      for (int m = k + 1; m < k + len && m < n; ++m)
+        if (beats_host(v[m], b)) b = v[m], a = m;
+      cv.push_back(b);
+      ci.push_back(a);
+      if (rng() % 4 == 0) cv.push_back(-INFINITY), ci.push_back(-1);
+      k += len;
+    }
+    std::vector<int> order(cv.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int>(k);
+    std::shuffle(order.begin(), order.end(), rng);
+    float tb = 0.0f;
+    int ta = -1;
+    for (int k : order)
+      if (better_candidate(cv[k], ci[k], tb, ta)) tb = cv[k], ta = ci[k];
+    CHECK(ta == at && same_bits(tb, best), "trial %d: tree (%g, %d) vs scan (%g, %d)", trial,
+          tb, ta, best, at);
+  }
+  CHECK(!better_candidate(5.0f, -1, 1.0f, 3), "empty candidate must lose");
+  CHECK(better_candidate(-INFINITY, 7, 0.0f, -1), "anything beats an empty best");
+  CHECK(better_candidate(NAN, 9, INFINITY, 1), "NaN beats a number");
+  CHECK(!better_candidate(NAN, 9, NAN, 1) && better_candidate(NAN, 1, NAN, 9), "lowest NaN");
+
+  // interleave_offset: a stage of 192 rows x 64 bytes (4 chunks) is covered exactly once.
+  const int rows = 192, row_bytes = 64;
+  std::vector<int> hit(rows * row_bytes / 16, 0);
+  for (int r = 0; r < rows; ++r)
+    for (int kc = 0; kc < row_bytes / 16; ++kc) {
+      const uint32_t off = interleave_offset(r, kc, row_bytes);
+      CHECK(off % 16 == 0 && off < static_cast<uint32_t>(rows * row_bytes), "offset %u", off);
+      if (off % 16 == 0 && off < static_cast<uint32_t>(rows * row_bytes)) ++hit[off / 16];
+      // Core matrix (8 rows x 16 bytes) contiguous; along K at 128 bytes (LBO); the next 8
+      // rows at 8 * row_bytes (SBO).
+      CHECK(off == interleave_offset(r - r % 8, kc, row_bytes) + 16 * (r % 8), "core matrix");
+      CHECK(off == interleave_offset(r % 8, 0, row_bytes) + 128 * kc + (r / 8) * 8 * row_bytes,
+            "strides");
+    }
+  for (size_t k = 0; k < hit.size(); ++k) CHECK(hit[k] == 1, "chunk %zu placed %d times", k, hit[k]);
+
+  const uint64_t d = smem_descriptor(0x1a2b0, 128, 512);
+  CHECK((d & 0x3fff) == (0x1a2b0 >> 4), "address field");
+  CHECK(((d >> 16) & 0x3fff) == 128 >> 4, "leading byte offset");
+  CHECK(((d >> 32) & 0x3fff) == 512 >> 4, "stride byte offset");
+  CHECK((d >> 62) == 0 && ((d >> 49) & 7) == 0, "no swizzle, base offset 0");
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("helpers ok\n");
+  return 0;
+}
+"""
+
+
+def test_wgmma_helpers_host(tmp_path):
+    """The wgmma forward's tie/NaN combine, shared-memory layout and descriptor, on the host."""
+    src = tmp_path / "helpers_test.cu"
+    src.write_text(HELPERS_TEST.replace("#include <random>", "#include <algorithm>\n#include <random>"))
+    exe = tmp_path / "helpers_test"
+    cmd = [NVCC, *cuda_resources.TORCH_LIKE_FLAGS, *cuda_resources.WARNINGS_AS_ERRORS,
+           "-gencode=arch=compute_80,code=sm_80", f"-I{cuda_resources.CUDA_DIR}", str(src),
+           "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "helpers ok" in run.stdout
 
 
 def test_forward_kernel_uses_block_order():

@@ -75,6 +75,36 @@ __device__ __forceinline__ bool beats(float value, float best) {
   return value > best || (value != value && best == best);
 }
 
+// Combines two candidates of one maximum taken from disjoint location sets, in any order (the
+// tree reductions of the wgmma forward): true when (v, i) should replace (best, best_i). It gives
+// what a scan in increasing location order with `beats` gives: the lowest-location NaN if there is
+// one, else the largest value at its lowest location (-0.0 and +0.0 are equal, so the lower
+// location's sign is kept). A negative location is an empty candidate and loses to everything.
+__host__ __device__ __forceinline__ bool better_candidate(float v, int i, float best, int best_i) {
+  if (i < 0) return false;
+  if (best_i < 0) return true;
+  const bool v_nan = v != v, best_nan = best != best;
+  if (v_nan || best_nan) return v_nan && (!best_nan || i < best_i);
+  return v > best || (v == best && i < best_i);
+}
+
+// Byte offset of 16-byte chunk `kc` of tile row `row` in wgmma's no-swizzle ("interleave")
+// K-major layout: 8x16-byte core matrices of 128 contiguous bytes (8 rows, 8 16-bit features),
+// those of one 8-row group side by side along K (leading byte offset 128), then the next 8 rows
+// (stride byte offset 8 * row_bytes). row_bytes: bytes of features per row in the stage.
+__host__ __device__ __forceinline__ uint32_t interleave_offset(int row, int kc, int row_bytes) {
+  return static_cast<uint32_t>((row % 8) * 16 + kc * 128 + (row / 8) * 8 * row_bytes);
+}
+
+// wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
+// leading and stride byte offsets, each >> 4 in 14 bits; base offset 0; layout type 0 = no swizzle.
+__host__ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo,
+                                                             uint32_t sbo) {
+  return (static_cast<uint64_t>((addr >> 4) & 0x3FFF)) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

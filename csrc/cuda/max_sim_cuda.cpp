@@ -101,14 +101,19 @@ void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
                           const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
                           at::Tensor g_best, at::Tensor q_index, at::Tensor g_index,
                           bool allow_tf32, int64_t query_group) {
-  TORCH_CHECK(query_group >= 0, "max_sim cuda kernel: query_group must be >= 0, got ",
-              query_group);
+  TORCH_CHECK(query_group >= 0 || query_group == cuda::kForwardWgmma,
+              "max_sim cuda kernel: query_group must be >= 0 (mma.sync kernel, launch order) or ",
+              cuda::kForwardWgmma, " (wgmma kernel), got ", query_group);
   const cuda::Shape sh =
       check_common(query, gallery, score_embed, q_best, g_best, q_index, g_index);
   if (sh.nq == 0 || sh.ng == 0) return;
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
   const auto gate = gate_of(score_embed, stream);
+  at::Tensor gate_t;  // the wgmma kernel reads the gate transposed
+  if (gate.has_value() && query_group == cuda::kForwardWgmma) {
+    gate_t = at::empty({cuda::wgmma_gate_floats(sh)}, gate->options());
+  }
   cuda::ForwardArgs args{};
   args.shape = sh;
   args.dtype = kernel_dtype(query.scalar_type());
@@ -122,6 +127,7 @@ void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
   // Read in Python (ops/precision.py): torch's legacy TF32 getters raise once the new
   // fp32_precision API has been used.
   args.allow_tf32 = allow_tf32;
+  args.gate_t = gate_t.defined() ? gate_t.mutable_data_ptr<float>() : nullptr;
   args.query_group = query_group;
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
 }

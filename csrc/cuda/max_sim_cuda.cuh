@@ -27,8 +27,16 @@ struct ForwardArgs {
   int32_t* q_index;     // [nq, ng, lq]
   int32_t* g_index;     // [nq, ng, lg]
   bool allow_tf32;      // float32 inputs: TF32 tensor cores, else exact FP32 FMA
-  int64_t query_group;  // launch order: query regions per gallery strip; 0 = default
+  float* gate_t;        // workspace of wgmma_gate_floats(shape) floats (the wgmma kernel's
+                        // sigmoid(score_embed)^T [lq, lg] plus padding), or null
+  int64_t query_group;  // >= 0: the mma.sync kernel, query regions per gallery strip (0 =
+                        // default); kForwardWgmma: the sm_90a wgmma kernel
 };
+
+// ForwardArgs::query_group value that selects the wgmma kernel (max_sim_forward_wgmma.cu). Where it
+// cannot run (no sm_90a code for the device, float32, Lg > 192, D % 8 != 0, unaligned rows) the
+// call runs the mma.sync kernel with its default launch order, so the result is the same.
+constexpr int64_t kForwardWgmma = -1;
 
 struct BackwardArgs {
   Shape shape;
@@ -48,10 +56,22 @@ struct BackwardArgs {
   float* partials;             // score_embed_partials(shape) * lg * lq floats, zeroed, or null
 };
 
+// out [cols, rows] = in [rows, cols]^T, float32.
+cudaError_t launch_transpose(const float* in, float* out, int64_t rows, int64_t cols,
+                             cudaStream_t stream);
+
+// Floats of ForwardArgs::gate_t the wgmma kernel needs with a gate: lq * lg plus one tile row of
+// padding (its masked columns read past the last row).
+int64_t wgmma_gate_floats(const Shape& shape);
+
 // gate[k] = sigmoid(logits[k]) for k < n, in float32, once per call (not per pair).
 cudaError_t launch_sigmoid(const float* logits, float* gate, int64_t n, cudaStream_t stream);
 
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
+
+// The wgmma kernel alone: *launched = false where it cannot run (then nothing was launched).
+bool wgmma_forward_supports(const ForwardArgs& args);
+cudaError_t launch_forward_wgmma(const ForwardArgs& args, cudaStream_t stream, bool* launched);
 
 // Number of [lg, lq] fp32 partial buffers the d score_embed reduction uses. It depends on the
 // shape only, so the summation order (and the result) is the same on every run and device.

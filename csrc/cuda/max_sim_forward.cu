@@ -467,9 +467,16 @@ cudaError_t launch_typed(const ForwardArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
-  const Shape& sh = args.shape;
+cudaError_t launch_forward(const ForwardArgs& in, cudaStream_t stream) {
+  const Shape& sh = in.shape;
   if (sh.nq == 0 || sh.ng == 0) return cudaSuccess;
+  ForwardArgs args = in;
+  if (args.query_group == kForwardWgmma) {
+    bool launched = false;
+    TMF_CUDA_RETURN_IF_ERROR(launch_forward_wgmma(args, stream, &launched));
+    if (launched) return cudaSuccess;
+    args.query_group = 0;  // not runnable here: the mma.sync kernel, default order
+  }
   switch (args.dtype) {
     case DType::kFloat16:
       return launch_typed<__half, kMma16>(args, stream);

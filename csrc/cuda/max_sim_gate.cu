@@ -15,7 +15,32 @@ __global__ void sigmoid_kernel(const float* __restrict__ logits, float* __restri
   }
 }
 
+// out[c, r] = in[r, c]; 32x32 tiles through shared memory (both sides coalesced).
+__global__ void transpose_kernel(const float* __restrict__ in, float* __restrict__ out, int rows,
+                                 int cols) {
+  __shared__ float tile[32][33];
+  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+  for (int y = threadIdx.y; y < 32; y += blockDim.y)
+    if (r0 + y < rows && c0 + threadIdx.x < cols)
+      tile[y][threadIdx.x] = in[static_cast<int64_t>(r0 + y) * cols + c0 + threadIdx.x];
+  __syncthreads();
+  for (int y = threadIdx.y; y < 32; y += blockDim.y)
+    if (c0 + y < cols && r0 + threadIdx.x < rows)
+      out[static_cast<int64_t>(c0 + y) * rows + r0 + threadIdx.x] = tile[threadIdx.x][y];
+}
+
 }  // namespace
+
+cudaError_t launch_transpose(const float* in, float* out, int64_t rows, int64_t cols,
+                             cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (rows > 0x7fffffff || cols > 0x7fffffff || (rows + 31) / 32 > 65535)
+    return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>((rows + 31) / 32));
+  transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(in, out, static_cast<int>(rows),
+                                                     static_cast<int>(cols));
+  return cudaGetLastError();
+}
 
 cudaError_t launch_sigmoid(const float* logits, float* gate, int64_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
