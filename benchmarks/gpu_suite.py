@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     suite.log_path.write_text("")
     # A dry run plans for the GPU box (its cores build); a real run for this machine's MAX_JOBS.
     jobs = None if args.dry_run else os.environ.get("MAX_JOBS") or os.cpu_count()
-    plan = plan_mod.make_plan(args.deadline, order_variants=args.order_variants, build_jobs=jobs)
+    plan = plan_mod.make_plan(args.deadline, order_variants=args.order_variants, build_jobs=jobs,
+                              started_at=start)
     suite.log(plan_mod.format_plan(plan))
     for line in environment_lines():
         suite.log(line)

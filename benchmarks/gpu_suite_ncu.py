@@ -18,6 +18,9 @@ baselines (cuBLAS, which writes the scores, and the tile-sum GEMM that does not)
             score_embed, q_best, g_best, q_index, g_index, allow_tf32, query_group, ablation)``
             for query_group launches.
 
+Every case is also timed with events in the suite's process first: where ncu cannot read the
+counters (seen on gVisor machines), the ablations' times alone say where the time goes.
+
 The target process (this file with ``--target``) warms every case up (compilation), then, between
 cudaProfilerStart/Stop (``--profile-from-start off``), launches a marker kernel
 (``torch.cuda._sleep``) before each case: the kernels between two markers are that case's, and its
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io
 import json
 import shutil
@@ -84,9 +88,9 @@ def _launch_of(backend, row):
     return row.get("config") if backend == "triton" else (row.get("cuda") or {"query_group": row.get("query_group", 0)})
 
 
-def available_metrics(log, timeout=60) -> tuple[list, dict]:
+def available_metrics(log, ncu="ncu", timeout=60) -> tuple[list, dict]:
     """METRICS whose base name this ncu knows for the GPU (``--query-metrics``)."""
-    record = common.run(["ncu", "--query-metrics"], timeout, lambda text: None, tail=200000)
+    record = common.run([ncu, "--query-metrics"], timeout, lambda text: None, tail=200000)
     text = record.get("output_tail", "")
     known = {parts[0] for parts in map(str.split, text.splitlines()) if parts and "__" in parts[0]}
     if record.get("returncode") != 0 or not known:
@@ -97,17 +101,35 @@ def available_metrics(log, timeout=60) -> tuple[list, dict]:
     return chosen, {"missing_metrics": missing}
 
 
-def run_ncu(out: Path, log, cases: list, timeout: float, env=None, shape=None) -> dict:
-    """The ncu section: one profiled process over every case; per case its kernels' metrics."""
+def find_ncu():
+    """ncu on PATH, else where CUDA or Nsight Compute installs it."""
+    found = shutil.which("ncu")
+    if found:
+        return found
+    for pattern in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu",
+                    "/usr/local/cuda/nsight-compute*/ncu"):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def run_ncu(out: Path, log, cases: list, timeout: float, env=None, shape=None, timed=True) -> dict:
+    """The ncu section: every case timed here (events), then one profiled process over every
+    case; per case its time and its forward kernel's metrics."""
     if not cases:
         return {"skipped": "no cases"}
-    ncu = shutil.which("ncu")
-    if ncu is None:
-        return {"skipped": "ncu is not on PATH"}
     start = time.time()
-    metrics, info = available_metrics(log)
-    cases_path = out / "ncu_cases.json"
     shape = list(shape or NCU_SHAPE)
+    timings = {}
+    if timed:
+        record = {}
+        timings = common.attempt(record, log, "ncu timings", lambda: time_cases(cases, shape, log)) or {}
+    ncu = find_ncu()
+    if ncu is None:
+        return {"shape": shape, "cases": timings, "profile": "skipped: ncu not found"}
+    metrics, info = available_metrics(log, ncu)
+    cases_path = out / "ncu_cases.json"
     cases_path.write_text(json.dumps({"shape": shape, "cases": cases}, indent=1))
     raw_path = out / "ncu_raw.csv"
     manifest_path = out / "ncu_manifest.json"
@@ -123,6 +145,9 @@ def run_ncu(out: Path, log, cases: list, timeout: float, env=None, shape=None) -
     raw = raw_path.read_text(errors="replace") if raw_path.exists() else ""
     result["raw_csv_head"] = raw[:4000]
     result["cases"] = assign(parse_csv(raw), manifest.get("order", []), manifest.get("cases", {}))
+    for name, timing in timings.items():  # the times beside the counters
+        case = result["cases"].setdefault(name, dict(timing))
+        case.update({k: timing[k] for k in ("ms", "tflops") if k in timing})
     result["seconds"] = round(time.time() - start, 1)
     for name, case in result["cases"].items():
         log(f"ncu {name:34} " + (case.get("status", "") if "metrics" not in case else " ".join(
@@ -235,22 +260,19 @@ def _case_launch(case, data, kernels, cuda_ops):
     return through_op
 
 
-def target(cases_path: Path, manifest_path: Path) -> int:
-    from gpu_suite_build import import_package
-
-    import_package(print)
+def prepare(cases: list, shape) -> tuple[list, dict]:
+    """The inputs of ``shape`` (bf16; float32 on the interpreter) and each case's launch, warmed
+    up (compilation stays out of what is measured): [(name, launch)] and per case its status."""
     import torch
 
     from transmatcher_fast.kernels import max_sim as kernels
     from gpu_suite_timing import gemm_tile_sums
 
-    plan = json.loads(cases_path.read_text())
-    cases = plan["cases"]
-    nq, ng, lq, lg, d = plan["shape"]
+    nq, ng, lq, lg, d = shape
     dev = common.DEVICE
-    bf16 = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16
-    q = torch.randn(nq, lq, d, device=dev, dtype=bf16)
-    g = torch.randn(ng, lg, d, device=dev, dtype=bf16)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16
+    q = torch.randn(nq, lq, d, device=dev, dtype=dtype)
+    g = torch.randn(ng, lg, d, device=dev, dtype=dtype)
     e = torch.randn(lg, lq, device=dev)
     sig = torch.sigmoid(e).contiguous()
     outs = [torch.empty(nq, ng, lq, device=dev), torch.empty(nq, ng, lg, device=dev),
@@ -258,23 +280,55 @@ def target(cases_path: Path, manifest_path: Path) -> int:
             torch.empty(nq, ng, lg, device=dev, dtype=torch.int32)]
     a, b = q.reshape(nq * lq, d), g.reshape(ng * lg, d)
     data = (q, g, e, sig, outs, a, b, gemm_tile_sums(a, b),
-            torch.empty(nq * lq, ng * lg, device=dev, dtype=bf16))
+            torch.empty(nq * lq, ng * lg, device=dev, dtype=dtype))
     cuda_ops = getattr(torch.ops, "transmatcher_fast_C", None)
     statuses, ready = {}, []
     for case in cases:
-        status = statuses[case["name"]] = {k: case[k] for k in ("backend", "ablation") if k in case}
-        status.update({k: case[k] for k in ("role", "candidate") if k in case})
+        status = statuses[case["name"]] = {k: case[k] for k in ("backend", "ablation", "role", "candidate")
+                                           if k in case}
         try:
             launch = _case_launch(case, data, kernels, cuda_ops)
             if isinstance(launch, str):
                 status["status"] = launch
                 continue
-            launch()  # warm-up: compilation stays out of the profile
+            launch()
             common.sync()
             ready.append((case["name"], launch))
         except Exception as error:  # recorded per case
             status["status"] = f"error: {error!r}"[:500]
-    cuda = dev == "cuda"
+    return ready, statuses
+
+
+def time_cases(cases: list, shape, log) -> dict:
+    """Every case timed with events (do_bench median), in this process: where ncu cannot read
+    the counters, the ablations' times still say where the time goes (the difference of two
+    cases is the stage one leaves out)."""
+    import gpu_suite_timing as timing
+
+    ready, statuses = prepare(cases, shape)
+    work = common.flops(*shape)
+    for name, launch in ready:
+        record = statuses[name]
+        common.attempt(record, log, f"ncu timing {name}", lambda: record.update(
+            ms=timing.time_ms(lambda _k: launch(), 1, warmup=25, rep=100)))
+        if "ms" in record:
+            record["tflops"] = work / record["ms"] / 1e9
+            log(f"ncu timing {name:34} {record['ms']:8.3f} ms {record['tflops']:6.1f} TFLOP/s")
+    common.empty_cache()
+    return statuses
+
+
+def target(cases_path: Path, manifest_path: Path) -> int:
+    """The process ncu profiles: every case once between cudaProfilerStart/Stop, a marker
+    kernel before each."""
+    from gpu_suite_build import import_package
+
+    import_package(print)
+    import torch
+
+    plan = json.loads(cases_path.read_text())
+    ready, statuses = prepare(plan["cases"], plan["shape"])
+    cuda = common.DEVICE == "cuda"
     if cuda:
         torch.cuda.profiler.start()
     for name, launch in ready:
@@ -285,7 +339,7 @@ def target(cases_path: Path, manifest_path: Path) -> int:
     if cuda:
         torch.cuda.profiler.stop()
     manifest_path.write_text(json.dumps({"order": [n for n, _ in ready], "cases": statuses}, indent=1))
-    print(f"ncu target: {len(ready)} of {len(cases)} cases launched")
+    print(f"ncu target: {len(ready)} of {len(plan['cases'])} cases launched")
     return 0
 
 

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import math
 import sys
+import time
 
 from gpu_suite_common import REPO
 
@@ -35,6 +36,7 @@ COSTS = {
     "torch_compile_s": 35,    # torch.compile(reference): the first call compiles
     "ncu_fixed_s": 20,        # ncu start, the profiled interpreter, --query-metrics
     "ncu_case_s": 1.5,        # one profiled launch (a few replay passes)
+    "ncu_timed_case_s": 0.3,  # one case timed with events (do_bench 25 ms + 100 ms)
     "ncu_compile_kernels": 4,  # the best others' gate-off/ablation kernels, compiled there
     "assumed_tflops": 250,    # the op's rate for FLOP-counted sections (Market size)
     "market_fixed_s": 10,     # matcher, 3,368 + 15,913 feature maps, upstream on one chunk
@@ -124,8 +126,8 @@ def estimates(c: dict) -> dict:
         ("ceilings", 6, "bf16 and TF32 8192^3 GEMMs, a 4 GiB copy"),
         ("variants", sweep, " + ".join(f"{n} {cls}" for cls, n in c["sweep_launches"].items())
                             + f" launches, {c['table_checks']} table checks"),
-        ("ncu", k["ncu_fixed_s"] + c["ncu_cases"] * k["ncu_case_s"]
-         + k["ncu_compile_kernels"] * k["triton_kernel_s"], f"{c['ncu_cases']} cases"),
+        ("ncu", k["ncu_fixed_s"] + c["ncu_cases"] * (k["ncu_case_s"] + k["ncu_timed_case_s"])
+         + k["ncu_compile_kernels"] * k["triton_kernel_s"], f"{c['ncu_cases']} cases, timed and profiled"),
         ("training", c["training_methods"] * k["method_s"] + k["torch_compile_s"],
          f"{c['training_methods']} methods, 1 torch.compile"),
         ("evaluation", c["evaluation_methods"] * k["method_s"]
@@ -140,10 +142,15 @@ def estimates(c: dict) -> dict:
 
 
 def make_plan(deadline_s: float, backends=BACKENDS, order_variants=False, kernels=None,
-              build_jobs=None) -> dict:
+              build_jobs=None, started_at: float | None = None) -> dict:
+    """``started_at``: when the run began (its deadline's start); the seconds spent until the
+    plan is made are counted as its first row, measured."""
     kernels = kernels if kernels is not None else source_kernels()
     c = counts(backends, kernels, order_variants, build_jobs)
     sections = estimates(c)
+    if started_at is not None:
+        sections = {"plan": {"estimate_s": round(time.time() - started_at, 1),
+                             "basis": "measured: this process so far (imports, counting)"}, **sections}
     _fit_sweep(sections, c, deadline_s)
     total = round(sum(s["estimate_s"] for s in sections.values()), 1)
     return {"deadline_s": deadline_s, "total_s": total, "fits": total <= deadline_s,

@@ -85,11 +85,12 @@ def summary_table(results: dict) -> str:
                                 variants.get("proposed_table", {}).get("classes", {}).items()))
     for name, case in ((results.get("ncu") or {}).get("cases") or {}).items():
         metrics = case.get("metrics") or {}
+        ms = f"{case['ms']:.3f} ms " if isinstance(case.get("ms"), float) else ""
         if metrics:
-            lines.append(f"ncu {name:30} " + " ".join(
+            lines.append(f"ncu {name:30} {ms}" + " ".join(
                 f"{k.replace('_pct', '%')}={v:.3g}" for k, v in metrics.items() if v is not None)[:130])
         else:
-            lines.append(f"ncu {name:30} {case.get('status', 'no data')}"[:160])
+            lines.append(f"ncu {name:30} {ms}{case.get('status', '')}"[:160])
     for backend, entry in ((results.get("market_eval") or {}).get("backends") or {}).items():
         lines.append(f"market {backend:8} " + (
             f"{entry['seconds']:.1f} s, {entry['tflops']:.0f} TFLOP/s, "

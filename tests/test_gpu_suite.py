@@ -365,7 +365,8 @@ def _fake_results():
                                                     "best_tflops": 600.0, "fraction_of_gemm": 0.8,
                                                     "gain_over_default": 1.2, "default": "tiled"},
                                      "small-fp16": {"best": None}}},
-            "ncu": {"cases": {"triton-default-full": {"metrics": {"tensor_pipe_wgmma_pct": 41.5}},
+            "ncu": {"cases": {"triton-default-full": {"metrics": {"tensor_pipe_wgmma_pct": 41.5},
+                                                      "ms": 2.5},
                               "triton-default-max_only": {"status": "not available: needs x"}}},
             "market_eval": {"backends": {"triton": {"seconds": 30.0, "tflops": 200.0,
                                                     "speedup_vs_upstream": 90.0},
@@ -387,7 +388,7 @@ def test_summary_table_lists_sections_and_every_method():
     assert any("compiled_reference" in l and "ERROR" in l for l in lines)
     assert any("large-bf16" in l and "cuda-qg8" in l for l in lines)
     assert any("small-fp16" in l and "no correct launch" in l for l in lines)
-    assert any("triton-default-full" in l and "41.5" in l for l in lines)
+    assert any("triton-default-full" in l and "2.500 ms" in l and "41.5" in l for l in lines)
     assert any("max_only" in l and "not available" in l for l in lines)
     assert any(l.startswith("market triton") and "200 TFLOP/s" in l for l in lines)
     assert lines[-1] == "correctness failures: 1"
@@ -515,9 +516,15 @@ def test_missing_ablation_hooks_are_reported_as_not_available():
     assert cuda.startswith("not available") and "max_sim_forward_ablation" in cuda
 
 
-def test_run_ncu_without_ncu_records_why(tmp_path, monkeypatch):
-    monkeypatch.setattr(ncu.shutil, "which", lambda name: None)
-    assert ncu.run_ncu(tmp_path, _quiet, [{"name": "x"}], 10) == {"skipped": "ncu is not on PATH"}
+def test_without_ncu_the_cases_are_still_timed(on_cpu, tmp_path, monkeypatch):
+    monkeypatch.setattr(ncu, "find_ncu", lambda: None)
+    cases = ncu.ncu_cases(None, ["triton"])
+    result = ncu.run_ncu(tmp_path, _quiet, cases, 60, shape=(2, 3, 9, 7, 32))
+    assert result["profile"] == "skipped: ncu not found"
+    assert result["cases"]["triton-default-full"]["ms"] > 0
+    assert result["cases"]["triton-default-gate_off"]["tflops"] > 0
+    assert "ms" not in result["cases"]["triton-default-mma_only"]  # no hook: not available
+    assert ncu.run_ncu(tmp_path, _quiet, [], 10) == {"skipped": "no cases"}
 
 
 def test_compile_jobs_share_the_sections_specialisations():
@@ -938,6 +945,7 @@ def test_ncu_section_end_to_end_with_a_stand_in_ncu(on_cpu, monkeypatch, tmp_pat
     assert ncu.METRICS["tensor_pipe_wgmma_pct"] not in result["metrics"]
     full = result["cases"]["triton-default-full"]
     assert full["kernel"] == "kernel_of_triton-default-full" and full["metrics"]["duration_ns"] > 0
+    assert full["ms"] > 0  # timed with events beside the counters
     assert "tensor_pipe_wgmma_pct" not in full["metrics"]
     assert result["cases"]["triton-default-max_only"]["status"].startswith("not available")
     assert result["cases"]["gemm-no-scores"]["kernel"] == "kernel_of_gemm-no-scores"
