@@ -13,7 +13,10 @@
 // FLOPs in fp32 with coalesced reads of whole feature rows. One kernel serves both sides: a
 // block owns one "own" image (query image i for d query) and a 32*V-wide slice of D, keeps the
 // image's gradient slice in shared memory (fp32) and walks the "other" images in order,
-// staging 128 of their feature rows at a time. Warp w owns the gradient rows o with
+// staging 128 of their feature rows at a time (16-byte loads where rows are 16-byte aligned).
+// The pair's routes (argmax location and weight w * sig, both directions) are read from global
+// memory once per pair by the whole block into shared tables that every warp and chunk then
+// shares (not reloaded per warp and per chunk). Warp w owns the gradient rows o with
 // o % 8 == w; each warp applies the routes landing on its rows in a fixed order (other image,
 // staged chunk, direct route, then scattered routes by increasing location). No atomics: the
 // result is bit-identical from run to run.
@@ -72,12 +75,41 @@ __device__ __forceinline__ void apply_routes(float* acc, const T* stage, bool mi
   }
 }
 
-template <typename T, int V>
+// Stages rows x0 .. x0+rows-1 of the other image, columns d0 .. d0+32V-1, into `stage`; zeros
+// past D. kVec: 16-byte loads (D a multiple of the 16-byte element count, rows 16-byte aligned).
+template <typename T, int V, bool kVec>
+__device__ __forceinline__ void stage_rows(T* stage, const T* __restrict__ other_img, int x0,
+                                           int rows, int d, int d0) {
+  constexpr int kCols = 32 * V;
+  if constexpr (kVec) {
+    constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte chunk
+    constexpr int kChunks = kCols / kPer;  // per staged row
+    for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
+      const int r = c / kChunks, k = d0 + (c % kChunks) * kPer;
+      uint4 v = make_uint4(0, 0, 0, 0);  // a chunk is all inside D or all past it
+      if (k < d) v = *reinterpret_cast<const uint4*>(other_img + static_cast<int64_t>(x0 + r) * d + k);
+      *reinterpret_cast<uint4*>(stage + r * kCols + (c % kChunks) * kPer) = v;
+    }
+  } else {
+    for (int e = threadIdx.x; e < rows * kCols; e += kThreads) {
+      const int r = e / kCols, k = d0 + e % kCols;
+      stage[e] = k < d ? other_img[static_cast<int64_t>(x0 + r) * d + k] : zero_value<T>();
+    }
+  }
+}
+
+template <typename T, int V, bool kVec>
 __global__ void __launch_bounds__(kThreads) route_gradient_kernel(const RouteParams p) {
   constexpr int kCols = 32 * V;
   extern __shared__ __align__(16) unsigned char smem[];
   float* acc = reinterpret_cast<float*>(smem);                                 // [l_own][kCols]
   T* stage = reinterpret_cast<T*>(smem + sizeof(float) * p.l_own * kCols);     // [128][kCols]
+  // The pair's route tables: direct (own location -> other location, weight) and scattered
+  // (other location -> own location, weight); -1 = no route.
+  int* own_to = reinterpret_cast<int*>(stage + kStageRows * kCols);
+  float* own_w = reinterpret_cast<float*>(own_to + p.l_own);
+  int* oth_to = reinterpret_cast<int*>(own_w + p.l_own);
+  float* oth_w = reinterpret_cast<float*>(oth_to + p.l_oth);
   const T* other = static_cast<const T*>(p.other);
   const int64_t own = blockIdx.x / p.chunks;
   const int d0 = static_cast<int>(blockIdx.x % p.chunks) * kCols;
@@ -88,50 +120,58 @@ __global__ void __launch_bounds__(kThreads) route_gradient_kernel(const RoutePar
   for (int64_t b = 0; b < p.n_oth; ++b) {
     const int64_t pair = own * p.pair_so + b * p.pair_sx;
     const T* other_img = other + b * p.l_oth * p.d;
+    __syncthreads();  // the previous pair's tables and last chunk are consumed
+    if (p.g_own != nullptr) {
+      for (int o = tid; o < p.l_own; o += kThreads) {
+        const int64_t k = pair * p.l_own + o;
+        const int x = p.idx_own[k];
+        const bool ok = static_cast<unsigned>(x) < static_cast<unsigned>(p.l_oth);
+        float w = 0.0f;
+        if (ok) {
+          w = p.g_own[k];
+          if (p.gate != nullptr) w *= p.gate[o * p.gate_so + x * p.gate_sx];
+        }
+        own_to[o] = ok ? x : -1;
+        own_w[o] = w;
+      }
+    }
+    if (p.g_oth != nullptr) {
+      for (int x = tid; x < p.l_oth; x += kThreads) {
+        const int64_t k = pair * p.l_oth + x;
+        const int o = p.idx_oth[k];
+        const bool ok = static_cast<unsigned>(o) < static_cast<unsigned>(p.l_own);
+        float w = 0.0f;
+        if (ok) {
+          w = p.g_oth[k];
+          if (p.gate != nullptr) w *= p.gate[o * p.gate_so + x * p.gate_sx];
+        }
+        oth_to[x] = ok ? o : -1;
+        oth_w[x] = w;
+      }
+    }
     for (int x0 = 0; x0 < p.l_oth; x0 += kStageRows) {
       const int rows = min(kStageRows, p.l_oth - x0);
-      __syncthreads();  // the previous chunk is consumed (and acc is zeroed)
-      for (int e = tid; e < rows * kCols; e += kThreads) {
-        const int r = e / kCols, c = e % kCols, k = d0 + c;
-        stage[e] = k < p.d ? other_img[static_cast<int64_t>(x0 + r) * p.d + k] : zero_value<T>();
-      }
-      __syncthreads();
-      // Direct routes: own location o -> other location idx_own[o] (in this chunk).
+      if (x0 > 0) __syncthreads();  // the previous chunk is consumed
+      stage_rows<T, V, kVec>(stage, other_img, x0, rows, p.d, d0);
+      __syncthreads();  // staged rows and route tables visible
+      // Direct routes: own location o -> other location own_to[o] (in this chunk).
       if (p.g_own != nullptr) {
         for (int o0 = 0; o0 < p.l_own; o0 += 32) {
           const int o = o0 + lane;
-          int x = -1;
-          float w = 0.0f;
-          if (o < p.l_own) {
-            const int64_t k = pair * p.l_own + o;
-            x = p.idx_own[k] - x0;
-            if (static_cast<unsigned>(x) < static_cast<unsigned>(rows)) {
-              w = p.g_own[k];
-              if (p.gate != nullptr) w *= p.gate[o * p.gate_so + (x + x0) * p.gate_sx];
-            }
-          }
-          const bool mine = o < p.l_own && o % kWarps == warp &&
-                            static_cast<unsigned>(x) < static_cast<unsigned>(rows);
-          apply_routes<T, V>(acc, stage, mine, o, x, w);
+          const int x = o < p.l_own ? own_to[o] - x0 : -1;
+          const bool in_chunk = o < p.l_own && own_to[o] >= 0 &&
+                                static_cast<unsigned>(x) < static_cast<unsigned>(rows);
+          apply_routes<T, V>(acc, stage, in_chunk && o % kWarps == warp, o, x,
+                             in_chunk ? own_w[o] : 0.0f);
         }
       }
-      // Scattered routes: other location x (in this chunk) -> own location idx_oth[x].
+      // Scattered routes: other location x (in this chunk) -> own location oth_to[x].
       if (p.g_oth != nullptr) {
         for (int xb = 0; xb < rows; xb += 32) {
           const int x = xb + lane;
-          int o = -1;
-          float w = 0.0f;
-          if (x < rows) {
-            const int64_t k = pair * p.l_oth + x0 + x;
-            o = p.idx_oth[k];
-            if (static_cast<unsigned>(o) < static_cast<unsigned>(p.l_own)) {
-              w = p.g_oth[k];
-              if (p.gate != nullptr) w *= p.gate[o * p.gate_so + (x + x0) * p.gate_sx];
-            }
-          }
-          const bool mine = static_cast<unsigned>(o) < static_cast<unsigned>(p.l_own) &&
-                            o % kWarps == warp;
-          apply_routes<T, V>(acc, stage, mine, o, x, w);
+          const int o = x < rows ? oth_to[x0 + x] : -1;
+          apply_routes<T, V>(acc, stage, o >= 0 && o % kWarps == warp, o, x,
+                             o >= 0 ? oth_w[x0 + x] : 0.0f);
         }
       }
     }
@@ -198,15 +238,23 @@ __global__ void __launch_bounds__(kThreads)
 
 int route_vector_width(int64_t l_own) { return l_own <= 256 ? 2 : 1; }
 
+int64_t route_smem_bytes(int64_t l_own, int64_t l_oth, int64_t elem, int v) {
+  return 4 * l_own * 32 * v + elem * kStageRows * 32 * v + 8 * (l_own + l_oth);
+}
+
 template <typename T, int V>
 cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
-  const int64_t smem = sizeof(float) * p.l_own * 32 * V + sizeof(T) * kStageRows * 32 * V;
+  const int64_t smem = route_smem_bytes(p.l_own, p.l_oth, sizeof(T), V);
   const int64_t blocks = p.n_own * p.chunks;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  // 16-byte staging: every row start and slice start 16-byte aligned.
+  const bool vec = (p.d * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.other) % 16 == 0;
+  auto kernel = vec ? route_gradient_kernel<T, V, true> : route_gradient_kernel<T, V, false>;
   TMF_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      route_gradient_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  route_gradient_kernel<T, V><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -243,9 +291,8 @@ int64_t score_embed_partials(const Shape& shape) {
   return std::min({pairs, int64_t{128}, by_memory});
 }
 
-int64_t backward_smem_bytes(int64_t l_own, DType dtype) {
-  const int64_t cols = 32 * route_vector_width(l_own);
-  return 4 * l_own * cols + dtype_size(dtype) * kStageRows * cols;
+int64_t backward_smem_bytes(int64_t l_own, int64_t l_oth, DType dtype) {
+  return route_smem_bytes(l_own, l_oth, dtype_size(dtype), route_vector_width(l_own));
 }
 
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {

@@ -156,10 +156,10 @@ void max_sim_backward_cuda(const std::optional<at::Tensor>& grad_q_best,
   int smem_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         query.get_device()));
-  for (const auto& [needed, l_own, side] :
-       {std::tuple{grad_query.has_value(), sh.lq, "query (Lq)"},
-        std::tuple{grad_gallery.has_value(), sh.lg, "gallery (Lg)"}}) {
-    TORCH_CHECK(!needed || cuda::backward_smem_bytes(l_own, dtype) <= smem_limit,
+  for (const auto& [needed, l_own, l_oth, side] :
+       {std::tuple{grad_query.has_value(), sh.lq, sh.lg, "query (Lq)"},
+        std::tuple{grad_gallery.has_value(), sh.lg, sh.lq, "gallery (Lg)"}}) {
+    TORCH_CHECK(!needed || cuda::backward_smem_bytes(l_own, l_oth, dtype) <= smem_limit,
                 "max_sim cuda backward: too many ", side, " locations (", l_own,
                 ") for the gradient kernel's shared memory (", smem_limit,
                 " bytes); use the 'triton' or 'reference' backend");

@@ -77,9 +77,10 @@ cudaError_t launch_forward_wgmma(const ForwardArgs& args, cudaStream_t stream, b
 // shape only, so the summation order (and the result) is the same on every run and device.
 int64_t score_embed_partials(const Shape& shape);
 
-// Dynamic shared memory the query (own = lq) / gallery (own = lg) gradient kernel needs; the
-// glue compares it with the device limit to give a clear error for huge L.
-int64_t backward_smem_bytes(int64_t l_own, DType dtype);
+// Dynamic shared memory the query (own = lq, other = lg) / gallery (own = lg, other = lq)
+// gradient kernel needs; the glue compares it with the device limit to give a clear error for
+// huge L.
+int64_t backward_smem_bytes(int64_t l_own, int64_t l_oth, DType dtype);
 
 cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream);
 
