@@ -14,6 +14,7 @@ import time
 import pytest
 
 from transmatcher_fast.engine import checkpoint
+from transmatcher_fast.engine import rundir
 from transmatcher_fast.engine.rundir import LOCK_NAME, RunDirError, RunLock, open_run, run_files, temporaries
 
 # A process that takes the lock, says so, and sleeps until it is killed.
@@ -28,7 +29,7 @@ def test_lock_is_exclusive_names_the_holder_and_is_free_after_release(tmp_path):
         RunLock(tmp_path / "run").acquire()
     assert "\n" not in str(info.value) and str(tmp_path / "run") in str(info.value)
     first.release()
-    assert (tmp_path / "run" / LOCK_NAME).read_text() == ""  # no stale pid
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # nothing left behind
     with RunLock(tmp_path / "run") as second:
         assert second.held
     assert not second.held
@@ -110,6 +111,29 @@ def test_a_fresh_start_refuses_a_folder_that_holds_a_run(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(RunDirError, match="not a folder"):
         open_run(tmp_path / "file")
+
+
+def test_a_lock_on_a_file_its_holder_deleted_is_not_kept(tmp_path, monkeypatch):
+    """A process that opened train.lock just before its holder deleted it must not keep a lock
+    on the deleted file (a third process could lock the new one): acquire opens it again."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text("")
+    stale = os.open(folder / LOCK_NAME, os.O_RDWR)
+    os.unlink(folder / LOCK_NAME)  # the previous holder's release, after our open
+    opens, real_open = [], os.open
+
+    def open_stale_first(path, *args):
+        opens.append(path)
+        return stale if len(opens) == 1 else real_open(path, *args)
+    monkeypatch.setattr(rundir.os, "open", open_stale_first)
+    lock = RunLock(folder).acquire()
+    assert len(opens) == 2 and lock.held
+    assert os.path.samestat(os.fstat(lock._fd), os.stat(folder / LOCK_NAME))
+    with pytest.raises(RunDirError, match="in use"):
+        RunLock(folder).acquire()  # the file at the path is the locked one
+    lock.release()
+    assert not (folder / LOCK_NAME).exists()
 
 
 def test_overwrite_removes_only_the_trainers_files(tmp_path):

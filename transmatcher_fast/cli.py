@@ -23,6 +23,7 @@ import argparse
 import copy
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -960,7 +961,8 @@ def _export(args, results) -> None:
             print(f"wrote {written} ({args.matrix_kind})")
         if args.save_ranked:
             written = export.write_ranked_results(path_for(args.save_ranked), q_items, g_items,
-                                                  result.distances, topk=args.ranked_topk)
+                                                  result.distances, topk=args.ranked_topk,
+                                                  camera_base=result.camera_base)
             print(f"wrote {written} (top {args.ranked_topk} per query)")
 
 
@@ -1034,12 +1036,17 @@ def run_visualize(args: argparse.Namespace) -> int:
     out = validate.check_output_dir(args.out, "--out")
     if args.log:
         validate.check_input_file(args.log, "--log")
+    if args.checkpoint:
+        model, matcher, height, width, device = _load_for_eval(args)
+        if args.compare_checkpoint and not attention_pictures.draws_attention(model):
+            raise UserError(f"--compare-checkpoint: the model of --checkpoint {args.checkpoint} is a "
+                            f"{type(model).__name__}, which has no attention maps to compare; give "
+                            "two ViT checkpoints (TransReID, DINO), or leave --compare-checkpoint out")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.log:
         written.append(visualize.plot_training_curves(args.log, out / "training_curve.png"))
     if args.checkpoint:
-        model, matcher, height, width, device = _load_for_eval(args)
         dataset = _dataset(args)
         validate.check_valid_queries(dataset)
         args.topk = _clamp_topk(args.topk, dataset)
@@ -1050,7 +1057,8 @@ def run_visualize(args: argparse.Namespace) -> int:
         written += visualize.save_ranked_lists(out / "ranked_lists", result.query_items, result.gallery_items,
                                                result.distances.numpy(), num_queries=args.num_queries,
                                                topk=args.topk, seed=args.seed,
-                                               rows_per_page=args.rows_per_page)
+                                               rows_per_page=args.rows_per_page,
+                                               camera_base=dataset.camera_base)
         if visualize.draws_correspondences(matcher):
             written += save_query_correspondences(model, matcher, dataset, result, out / "correspondences",
                                                   pairs=args.pairs)
@@ -1059,7 +1067,8 @@ def run_visualize(args: argparse.Namespace) -> int:
             items = [result.query_items[i] for i in picked]
             written += attention_pictures.save_attention_pictures(
                 out / "attention", model, items, eval_transform(args.model_config, height, width),
-                views=_views(dataset, items), indices=picked, keep=args.attention_keep)
+                views=_views(dataset, items), indices=picked, keep=args.attention_keep,
+                camera_base=dataset.camera_base)
             if args.compare_checkpoint:
                 written += _attention_comparison(args, model, height, width, items, picked, dataset, out)
     print(f"wrote {len(written)} pictures under {out}")
@@ -1267,10 +1276,20 @@ def _typed_config(parser: argparse.ArgumentParser, values: dict, path: str) -> d
     return typed
 
 
+def _warnings_as_notes(where: str):
+    """A ``warnings.showwarning`` that prints a warning as the command's own one-line note,
+    ``transmatcher-fast <command>: note: <first line>``, without the source path and line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = (str(message).strip().splitlines() or [category.__name__])[0]
+        print(f"{where}: note: {text}", file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line. Bad input ends in one or two lines on stderr, ``transmatcher-fast
     <command>: <message>``, and exit status 1 (2 for a malformed command line); anything
-    unexpected in a one-line summary; ``--debug`` shows the traceback instead. Ctrl-C exits 130."""
+    unexpected in a one-line summary; ``--debug`` shows the traceback instead. Ctrl-C exits 130.
+    Warnings print as one-line notes (with their source only under ``--debug``)."""
     from .engine.validate import error_message, is_user_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1278,6 +1297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     command = next((a for a in argv if a in parser.commands), None)
     where = f"{PROG} {command}" if command else PROG
+    shown_before = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _warnings_as_notes(where)
     try:
         args = parser.parse_args(argv)
         where = f"{PROG} {args.command}"
@@ -1297,6 +1319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         first = (str(error).strip().splitlines() or [""])[0][:300]
         raise SystemExit(f"{where}: unexpected {type(error).__name__}: {first}\n"
                          "run with --debug for the traceback") from None
+    finally:
+        warnings.showwarning = shown_before
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ class ReidDataset:
     name = "dataset"
     layout = ""  # the expected layout, quoted in every error message
     default_trials = 1  # how many (query, gallery) splits test_splits() gives by default
+    # camid + camera_base is the camera as the dataset's own names number it (Market-1501's
+    # 0001_c1s1_... is camid 0, camera 1): what pictures and exports show a person.
+    camera_base = 0
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
@@ -225,6 +228,7 @@ class _PidCamFolders(ReidDataset):
 
     extensions: Tuple[str, ...] = (".jpg",)
     aliases: Tuple[str, ...] = ()
+    camera_base = 1
     splits = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
     def __init__(self, root):
@@ -331,6 +335,7 @@ class PidCamFolder(_PidCamFolders):
         ReidDataset.__init__(self, root)
         if cam_base not in (0, 1):
             raise ValueError(f"cam_base must be 0 or 1, got {cam_base}")
+        self.camera_base = cam_base
         if not self.root.is_dir():
             raise self._error(f"folder {self.root} does not exist")
         found = {split: next((self.root / n for n in names if (self.root / n).is_dir()), None)
@@ -355,6 +360,7 @@ class MSMT17(ReidDataset):
     The camera is the third ``_`` field of the file name, from 1. ``combine_all`` appends query and
     gallery to ``train`` as extra identities (upstream's MSMT_all)."""
 
+    camera_base = 1  # the list files' names number cameras from 1
     name = "MSMT17"
     layout = """  <root>/list_train.txt list_val.txt list_query.txt list_gallery.txt   lines '<relpath> <pid>'
   <root>/train/<pid>/<pid>_<n>_<cam>_<date><time>_<n>_<n>.jpg and <root>/test/... (V1),

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from .features import open_image
-from .visualize import BACKGROUND, LABEL_HEIGHT, PANEL_GAP, TEXT_COLOR, _colormap, _font
+from .visualize import BACKGROUND, LABEL_HEIGHT, PANEL_GAP, TEXT_COLOR, _colormap, _font, id_label
 
 ATTENTION_NAME = "attention_q{index}_pid{pid}.png"
 COMPARE_NAME = "attention_compare_q{index}_pid{pid}.png"
@@ -162,9 +162,10 @@ def _groups(model: nn.Module) -> Optional[Tensor]:
 def save_attention_pictures(folder: Union[str, Path], model: nn.Module, items: Sequence[Sequence[Any]],
                             transform, *, views: Optional[Sequence[int]] = None,
                             size: Tuple[int, int] = (256, 128), keep: Optional[float] = None,
-                            indices: Optional[Sequence[int]] = None) -> list:
+                            indices: Optional[Sequence[int]] = None, camera_base: int = 0) -> list:
     """One picture per item (see the module docstring), named by ``indices`` (the items'
-    positions in their split; default 0, 1, ...). ``size`` = (height, width) of each panel."""
+    positions in their split; default 0, 1, ...). ``size`` = (height, width) of each panel;
+    cameras are labelled ``camid + camera_base`` (the dataset's ``camera_base``)."""
     if not draws_attention(model):
         raise TypeError(f"{type(model).__name__} gives no attention maps (a ViT model does)")
     folder = Path(folder)
@@ -177,7 +178,8 @@ def save_attention_pictures(folder: Union[str, Path], model: nn.Module, items: S
         image = open_image(item[0]).resize((size[1], size[0]), Image.BICUBIC)
         panels = attention_panels(image, cls_attention[i], rollout[i], grid, keep=keep, groups=_groups(model))
         path = folder / ATTENTION_NAME.format(index=indices[i], pid=int(item[1]))
-        _labelled(panels, f"query {indices[i]}  pid {int(item[1])}  c{int(item[2])}  {Path(item[0]).name}").save(path)
+        label = f"query {indices[i]}  {id_label(item[1], item[2], camera_base)}  {Path(item[0]).name}"
+        _labelled(panels, label).save(path)
         written.append(path)
     return written
 

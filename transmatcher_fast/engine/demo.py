@@ -99,7 +99,7 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
     pictures = [visualize.plot_training_curves(trainer.exp_dir / "log.jsonl", out / "training_curve.png")]
     pictures += visualize.save_ranked_lists(out / "ranked_lists", dataset.query, dataset.gallery,
                                             after.distances.numpy(), num_queries=6, topk=10,
-                                            seed=config.seed)
+                                            seed=config.seed, camera_base=dataset.camera_base)
     if visualize.draws_correspondences(matcher):
         pictures += save_query_correspondences(model, matcher, dataset, after, out / "correspondences")
     if attention_pictures.draws_attention(model):
@@ -110,7 +110,7 @@ def run_demo(config: DemoConfig) -> Dict[str, Any]:
         items = [after.query_items[i] for i in picked]
         pictures += attention_pictures.save_attention_pictures(
             out / "attention", model, items, evaluation_args["transform"], views=dataset.views_of(items),
-            indices=picked)
+            indices=picked, camera_base=dataset.camera_base)
 
     summary = {"before": before.metrics, "after": after.metrics, "train_seconds": train_seconds,
                "total_seconds": time.perf_counter() - started, "config": vars(config),
@@ -170,7 +170,8 @@ def save_query_correspondences(model, matcher, dataset, evaluation, folder: Path
                 module.training = mode
 
     def label(items, index: int, pid, cam, role: str) -> str:
-        return f"{role} {index}, {visualize.id_label(pid, cam)}, {Path(items[index][0]).name}"
+        label = visualize.id_label(pid, cam, getattr(dataset, "camera_base", 0))
+        return f"{role} {index}, {label}, {Path(items[index][0]).name}"
 
     written, drawn = [], set()
     for qi in range(num_query):

@@ -44,6 +44,8 @@ class Evaluation:
     gallery_items: Optional[List[Item]] = None
     # The comparer's inverse of its distance (None: the fused matchers' 1 - sigmoid(score / 10)).
     score_of_distance: Optional[Any] = None
+    # camid + camera_base: the camera as the dataset's names number it (what exports show).
+    camera_base: int = 0
 
 
 def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
@@ -226,7 +228,8 @@ def evaluate_features(matcher: nn.Module, query: Features, gallery: Features, *,
     metrics = {**ranking.result(), **timings, "num_query_images": len(q),
                "num_gallery_images": len(g), "rerank": rerank, "provenance": record}
     return Evaluation(metrics, dist, q, g, q_items, g_items,
-                      score_of_distance=getattr(matcher, "score_of_distance", None))
+                      score_of_distance=getattr(matcher, "score_of_distance", None),
+                      camera_base=getattr(dataset, "camera_base", 0))
 
 
 def _items_of(features: Features) -> List[Item]:

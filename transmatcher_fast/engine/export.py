@@ -241,8 +241,10 @@ def load_matrix(path: PathLike) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- ranked results
 
 def ranked_results(query_items: Sequence[Item], gallery_items: Sequence[Item], distances: Any, *,
-                   topk: int = 10, kind: str = "distance") -> Iterable[Dict[str, Any]]:
-    """One record per query, in query order: ``query`` (path), ``pid``, ``cam``, and
+                   topk: int = 10, kind: str = "distance",
+                   camera_base: int = 0) -> Iterable[Dict[str, Any]]:
+    """One record per query, in query order: ``query`` (path), ``pid``, ``cam`` (the camera as
+    the dataset's names number it: camid + the dataset's ``camera_base``), and
     ``ranked``: its ``topk`` nearest gallery images as ``{"rank", "path", "pid", "cam",
     "distance" (or "score"), "same_id"}``, after removing the gallery images of the query's
     identity taken by its camera (the protocol; see ``visualize.rank_gallery``). Equal
@@ -268,9 +270,9 @@ def ranked_results(query_items: Sequence[Item], gallery_items: Sequence[Item], d
             shown = np.array([lookup[g] for g in ranked.tolist()], dtype=np.float64)
         if kind == "score":
             shown = distance_to_score(shown)
-        yield {"query": str(q_path), "pid": int(q_pid), "cam": int(q_cam),
+        yield {"query": str(q_path), "pid": int(q_pid), "cam": int(q_cam) + camera_base,
                "ranked": [{"rank": r + 1, "path": str(gallery_items[g][0]), "pid": int(g_pids[g]),
-                           "cam": int(g_cams[g]), kind: float(v), "same_id": bool(g_pids[g] == q_pid)}
+                           "cam": int(g_cams[g]) + camera_base, kind: float(v), "same_id": bool(g_pids[g] == q_pid)}
                           for r, (g, v) in enumerate(zip(ranked.tolist(), np.asarray(shown).tolist()))]}
 
 
@@ -280,7 +282,7 @@ CSV_COLUMNS = ("query_path", "query_pid", "query_cam", "rank", "gallery_path", "
 
 def write_ranked_results(path: PathLike, query_items: Sequence[Item], gallery_items: Sequence[Item],
                          distances: Any, *, topk: int = 10, kind: str = "distance",
-                         format: Optional[str] = None) -> Path:
+                         format: Optional[str] = None, camera_base: int = 0) -> Path:
     """:func:`ranked_results` to ``path``: ``format="jsonl"`` (default for any suffix but
     ``.csv``; one JSON object per query) or ``"csv"`` (header ``query_path, query_pid,
     query_cam, rank, gallery_path, gallery_pid, gallery_cam, distance|score, same_id``, one row
@@ -290,7 +292,8 @@ def write_ranked_results(path: PathLike, query_items: Sequence[Item], gallery_it
     fmt = format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
     if fmt not in ("jsonl", "csv"):
         raise ValueError(f"format must be 'jsonl' or 'csv', got {format!r}")
-    records = ranked_results(query_items, gallery_items, distances, topk=topk, kind=kind)
+    records = ranked_results(query_items, gallery_items, distances, topk=topk, kind=kind,
+                             camera_base=camera_base)
 
     def write(file) -> None:
         if fmt == "jsonl":

@@ -15,7 +15,8 @@ start does with them:
 
 While a run lives it holds an exclusive ``flock`` on ``EXP_DIR/train.lock`` holding its pid, so
 a second run on the same folder fails at once and names the holder; the operating system drops
-the lock when the holder exits, however it exits. Stale temporaries are removed at start-up, by
+the lock when the holder exits, however it exits. A run that ends deletes the file; one that was
+killed leaves it behind, empty or with its dead pid and unlocked, and the next run takes it. Stale temporaries are removed at start-up, by
 the holder of the lock only (a save in progress has one too). Every refusal is a
 :class:`RunDirError` whose ``str`` is one line.
 """
@@ -113,8 +114,14 @@ if hasattr(os, "register_at_fork"):
 
 class RunLock:
     """An exclusive, non-blocking ``flock`` on ``folder/train.lock``; the holder's pid and host are
-    written into the file. The file is never deleted (deleting a lock file lets two processes
-    lock two different files of the same name). Forked children do not inherit the lock."""
+    written into the file, and the holder deletes it on release. Forked children do not inherit
+    the lock.
+
+    Deleting a lock file is safe only with a check on the other side: a process that opened the
+    file just before the holder deleted it would lock the deleted file while a third one locks
+    a new file of the same name. So the holder deletes the file while it still holds the lock,
+    and :meth:`acquire` keeps a lock only when the locked file is still the one at the path
+    (same inode), and else tries again."""
 
     def __init__(self, folder: PathLike):
         self.folder = Path(folder)
@@ -150,17 +157,21 @@ class RunLock:
                           "from using it")
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            os.close(fd)
-            raise RunDirError(f"{self.folder} is in use by another training run ({self.holder()}, "
-                              f"lock {self.path}): wait for it to end, stop it, or choose another "
-                              f"--exp-dir") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                os.close(fd)
+                raise RunDirError(f"{self.folder} is in use by another training run ({self.holder()}, "
+                                  f"lock {self.path}): wait for it to end, stop it, or choose another "
+                                  f"--exp-dir") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._still_at_path(fd):
+                break
+            os.close(fd)  # the previous holder deleted it after we opened it: open the new one
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -171,13 +182,21 @@ class RunLock:
         _HELD.add(self)
         return self
 
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
         _HELD.discard(self)
         try:
-            os.ftruncate(fd, 0)  # no stale pid once the run is over
+            os.ftruncate(fd, 0)  # no stale pid, should the file outlive the run
+            if self._still_at_path(fd):
+                os.unlink(self.path)  # still locked: see the class docstring
         except OSError:
             pass
         try:

@@ -6,7 +6,7 @@ training curves.
   Market-1501 protocol does (``rank_gallery``); under each image its distance ("d=...", lower
   is closer) or score ("s=...", higher is closer; ``kind``) with as many digits as it takes for
   neighbouring values to read differently (``format_values``), and its pid and camera
-  ("pid 12 c3", the camera id as the dataset stores it: 0-based for Market-1501); the overview
+  ("pid 12 c3", the camera as the dataset's file names number it: ``camera_base``); the overview
   of many queries is paginated.
 - ``correspondences`` / ``correspondence_image`` / ``save_correspondences``: which gallery
   location each probe location matched, read from the argmax indices of ``max_sim`` computed
@@ -239,10 +239,10 @@ def kind_header(kind: str = "distance") -> str:
         "score (higher = closer)"
 
 
-def id_label(pid: Any, camid: Any) -> str:
-    """``"pid 12 c3"``: an image's identity and camera (the camera id as the dataset stores
-    it)."""
-    return f"pid {int(pid)} c{int(camid)}"
+def id_label(pid: Any, camid: Any, camera_base: int = 0) -> str:
+    """``"pid 12 c3"``: an image's identity and camera, ``camid + camera_base`` (the dataset's
+    ``camera_base``: the camera as its file names number it)."""
+    return f"pid {int(pid)} c{int(camid) + camera_base}"
 
 
 def _padded(number: int, largest: int) -> str:
@@ -431,7 +431,8 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
                       kind: str = "distance", show_distances: bool = True,
                       show_ids: bool = True, cell: tuple[int, int] = (128, 64),
                       pad: int = 4, border: int = 3,
-                      rows_per_page: int = OVERVIEW_ROWS_PER_PAGE) -> list[Path]:
+                      rows_per_page: int = OVERVIEW_ROWS_PER_PAGE,
+                      camera_base: int = 0) -> list[Path]:
     """Ranked-list pictures of ``num_queries`` queries picked at random (``seed``, so the same
     queries come back run after run and models can be compared).
 
@@ -440,7 +441,8 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
     topk_index [Nq, k])`` of distances (``kind="distance"``, lower = closer: what
     ``evaluate`` gives) or matcher scores (``kind="score"``, higher = closer). Each row's title
     names the query (index, pid, camera) and what the numbers are; under each image its value
-    (``show_distances``) and its pid and camera (``show_ids``).
+    (``show_distances``) and its pid and camera (``show_ids``). Cameras are shown as
+    ``camid + camera_base`` (the dataset's ``camera_base``).
 
     Writes ``ranked_q<i>_pid<pid>.png`` per picked query (``i`` its index in ``query_items``;
     see the module docstring for the names) and an overview with the rows stacked, paginated
@@ -482,10 +484,10 @@ def save_ranked_lists(out_dir: Union[str, Path], query_items: Sequence[Sequence[
             q_path, [gallery_items[g][0] for g in ranked],
             [int(gallery_pids[g]) == int(q_pid) for g in ranked],
             values=shown if show_distances else None, kind=kind,
-            query_label=id_label(q_pid, q_cam) if show_ids else None,
-            gallery_labels=([id_label(gallery_pids[g], gallery_camids[g]) for g in ranked]
+            query_label=id_label(q_pid, q_cam, camera_base) if show_ids else None,
+            gallery_labels=([id_label(gallery_pids[g], gallery_camids[g], camera_base) for g in ranked]
                             if show_ids else None),
-            title=f"query {qi}  pid {int(q_pid)}  c{int(q_cam)}  -  ranked by {kind_header(kind)}",
+            title=f"query {qi}  {id_label(q_pid, q_cam, camera_base)}  -  ranked by {kind_header(kind)}",
             cell=cell, pad=pad, border=border)
         path = out_dir / ranked_list_name(qi, q_pid, num_query)
         row.save(path)
