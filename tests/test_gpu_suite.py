@@ -651,7 +651,10 @@ def bare_env(tmp_path):
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    Path(site, "host_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Every site-packages folder this interpreter sees (a venv's and, where it includes them, the
+    # system's): torch and triton import there too.
+    folders = [p for p in sys.path if p.endswith("site-packages")] or [sysconfig.get_paths()["purelib"]]
+    Path(site, "host_packages.pth").write_text("\n".join(folders) + "\n")
     fake_build = tmp_path / "fake_build.py"
     fake_build.write_text(FAKE_BUILD)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
