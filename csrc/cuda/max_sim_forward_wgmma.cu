@@ -60,7 +60,7 @@ struct WgmmaShape {
   static constexpr int kScratchStride = N + 8;  // conflict-free 8-byte writes of lanes g, tq
   static constexpr int kScratchBytes = kScratchEntries * kScratchStride * 5;  // fp32 + uint8 row
   // Each thread's load sources of the current and the next tile (registers are short).
-  static constexpr int kSrcBytes = kThreadsW * 2 * 40;
+  static constexpr int kSrcBytes = kThreadsW * 2 * 48;
   static constexpr int kSmemBytes = kStagesW * kStageBytes + kScratchBytes + kSrcBytes;
 };
 
@@ -176,6 +176,7 @@ struct Wgmma<__half, 192> {
 template <typename T, int N>
 struct TileSrc {
   const T* src[4];  // query rows tid / 4, +96; gallery rows tid / 4, +96
+  int64_t pair;     // i * ng + j: where the tile's outputs go
   uint32_t ok;      // bit r: src[r] is a real row
 
   __device__ __forceinline__ void set(const WgParams<T>& p, int64_t i, int64_t j, int t0) {
@@ -184,6 +185,7 @@ struct TileSrc {
     // Opaque to the compiler: otherwise it hoists the tile-invariant parts out of the tile loop
     // and keeps them in registers the accumulators need (measured: spills at N = 192).
     asm volatile("" : "+r"(row));
+    pair = i * p.ng + j;
     const T* a = p.query + i * p.lq * p.d + part * 8;
     const T* b = p.gallery + j * p.lg * p.d + part * 8;
     const bool oks[4] = {t0 + row < p.lq, t0 + row + 96 < p.lq, row < p.lg, row + 96 < N && row + 96 < p.lg};
@@ -229,6 +231,15 @@ __device__ __forceinline__ void combine(float v, int x, float& best, int& best_x
 __device__ __forceinline__ void store_now(float* value_out, int32_t* index_out, float v, int x) {
   asm volatile("st.global.f32 [%0], %1;\n" ::"l"(value_out), "f"(v) : "memory");
   asm volatile("st.global.s32 [%0], %1;\n" ::"l"(index_out), "r"(x) : "memory");
+}
+
+// better_candidate for the column fold with rows 0..254 and kNoRow (255) as the empty row:
+// (v, row) replaces (best, best_row) if it is valid and larger, or a NaN over a number, or equal
+// (both NaN included) at a lower row. An empty best (-inf, kNoRow) loses to any valid entry.
+__device__ __forceinline__ bool column_take(float v, uint32_t row, float best, uint32_t best_row) {
+  const bool greater = !(v <= best) && best == best;  // v > best, or v NaN over a number
+  const bool tie = (v == best || (v != v && best != best)) && row < best_row;
+  return row != kNoRow && (greater || tie);
 }
 
 // `beats` (common.cuh) in two compares: v > best or v is NaN, and best is not NaN.
@@ -316,10 +327,11 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
                                  same ? k + kAhead : k + kAhead - p.k_steps);
       cp_async_commit();
       if (active) {
-        const uint32_t stage = smem_base + static_cast<uint32_t>(stage_idx * S::kStageBytes);
-        // LBO 128: the next 16-byte chunk along K; SBO: the next 8 rows.
-        const uint64_t da = smem_descriptor(stage + wg * 64 * kRowBytesW, 128, 8 * kRowBytesW);
-        const uint64_t db = smem_descriptor(stage + kRowsPerPass * kRowBytesW, 128, 8 * kRowBytesW);
+        // LBO 128: the next 16-byte chunk along K; SBO: the next 8 rows. Stages differ in the
+        // address field only (no carry: shared addresses < 256 KB): one add per stage.
+        const uint64_t step = static_cast<uint64_t>(stage_idx * (S::kStageBytes >> 4));
+        const uint64_t da = smem_descriptor(smem_base + wg * 64 * kRowBytesW, 128, 8 * kRowBytesW) + step;
+        const uint64_t db = smem_descriptor(smem_base + kRowsPerPass * kRowBytesW, 128, 8 * kRowBytesW) + step;
         wgmma_fence();
         Wgmma<T, N>::run(acc, da, db, k == 0 ? 0 : 1);
         Wgmma<T, N>::run(acc, da + (256 >> 4), db + (256 >> 4), 1);  // chunks 2, 3: +256 bytes
@@ -329,7 +341,6 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
       stage_idx = stage_idx + 1 == kStagesW ? 0 : stage_idx + 1;
     }
     wgmma_wait<0>();
-    srcs(0) = srcs(1);
 
     // ---- epilogue of tile (pair, t0) ----
     // Thread coordinates from an opaque copy of threadIdx.x: computed here, not hoisted out of
@@ -343,19 +354,17 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
     // read row 0; masked columns (col >= lg) read into the next row or the padding.
     const float* gate0 = p.gate_t + (ok0 ? t0 + row0 : 0) * p.lg + 2 * tq;
     const float* gate1 = p.gate_t + (ok1 ? t0 + row0 + 8 : 0) * p.lg + 2 * tq;
-    // Row scans start at the thread's first column (2 * tq < lg unless lg <= 6; then none of its
-    // columns is valid and the index stays -1 for the quad combine to drop).
+    // Row scans: each thread scans its columns 8 nb + 2 tq + e in increasing order; positions are
+    // kept as 8 nb + e (immediates) and 2 tq is added at the end. The first column is taken as
+    // it is (2 tq < lg unless lg <= 6; then none of the thread's columns is valid: -1).
     float best0 = 0.0f, best1 = 0.0f;
     int at0 = -1, at1 = -1;
-    float* sv = scratch_v() + ((wg * 4 + wi) * 8 + g) * S::kScratchStride;
-    uint8_t* sr = scratch_r() + ((wg * 4 + wi) * 8 + g) * S::kScratchStride;
 #pragma unroll
     for (int nb = 0; nb < N / 8; ++nb) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nb + 2 * tq + e;
         // Columns below N - 64 are always < Lg (N is the smallest of 64, 128, 192 >= Lg).
-        const bool col_ok = 8 * nb + 8 <= N - 64 || col < p.lg;
+        const bool col_ok = 8 * nb + 8 <= N - 64 || 8 * nb + 2 * tq + e < p.lg;
         float& v0 = acc[4 * nb + e];
         float& v1 = acc[4 * nb + 2 + e];
         if constexpr (kGate) {
@@ -365,20 +374,21 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
         if (nb == 0 && e == 0) {
           best0 = v0;
           best1 = v1;
-          at0 = at1 = col_ok ? col : -1;
+          at0 = at1 = col_ok ? 0 : -1;
         } else {
           const bool take0 = col_ok && beats_fast(v0, best0);
           const bool take1 = col_ok && beats_fast(v1, best1);
           best0 = take0 ? v0 : best0;
-          at0 = take0 ? col : at0;
+          at0 = take0 ? 8 * nb + e : at0;
           best1 = take1 ? v1 : best1;
-          at1 = take1 ? col : at1;
+          at1 = take1 ? 8 * nb + e : at1;
         }
       }
     }
-    // The pair's outputs: computed here, not live across the K loop and the gate reads.
-    const BlockRegion<int64_t> r = region(tile.n);
-    const int64_t pair = r.gi * p.ng + r.gj;
+    at0 = at0 < 0 ? -1 : at0 + 2 * tq;
+    at1 = at1 < 0 ? -1 : at1 + 2 * tq;
+    // The pair's outputs (read here: not live across the K loop and the gate reads).
+    const int64_t pair = srcs(0).pair;
     // Rows: the quad (tq = 0..3) holds the row's columns; lane tq = 0 writes.
 #pragma unroll
     for (int m = 1; m <= 2; m <<= 1) {
@@ -389,52 +399,67 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
     if (tq == 0 && ok0) store_now(p.q_best + pair * p.lq + t0 + row0, p.q_index + pair * p.lq + t0 + row0, best0, at0);
     if (tq == 0 && ok1)
       store_now(p.q_best + pair * p.lq + t0 + row0 + 8, p.q_index + pair * p.lq + t0 + row0 + 8, best1, at1);
-    // Column candidates (after the row results, so the row state is dead: registers are short).
+    // Column candidates (after the row results, so the row state is dead: registers are short):
+    // for columns 8 nb + 2 tq + {0, 1}, the better of rows row0 and row0 + 8 (row0 first: the
+    // lower location; row0 + 8 is valid only if row0 is; no valid row: kNoRow).
+    {
+      float* sv = scratch_v() + ((wg * 4 + wi) * 8 + g) * S::kScratchStride + 2 * tq;
+      uint8_t* sr = scratch_r() + ((wg * 4 + wi) * 8 + g) * S::kScratchStride + 2 * tq;
+      const uint32_t row_lo = ok0 ? row0 : kNoRow, row_hi = row0 + 8;
 #pragma unroll
-    for (int nb = 0; nb < N / 8; ++nb) {
-      // Column candidates of the two rows for columns 8nb + 2tq + {0, 1} (row0 first: the lower
-      // location; row0 + 8 is valid only if row0 is), as one 8-byte and one 2-byte store.
-      float cand[2];
-      uint8_t crow[2];
+      for (int nb = 0; nb < N / 8; ++nb) {
+        float cand[2];
+        uint32_t crow[2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float v0 = acc[4 * nb + e], v1 = acc[4 * nb + 2 + e];
-        const bool lower = ok1 && beats_fast(v1, v0);
-        cand[e] = lower ? v1 : v0;
-        crow[e] = lower ? static_cast<uint8_t>(row0 + 8) : (ok0 ? static_cast<uint8_t>(row0) : kNoRow);
+        for (int e = 0; e < 2; ++e) {
+          const float v0 = acc[4 * nb + e], v1 = acc[4 * nb + 2 + e];
+          const bool lower = ok1 && beats_fast(v1, v0);
+          cand[e] = lower ? v1 : v0;
+          crow[e] = lower ? row_hi : row_lo;
+        }
+        // volatile asm: stored here, in order (plain stores are sunk to the end and spill).
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(sv + 8 * nb)),
+                     "f"(cand[0]), "f"(cand[1]) : "memory");
+        asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb)), "r"(crow[0]) : "memory");
+        asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb + 1)), "r"(crow[1]) : "memory");
       }
-      // volatile asm: stored here, in order (a plain store is sunk to the end of the loop and
-      // its values spill).
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(sv + 8 * nb + 2 * tq)),
-                   "f"(cand[0]), "f"(cand[1]) : "memory");
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb + 2 * tq)),
-                   "h"(static_cast<uint16_t>(crow[0] | (crow[1] << 8))) : "memory");
     }
     __syncthreads();  // scratch complete
     // Columns: thread (col, half) folds its half's 48 entries, then the two halves combine.
+    // Entries are not in row order, so ties compare rows: column_take (kNoRow = empty).
     {
       const int col = tid / 2, half = tid % 2;
-      float cv = 0.0f;
-      int ci = -1;
+      float cv = -INFINITY;
+      uint32_t cr = kNoRow;
       if (col < N) {
         const int e0 = half * S::kScratchEntries / 2;
 #pragma unroll 8
         for (int e = e0; e < e0 + S::kScratchEntries / 2; ++e) {
-          const uint8_t row = scratch_r()[e * S::kScratchStride + col];
-          combine(scratch_v()[e * S::kScratchStride + col], row == kNoRow ? -1 : row, cv, ci);
+          const float v = scratch_v()[e * S::kScratchStride + col];
+          const uint32_t row = scratch_r()[e * S::kScratchStride + col];
+          const bool take = column_take(v, row, cv, cr);
+          cv = take ? v : cv;
+          cr = take ? row : cr;
         }
       }
-      combine(__shfl_xor_sync(0xffffffffu, cv, 1), __shfl_xor_sync(0xffffffffu, ci, 1), cv, ci);
-      if (half == 0 && col < p.lg && ci >= 0) {
+      const float ov = __shfl_xor_sync(0xffffffffu, cv, 1);
+      const uint32_t orow = __shfl_xor_sync(0xffffffffu, cr, 1);
+      if (column_take(ov, orow, cv, cr)) {
+        cv = ov;
+        cr = orow;
+      }
+      if (half == 0 && col < p.lg && cr != kNoRow) {
         const int64_t out = pair * p.lg + col;
+        const int ci = t0 + static_cast<int>(cr);
         // A later pass holds higher query locations: the stored value wins ties.
-        if (t0 == 0 || better_candidate(cv, t0 + ci, p.g_best[out], p.g_index[out])) {
+        if (t0 == 0 || better_candidate(cv, ci, p.g_best[out], p.g_index[out])) {
           p.g_best[out] = cv;
-          p.g_index[out] = t0 + ci;
+          p.g_index[out] = ci;
         }
       }
     }
     // The next epilogue rewrites the scratch only after the next K loop's barriers.
+    srcs(0) = srcs(1);  // the next tile's sources (its first loads were issued from [1])
   }
   cp_async_wait<0>();
 #else
