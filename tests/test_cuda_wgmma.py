@@ -1,0 +1,108 @@
+"""The CUDA extension's wgmma forward (query_group = -1, csrc/cuda/max_sim_forward_wgmma.cu) against
+the float64 reference, on an sm_90 GPU only (skipped elsewhere; tests/test_cuda_build.py checks
+what it compiles to without a GPU). Covers the three tile widths (Lg <= 64, 128, 192), query
+images longer than one 192-row pass, D not a multiple of the 32-feature stage, with and without
+the gate, exact ties (lowest location wins) and NaN (propagates, lowest NaN location wins).
+"""
+
+import pytest
+import torch
+
+from transmatcher_fast import reference
+
+WGMMA = -1  # ForwardArgs::query_group value of the wgmma kernel (kForwardWgmma)
+
+
+def _op():
+    return getattr(getattr(torch.ops, "transmatcher_fast_C", None), "max_sim_forward", None)
+
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs an sm_90 GPU (H100/H200)")
+
+
+def _run(q, g, e, query_group=WGMMA):
+    op = _op()
+    if op is None:
+        pytest.skip("transmatcher_fast._C has no CUDA forward")
+    nq, lq, _ = q.shape
+    ng, lg, _ = g.shape
+    outs = [torch.full((nq, ng, lq), float("nan"), device=q.device),
+            torch.full((nq, ng, lg), float("nan"), device=q.device),
+            torch.full((nq, ng, lq), -1, device=q.device, dtype=torch.int32),
+            torch.full((nq, ng, lg), -1, device=q.device, dtype=torch.int32)]
+    op(q, g, e, *outs, False, query_group)
+    torch.cuda.synchronize()
+    return outs
+
+
+def _check(q, g, e, outs):
+    """Maxima at the scale of the scores; each argmax selects a maximum (within rounding)."""
+    q64, g64 = q.double().cpu(), g.double().cpu()
+    e64 = None if e is None else e.double().cpu()
+    rq, rg = reference.max_sim(q64, g64, e64)
+    scores = torch.einsum("itd,jsd->ijst", q64, g64)
+    if e64 is not None:
+        scores = scores * torch.sigmoid(e64)
+    scale = scores.abs().max().item()
+    tol = 1e-5 * q.shape[-1] ** 0.5 * scale  # fp32 accumulation of exact 16-bit products
+    q_best, g_best, q_index, g_index = [t.cpu() for t in outs]
+    assert (q_index >= 0).all() and (g_index >= 0).all(), "unwritten index"
+    assert (q_best.double() - rq).abs().max().item() <= tol
+    assert (g_best.double() - rg).abs().max().item() <= tol
+    at_q = scores.gather(2, q_index.long().unsqueeze(2)).squeeze(2)
+    at_g = scores.gather(3, g_index.long().unsqueeze(3)).squeeze(3)
+    assert (at_q >= rq - 2 * tol).all() and (at_g >= rg - 2 * tol).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [
+    (3, 5, 192, 192, 512),   # TransMatcher's maps: one pass, N = 192
+    (2, 3, 200, 150, 64),    # two passes (Lq > 192), N = 192 with masked columns
+    (4, 3, 50, 60, 96),      # N = 64, three warpgroups of which two idle
+    (2, 2, 7, 100, 40),      # N = 128, D not a multiple of 32
+])
+@pytest.mark.parametrize("gated", [True, False])
+def test_wgmma_matches_reference(dtype, shape, gated):
+    nq, ng, lq, lg, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(hash((shape, gated)) % 2**31)
+    q = torch.randn(nq, lq, d, device="cuda", generator=gen).to(dtype)
+    g = torch.randn(ng, lg, d, device="cuda", generator=gen).to(dtype)
+    e = torch.randn(lg, lq, device="cuda", generator=gen) if gated else None
+    _check(q, g, e, _run(q, g, e))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_ties_and_nan(dtype):
+    """Small integer features: every product and sum is exact in fp32 and float64, so the scores
+    are equal to the reference's bit for bit, ties are plentiful and exact, and the indices must
+    be the reference's (the lowest location among equal maxima). A NaN query row gives NaN
+    maxima, at location 0 along its row and at its own location down every column."""
+    nq, ng, lq, lg, d = 2, 3, 192, 192, 128
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randint(-2, 3, (nq, lq, d), device="cuda", generator=gen).to(dtype)
+    g = torch.randint(-2, 3, (ng, lg, d), device="cuda", generator=gen).to(dtype)
+    g[:, 100:] = g[:, 37:37 + 92]  # repeated gallery locations: ties across far columns
+    q[1, 77] = float("nan")
+    q_best, g_best, q_index, g_index = [t.cpu() for t in _run(q, g, None)]
+    r = reference.max_sim(q.double().cpu(), g.double().cpu(), None, return_indices=True)
+    assert torch.equal(q_index, r[2]) and torch.equal(g_index, r[3])
+    assert torch.equal(q_best.double().nan_to_num(7e7), r[0].nan_to_num(7e7))
+    assert torch.equal(g_best.double().nan_to_num(7e7), r[1].nan_to_num(7e7))
+    assert torch.isnan(q_best[1, :, 77]).all() and (q_index[1, :, 77] == 0).all()
+    assert torch.isnan(g_best[1]).all() and (g_index[1] == 77).all()
+    assert not torch.isnan(g_best[0]).any()
+
+
+def test_wgmma_agrees_with_mma_sync():
+    """Both CUDA kernels on one input: the same maxima (at the scale of the scores)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(4, 192, 512, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(6, 192, 512, device="cuda", generator=gen).bfloat16()
+    e = torch.randn(192, 192, device="cuda", generator=gen)
+    a = _run(q, g, e, WGMMA)
+    b = _run(q, g, e, 0)
+    scale = max(a[0].abs().max().item(), 1e-30)
+    assert (a[0] - b[0]).abs().max().item() <= 1e-4 * scale
+    assert (a[1] - b[1]).abs().max().item() <= 1e-4 * scale
