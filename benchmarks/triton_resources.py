@@ -11,6 +11,17 @@ rows not 16-byte aligned). Per kernel: registers, shared memory, spills (ptxas, 
 ``cuobjdump --dump-resource-usage``) and the tensor-core family in the PTX (``wgmma`` on Hopper,
 ``mma`` on Ampere).
 
+Per forward candidate also a static measure read off the SASS (``cuobjdump -sass``; see
+``sass_loops`` for how the loops are found): ``epilogue_instructions_per_score``, the SASS
+instructions of the tile loop that are neither tensor-core (HGMMA/HMMA/WARPGROUP.*) nor
+load/store (LD*/ST*/UTMA*/...), each times the iterations of the loop it sits in, per score
+element of the tile, in thread-instructions (instructions x threads of the block / score
+elements of one tile-loop iteration). An H100 SM issues 128 thread-instructions a clock and
+does 2048 fp16 FMA a clock, so at D = 512 the MMA of one score element takes the time of ~32:
+a measure well under 32 leaves the issue slots to the tensor cores. Also
+``mma_instructions_per_score`` (same units), and the analytic bytes a candidate's tiling reads
+and writes through L2 per FLOP (every tile load counted, none assumed to hit L1).
+
     python benchmarks/triton_resources.py                # table
     python benchmarks/triton_resources.py --json out.json --target sm_90 --precision fp16
 
@@ -86,36 +97,155 @@ def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict):
     ints = {"q_index_ptr": "i32", "g_index_ptr": "i32"}
     len_q, len_g, dim = geometry["len_q"], geometry["len_g"], geometry["dim"]
     for fwd in kernels.forward_candidates(len_q, len_g, dim, dtype):
-        strip = fwd.variant == "strip"
+        num_s = triton.cdiv(len_g, fwd.block_s)
         constexprs = dict(HAS_GATE=True, BLOCK_S=fwd.block_s, BLOCK_T=fwd.block_t,
-                          BLOCK_K=fwd.block_k, GROUP_Q=fwd.group_q, INPUT_PRECISION=precision)
-        if strip:
-            constexprs["NUM_S"] = triton.cdiv(len_g, fwd.block_s)
-        yield ("forward", kernels._max_sim_forward_strip_kernel if strip
-               else kernels._max_sim_forward_kernel,
-               {"q_ptr": feature, "g_ptr": feature, **ints}, constexprs,
-               fwd.num_warps, fwd.num_stages, fwd.name)
+                          BLOCK_K=fwd.block_k, INPUT_PRECISION=precision)
+        if fwd.variant == "pairs":  # as kernels.forward launches it
+            fn = kernels._max_sim_forward_pairs_kernel
+            constexprs.update(kernels.pairs_constexprs(fwd, len_q, len_g, dim))
+        elif fwd.variant == "strip":
+            fn = kernels._max_sim_forward_strip_kernel
+            constexprs.update(NUM_S=num_s, GROUP_Q=fwd.group_q)
+        else:
+            fn = kernels._max_sim_forward_kernel
+            constexprs.update(GROUP_Q=fwd.group_q)
+        yield ("forward", fn, {"q_ptr": feature, "g_ptr": feature, **ints}, constexprs,
+               fwd.num_warps, fwd.num_stages, fwd.name, fwd)
     bwd = kernels.backward_config(len_q, len_g, dim, dtype)
     blocks = dict(BLOCK_S=bwd.block_s, BLOCK_T=bwd.block_t, BLOCK_D=bwd.block_d,
                   ROUTE_FP32=dtype == torch.float16, INPUT_PRECISION=precision,
                   HAS_GATE=True, HAS_GRAD_Q=True, HAS_GRAD_G=True)
     label = f"{bwd.block_s}x{bwd.block_t}x{bwd.block_d}-w{bwd.num_warps}-s{bwd.num_stages}"
     yield ("backward_query", kernels._max_sim_backward_query_kernel,
-           {"g_ptr": feature, **ints}, blocks, bwd.num_warps, bwd.num_stages, label)
+           {"g_ptr": feature, **ints}, blocks, bwd.num_warps, bwd.num_stages, label, None)
     yield ("backward_gallery", kernels._max_sim_backward_gallery_kernel,
-           {"q_ptr": feature, **ints}, blocks, bwd.num_warps, bwd.num_stages, label)
+           {"q_ptr": feature, **ints}, blocks, bwd.num_warps, bwd.num_stages, label, None)
     if dtype == torch.float32 and precision == "ieee":  # reads no features: one dtype is enough
         yield ("backward_score_embed", kernels._max_sim_backward_score_embed_kernel, ints,
                dict(BLOCK_S=bwd.block_s, BLOCK_T=bwd.block_t, HAS_GRAD_Q=True, HAS_GRAD_G=True),
-               bwd.num_warps, 1, f"{bwd.block_s}x{bwd.block_t}-w{bwd.num_warps}-s1")
+               bwd.num_warps, 1, f"{bwd.block_s}x{bwd.block_t}-w{bwd.num_warps}-s1", None)
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def _cuobjdump_output(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_cuobjdump(), flag, f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The static measure, from the SASS.
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def parse_sass(text: str) -> list:
+    """The instructions of a ``cuobjdump -sass`` listing: (address, opcode with modifiers,
+    operands)."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4).strip())
+            for m in map(_SASS_LINE.search, text.splitlines()) if m]
+
+
+def _family(opcode: str) -> str:
+    root = opcode.split(".")[0]
+    if root in ("HGMMA", "HMMA", "IMMA", "WARPGROUP") or root.startswith("WARPGROUP"):
+        return "mma"
+    if root.startswith(("LD", "ST", "UTMA", "UBLKCP", "ATOM", "RED")):
+        return "memory"  # LDG/STG/LDS/STS/LDSM/LDGSTS/LDC/LDL/STL/UTMALDG/...
+    return "other"
+
+
+def sass_loops(instructions: list) -> list:
+    """The loops of the kernel as (first, last) instruction addresses, outermost first.
+
+    A loop is read off the control flow: a branch (BRA) whose target lies at or before the
+    branch itself jumps back, and the instructions from the target to the branch are the loop
+    body (compilers lay loops out as one block range; the trailing ``BRA`` to itself after EXIT
+    is not a loop). Two back branches to the same target are one loop (the larger range)."""
+    spans = {}
+    for address, opcode, operands in instructions:
+        if opcode.split(".")[0] != "BRA":
+            continue
+        target = _BRANCH_TARGET.search(operands)
+        if target and int(target.group(1), 16) < address:
+            first = int(target.group(1), 16)
+            spans[first] = max(spans.get(first, address), address)
+    return sorted(spans.items(), key=lambda span: (span[0], -span[1]))
+
+
+def tile_loop_measure(instructions: list, k_iterations: int, threads: int,
+                      scores_per_tile: int) -> dict:
+    """The static measure of a forward, per score element in thread-instructions.
+
+    The K loop is the innermost loop holding tensor-core instructions (HGMMA/HMMA); the tile
+    loop is the innermost loop around it, one iteration of which produces one score tile (the
+    "tiled" s0 loop, the "strip" t0 loop, the "pairs" gallery-image loop). The epilogue is the
+    tile loop less the K loop: the gate, max and argmax, stores, the next tile's set-up; it
+    counts once per tile (``epilogue_instructions_per_score``, the figure the issue's "about 34"
+    for the default refers to). The K loop's own non-MMA instructions (addresses, barriers,
+    pipeline waits) count ``k_iterations`` times (ceil(D / BLOCK_K), the dot's trip count;
+    Triton's pipelined loop runs it whole with predicated prefetches) and are reported apart
+    (``k_loop_instructions_per_score``), as are the MMA instructions. Any other loop inside
+    the tile loop (none in these kernels) would count once per tile."""
+    loops = sass_loops(instructions)
+
+    def inside(span, address):
+        return span[0] <= address <= span[1]
+
+    mma_addresses = [a for a, op, _ in instructions if op.split(".")[0] in ("HGMMA", "HMMA")]
+    k_loops = [span for span in loops if any(inside(span, a) for a in mma_addresses)]
+    if not k_loops:
+        return {"epilogue_instructions_per_score": None, "mma_instructions_per_score": None,
+                "measure_note": "no tensor-core loop (exact fp32 FMA dot)"}
+    k_loop = min(k_loops, key=lambda span: span[1] - span[0])
+    outer = [span for span in loops if span != k_loop and span[0] <= k_loop[0]
+             and k_loop[1] <= span[1]]
+    if not outer:
+        return {"epilogue_instructions_per_score": None, "mma_instructions_per_score": None,
+                "measure_note": "no loop around the K loop"}
+    tile_loop = min(outer, key=lambda span: span[1] - span[0])
+    counts = {"epilogue": 0, "k_loop_other": 0, "mma": 0}
+    for address, opcode, _ in instructions:
+        if not inside(tile_loop, address):
+            continue
+        family, weight = _family(opcode), (k_iterations if inside(k_loop, address) else 1)
+        if family == "mma":
+            counts["mma"] += weight
+        elif family == "other":
+            counts["epilogue" if weight == 1 else "k_loop_other"] += weight
+    scale = threads / scores_per_tile
+    return {"epilogue_instructions_per_score": round(counts["epilogue"] * scale, 2),
+            "k_loop_instructions_per_score": round(counts["k_loop_other"] * scale, 2),
+            "mma_instructions_per_score": round(counts["mma"] * scale, 3),
+            "tile_loop_sass": [hex(a) for a in tile_loop], "k_loop_sass": [hex(a) for a in k_loop]}
+
+
+def l2_bytes_per_flop(config, geometry: dict, itemsize: int) -> float:
+    """Bytes one pair moves through L2 per useful FLOP under ``config``'s tiling: every tile of
+    features loaded (padded), the gate, and the outputs (8 bytes: value and index), with the
+    read-back of g_best between query blocks where the variant has one."""
+    len_q, len_g, dim = geometry["len_q"], geometry["len_g"], geometry["dim"]
+    blocks_t = triton.cdiv(len_q, config.block_t)
+    blocks_s = triton.cdiv(len_g, config.block_s)
+    rows_s, rows_t = blocks_s * config.block_s, blocks_t * config.block_t
+    gate = 4 * rows_s * rows_t
+    if config.variant == "tiled":  # every (s, t) tile loads both its row blocks
+        features = blocks_t * blocks_s * (config.block_s + config.block_t) * dim
+        outputs = 8 * (len_q + blocks_t * len_g + (blocks_t - 1) * len_g)
+    elif config.variant == "strip":  # a query block meets the whole gallery image
+        features = blocks_t * (rows_s + config.block_t) * dim
+        outputs = 8 * (len_q + len_g)
+    else:  # pairs: as strip, the gate once per group_g pairs, g_best read back between blocks
+        features = blocks_t * (rows_s + config.block_t) * dim
+        gate /= config.group_g
+        outputs = 8 * (len_q + blocks_t * len_g + (blocks_t - 1) * len_g)
+    return (features * itemsize + gate + outputs) / (2.0 * len_q * len_g * dim)
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    out = _cuobjdump_output(cubin, "--dump-resource-usage")
     found = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
     if found is None:
         raise RuntimeError(f"cuobjdump output not understood:\n{out}")
@@ -124,10 +254,11 @@ def _resource_usage(cubin: bytes) -> dict:
             "local_bytes": local}
 
 
-def compile_one(target, geometry: dict, spec) -> dict:
-    name, fn, pointers, constexprs, warps, stages, label = spec
+def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16) -> dict:
+    name, fn, pointers, constexprs, warps, stages, label, config = spec
+    ints = dict(geometry, group_g=config.group_g) if config is not None else geometry
     source = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs),
-                       constexprs=constexprs, attrs=_launch_attrs(fn, constexprs, geometry))
+                       constexprs=constexprs, attrs=_launch_attrs(fn, constexprs, ints))
     compiled = triton.compile(source, target=target,
                               options={"num_warps": warps, "num_stages": stages})
     ptx = compiled.asm["ptx"]
@@ -139,6 +270,16 @@ def compile_one(target, geometry: dict, spec) -> dict:
            **_resource_usage(compiled.asm["cubin"])}
     row["spills"] = row["local_bytes"] > 0 or row["stack_bytes"] > 0
     row["has_dot"] = name != "backward_score_embed"
+    row["tensor_cores"] = "wgmma" if row["wgmma"] else ("mma" if row["mma"] else None)
+    row["sm"] = f"sm_{target.arch}"
+    if config is not None:
+        num_s = triton.cdiv(geometry["len_g"], config.block_s)
+        scores = config.block_s * config.block_t * (num_s if config.variant != "tiled" else 1)
+        row["variant"] = config.variant
+        row.update(tile_loop_measure(parse_sass(_cuobjdump_output(compiled.asm["cubin"], "-sass")),
+                                     triton.cdiv(geometry["dim"], config.block_k),
+                                     32 * warps, scores))
+        row["l2_bytes_per_flop"] = round(l2_bytes_per_flop(config, geometry, dtype.itemsize), 5)
     return row
 
 
@@ -156,19 +297,26 @@ def compile_all(precisions=None, targets=None, geometries=None):
                 for spec in kernel_specs(dtype, precision, geometry):
                     rows.append({"target": target_name, "precision": label,
                                  "geometry": geometry_name,
-                                 **compile_one(target, geometry, spec)})
+                                 **compile_one(target, geometry, spec, dtype)})
     return rows
 
 
 def table(rows) -> str:
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     lines = [f"{'target':6} {'precision':9} {'geometry':8} {'kernel':20} {'config':28} "
-             f"{'regs':>4} {'smem':>6} {'spill':>5} {'cp.async':>8} tensor-cores"]
+             f"{'regs':>4} {'smem':>6} {'spill':>5} {'cp.async':>8} {'tensor-cores':12} "
+             f"{'epi/score':>9} {'kloop/score':>11} {'mma/score':>9} {'L2 B/FLOP':>9}"]
     for r in rows:
-        cores = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "none")
         lines.append(f"{r['target']:6} {r['precision']:9} {r['geometry']:8} {r['kernel']:20} "
                      f"{r['config']:28} {r['registers']:>4} {r['shared_bytes']:>6} "
                      f"{('yes' if r['spills'] else 'no'):>5} "
-                     f"{('yes' if r['cp_async'] else 'no'):>8} {cores}")
+                     f"{('yes' if r['cp_async'] else 'no'):>8} {r['tensor_cores'] or 'none':12} "
+                     f"{number(r.get('epilogue_instructions_per_score'), 1):>9} "
+                     f"{number(r.get('k_loop_instructions_per_score'), 1):>11} "
+                     f"{number(r.get('mma_instructions_per_score'), 2):>9} "
+                     f"{number(r.get('l2_bytes_per_flop'), 4):>9}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,12 @@ atomics and every gradient is bit-identical run to run. ``d score_embed`` is
 saved maximum, so ``S`` is never recomputed); it has no D dimension, and goes through fp32
 partials (one per slice of query images) added up in a fixed order.
 
+Three forward kernels, chosen per shape by the launch table (ops/tuning.py): "tiled" (one
+program per pair, one score tile at a time; the default), "strip" (one program per pair, a
+query tile against the whole gallery image at once) and "pairs" (persistent, a query tile and
+its gate held while the program walks several gallery images; max and argmax without 64-bit
+keys). benchmarks/triton_resources.py reports what each compiles to.
+
 Conventions: features are contiguous ``[N, L, D]``; ``sig`` is a float32 ``[Lg, Lq]`` computed once
 per call; outputs are float32 values and int32 indices; among equal maxima the lowest index wins
 and a NaN wins over any number (as ``torch.max``). Offsets that can pass 2**31 are 64-bit.
@@ -262,6 +268,191 @@ def _max_sim_forward_strip_kernel(
         _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s3, s_in3, g_run3, g_arg3)
 
 
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (max.NaN on the GPU, numpy's maximum in the interpreter)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _pairs_scores(acc, sig, s_in, t_in, HAS_GATE: tl.constexpr, EVEN_L: tl.constexpr):
+    """A score tile in which equal numbers have equal bits, so the argmax can compare bits:
+    + 0.0 turns -0.0 into +0.0 (fused into the gate's multiply: one FFMA), and NVIDIA GPUs
+    write every NaN result as the canonical 0x7FFFFFFF, as max.NaN does (the NaN tests of
+    tests/test_triton_kernels.py check it on the GPU; in the interpreter the NaNs of one call
+    share numpy's payload). Padding is -inf."""
+    if HAS_GATE:
+        acc = acc * sig + 0.0
+    else:
+        acc = acc + 0.0
+    if not EVEN_L:
+        acc = tl.where(s_in[:, None] & t_in[None, :], acc, float("-inf"))
+    return acc
+
+
+@triton.jit
+def _pairs_gate(sig_ptr, offs_s, offs_t, s_in, t_in, len_q, EVEN_L: tl.constexpr):
+    if EVEN_L:
+        return tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :])
+    return tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
+                   mask=s_in[:, None] & t_in[None, :], other=0.0)
+
+
+@triton.jit
+def _pairs_gates(sig_ptr, offs_s0, offs_s1, offs_s2, offs_s3, s_in0, s_in1, s_in2, s_in3,
+                 offs_t, t_in, len_q, NUM_S: tl.constexpr, EVEN_L: tl.constexpr):
+    sig0 = _pairs_gate(sig_ptr, offs_s0, offs_t, s_in0, t_in, len_q, EVEN_L)
+    sig1, sig2, sig3 = sig0, sig0, sig0
+    if NUM_S > 1:
+        sig1 = _pairs_gate(sig_ptr, offs_s1, offs_t, s_in1, t_in, len_q, EVEN_L)
+    if NUM_S > 2:
+        sig2 = _pairs_gate(sig_ptr, offs_s2, offs_t, s_in2, t_in, len_q, EVEN_L)
+    if NUM_S > 3:
+        sig3 = _pairs_gate(sig_ptr, offs_s3, offs_t, s_in3, t_in, len_q, EVEN_L)
+    return sig0, sig1, sig2, sig3
+
+
+@triton.jit
+def _pairs_dot(g_image, offs_s, s_in, offs_k, k_in, q_t, acc, dim,
+               EVEN_L: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    ptrs = g_image + offs_s[:, None] * dim + offs_k[None, :]
+    if EVEN_L and EVEN_K:
+        g = tl.load(ptrs)
+    else:
+        g = tl.load(ptrs, mask=s_in[:, None] & k_in[None, :], other=0.0)
+    return tl.dot(g, q_t, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _pairs_block(score, q_at, offs_s, s_in, offs_t, first, g_offs, t0, len_q, g_best_ptr,
+                 g_index_ptr):
+    """One accumulator's share of both argmaxes. An argmax is the lowest index whose score has
+    the bit pattern of the NaN-propagating max (one integer compare a score: zeros are +0.0 and
+    NaNs canonical, _pairs_scores). Query direction: ``first`` takes this block's rows that
+    reach the column max ``q_at`` (blocks come highest first, so a lower block's hit
+    overrides). Gallery direction: this block's row max and its first column, folded into the
+    pair's g_best of the earlier query blocks (written by this program; later blocks have
+    higher indices)."""
+    bits = score.to(tl.int32, bitcast=True)
+    best = tl.reduce(score, 1, _max_nan)
+    first = tl.where(bits == q_at, offs_s[:, None], first)
+    arg = tl.min(tl.where(bits == best.to(tl.int32, bitcast=True)[:, None], offs_t[None, :],
+                          0x7FFFFFFF), 1)
+    arg = tl.minimum(arg, len_q - 1)  # in range even if a NaN came with another payload
+    if t0 > 0:
+        old = tl.load(g_best_ptr + g_offs + offs_s, mask=s_in, other=0.0)
+        old_arg = tl.load(g_index_ptr + g_offs + offs_s, mask=s_in, other=0)
+        take = _follows(best, old)
+        best = tl.where(take, best, old)
+        arg = tl.where(take, arg, old_arg)
+    _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s, s_in, best, arg)
+    return first
+
+
+@triton.jit
+def _max_sim_forward_pairs_kernel(
+    q_ptr, g_ptr, sig_ptr,
+    q_best_ptr, g_best_ptr, q_index_ptr, g_index_ptr,
+    num_query, num_gallery, len_q, len_g, dim, group_g,
+    HAS_GATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NUM_S: tl.constexpr,
+    EVEN_L: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Persistent: the grid is about one program per SM, each takes work items (query image i,
+    # group_g consecutive gallery images) in turn. Within one, a query block of BLOCK_T
+    # locations and its gate columns [Lg, BLOCK_T] stay fixed (the gate in registers) while the
+    # program walks the gallery images; the whole gallery image (NUM_S <= 4 accumulators of
+    # BLOCK_S rows) meets the query block at once, so q_best is final after one pass. g_best
+    # runs across query blocks through the output (owned by this program).
+    # Max and argmax without 64-bit keys: a NaN-propagating max (elementwise across the NUM_S
+    # accumulators for q_best, then one reduction over rows per pair; one reduction over
+    # columns per accumulator for g_best), then the argmax as the lowest index whose score has
+    # the max's bits (_pairs_block): ~2 integer instructions a score instead of a key chain.
+    pid = tl.program_id(0)
+    num_chunks = tl.cdiv(num_gallery, group_g)
+    arange_t = tl.arange(0, BLOCK_T)
+    arange_k = tl.arange(0, BLOCK_K)
+    offs_s0 = tl.arange(0, BLOCK_S)
+    offs_s1 = offs_s0 + BLOCK_S
+    offs_s2 = offs_s1 + BLOCK_S
+    offs_s3 = offs_s2 + BLOCK_S
+    s_in0, s_in1, s_in2, s_in3 = offs_s0 < len_g, offs_s1 < len_g, offs_s2 < len_g, offs_s3 < len_g
+    for work in range(pid, num_query * num_chunks, tl.num_programs(0)):
+        i = work // num_chunks
+        j_first = (work % num_chunks) * group_g
+        j_end = tl.minimum(j_first + group_g, num_gallery)
+        q_image = q_ptr + i.to(tl.int64) * len_q * dim
+        for t0 in range(0, len_q, BLOCK_T):
+            offs_t = t0 + arange_t
+            t_in = offs_t < len_q
+            sig0 = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+            sig1, sig2, sig3 = sig0, sig0, sig0
+            if HAS_GATE:  # loaded once per query block, used for group_g pairs
+                sig0, sig1, sig2, sig3 = _pairs_gates(sig_ptr, offs_s0, offs_s1, offs_s2, offs_s3,
+                                                      s_in0, s_in1, s_in2, s_in3, offs_t, t_in,
+                                                      len_q, NUM_S, EVEN_L)
+            # Advanced per gallery image (in the interpreter the loop index is a Python int).
+            g_image = g_ptr + j_first.to(tl.int64) * len_g * dim
+            pair = i.to(tl.int64) * num_gallery + j_first
+            for _ in range(j_first, j_end):
+                acc0 = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+                acc1, acc2, acc3 = acc0, acc0, acc0
+                for k0 in range(0, dim, BLOCK_K):
+                    offs_k = k0 + arange_k
+                    k_in = offs_k < dim
+                    q_ptrs = q_image + offs_t[:, None] * dim + offs_k[None, :]
+                    if EVEN_L and EVEN_K:
+                        q = tl.load(q_ptrs)
+                    else:
+                        q = tl.load(q_ptrs, mask=t_in[:, None] & k_in[None, :], other=0.0)
+                    q_t = tl.trans(q)
+                    acc0 = _pairs_dot(g_image, offs_s0, s_in0, offs_k, k_in, q_t, acc0, dim,
+                                      EVEN_L, EVEN_K, INPUT_PRECISION)
+                    if NUM_S > 1:
+                        acc1 = _pairs_dot(g_image, offs_s1, s_in1, offs_k, k_in, q_t, acc1, dim,
+                                          EVEN_L, EVEN_K, INPUT_PRECISION)
+                    if NUM_S > 2:
+                        acc2 = _pairs_dot(g_image, offs_s2, s_in2, offs_k, k_in, q_t, acc2, dim,
+                                          EVEN_L, EVEN_K, INPUT_PRECISION)
+                    if NUM_S > 3:
+                        acc3 = _pairs_dot(g_image, offs_s3, s_in3, offs_k, k_in, q_t, acc3, dim,
+                                          EVEN_L, EVEN_K, INPUT_PRECISION)
+                g_offs = pair * len_g
+                # The column maxima (best gallery location per query location): elementwise over
+                # the accumulators, then one reduction over rows.
+                score0 = _pairs_scores(acc0, sig0, s_in0, t_in, HAS_GATE, EVEN_L)
+                col = score0
+                if NUM_S > 1:
+                    score1 = _pairs_scores(acc1, sig1, s_in1, t_in, HAS_GATE, EVEN_L)
+                    col = _max_nan(col, score1)
+                if NUM_S > 2:
+                    score2 = _pairs_scores(acc2, sig2, s_in2, t_in, HAS_GATE, EVEN_L)
+                    col = _max_nan(col, score2)
+                if NUM_S > 3:
+                    score3 = _pairs_scores(acc3, sig3, s_in3, t_in, HAS_GATE, EVEN_L)
+                    col = _max_nan(col, score3)
+                q_max = tl.reduce(col, 0, _max_nan)
+                at = q_max.to(tl.int32, bitcast=True)[None, :]
+                first = tl.full((BLOCK_S, BLOCK_T), 0x7FFFFFFF, tl.int32)
+                if NUM_S > 3:
+                    first = _pairs_block(score3, at, offs_s3, s_in3, offs_t, first, g_offs, t0,
+                                         len_q, g_best_ptr, g_index_ptr)
+                if NUM_S > 2:
+                    first = _pairs_block(score2, at, offs_s2, s_in2, offs_t, first, g_offs, t0,
+                                         len_q, g_best_ptr, g_index_ptr)
+                if NUM_S > 1:
+                    first = _pairs_block(score1, at, offs_s1, s_in1, offs_t, first, g_offs, t0,
+                                         len_q, g_best_ptr, g_index_ptr)
+                first = _pairs_block(score0, at, offs_s0, s_in0, offs_t, first, g_offs, t0,
+                                     len_q, g_best_ptr, g_index_ptr)
+                _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_max,
+                            tl.minimum(tl.min(first, 0), len_g - 1))
+                g_image += len_g * dim
+                pair += 1
+            # The next query block reads back the g_best just written, maybe by other threads.
+            tl.debug_barrier()
+
+
 # --------------------------------------------------------------------------------------------
 # Backward.
 
@@ -428,14 +619,16 @@ def _max_sim_backward_gallery_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration.
 
-VARIANTS = ("tiled", "strip")
-MAX_STRIP_BLOCKS = 4  # gallery blocks (accumulators) one strip program holds
+VARIANTS = ("tiled", "strip", "pairs")
+MAX_STRIP_BLOCKS = 4  # gallery blocks (accumulators) one strip or pairs program holds
 
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    """A forward launch. ``variant``: "tiled" (one score tile at a time) or "strip" (a query
-    tile against every gallery block of the image at once; needs Lg <= 4 * block_s)."""
+    """A forward launch. ``variant``: "tiled" (one score tile at a time), "strip" (a query
+    tile against every gallery block of the image at once; needs Lg <= 4 * block_s) or "pairs"
+    (persistent: a query tile and its gate held while the program walks ``group_g`` gallery
+    images, each met whole as in "strip"; ``group_q`` does not apply)."""
     block_s: int = 64
     block_t: int = 64
     block_k: int = 64
@@ -443,10 +636,12 @@ class ForwardConfig:
     num_warps: int = 4
     num_stages: int = 3
     variant: str = "tiled"
+    group_g: int = 16
 
     @property
     def name(self) -> str:
-        return (f"{self.variant}-{self.block_s}x{self.block_t}x{self.block_k}-g{self.group_q}"
+        group = f"G{self.group_g}" if self.variant == "pairs" else f"g{self.group_q}"
+        return (f"{self.variant}-{self.block_s}x{self.block_t}x{self.block_k}-{group}"
                 f"-w{self.num_warps}-s{self.num_stages}")
 
 
@@ -473,8 +668,8 @@ def _fitted(config: ForwardConfig, len_q: int, len_g: int, dim: int,
                      block_t=min(config.block_t, _pow2_at_least(len_q)),
                      block_k=min(config.block_k, _pow2_at_least(dim)))
     too_long = triton.cdiv(len_g, config.block_s) > MAX_STRIP_BLOCKS
-    if config.variant == "strip" and (too_long or dim % 16 != 0):
-        config = replace(config, variant="tiled")
+    if config.variant in ("strip", "pairs") and (too_long or dim % 16 != 0):
+        config = replace(config, variant="tiled", group_g=ForwardConfig.group_g)
     return config
 
 
@@ -500,12 +695,15 @@ def forward_candidates(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> 
     block_k = 64 if dtype.itemsize <= 2 else 32
     tiled = ForwardConfig(block_k=block_k)
     strip = replace(tiled, variant="strip", num_warps=8, num_stages=2)  # 4 warps spill
+    pairs = replace(strip, variant="pairs")
+    # No group_q variants: the order of the pairs changes DRAM reuse only (1-25 GB a call,
+    # against 0.6-1.4 TB read from L2), not what the sweep decides.
     raw = [forward_config(len_q, len_g, dim, dtype)]
-    raw += [replace(tiled, group_q=g) for g in (1, 4, 16)]
     raw += [replace(tiled, num_stages=n) for n in (2, 4)]
     raw += [replace(tiled, num_warps=8), replace(tiled, block_t=128, block_k=32, num_warps=8)]
-    raw += [strip, replace(strip, num_stages=3), replace(strip, group_q=16),
-            replace(strip, block_k=32, num_stages=3)]
+    raw += [strip, replace(strip, num_stages=3), replace(strip, block_k=32, num_stages=3)]
+    raw += [pairs, replace(pairs, num_stages=3), replace(pairs, block_k=32, num_stages=3),
+            replace(pairs, group_g=64)]
     unique = []
     for config in raw:
         config = _fitted(config, len_q, len_g, dim, dtype)
@@ -528,6 +726,22 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit dots
     return "tf32" if allow_tf32 else "ieee"
+
+
+def pairs_constexprs(config: ForwardConfig, len_q: int, len_g: int, dim: int) -> dict:
+    """The "pairs" kernel's specialisation for a shape: full blocks need no masks."""
+    num_s = triton.cdiv(len_g, config.block_s)
+    return {"NUM_S": num_s, "EVEN_L": len_g == num_s * config.block_s and len_q % config.block_t == 0,
+            "EVEN_K": dim % config.block_k == 0}
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (the "pairs" forward holds one block per SM:
+    ~200 registers x 256 threads). The interpreter gets a few, so that each program takes
+    several work items."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _on_device(t: torch.Tensor):
@@ -564,18 +778,24 @@ def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tens
         return outputs
     config = (_fitted(config, len_q, len_g, dim, query.dtype) if config
               else forward_config(len_q, len_g, dim, query.dtype))
+    num_s = triton.cdiv(len_g, config.block_s)
+    grid, args, extra = (num_query * num_gallery,), (), {"GROUP_Q": config.group_q}
     if config.variant == "strip":
-        kernel, extra = _max_sim_forward_strip_kernel, {"NUM_S": triton.cdiv(len_g, config.block_s)}
+        kernel, extra["NUM_S"] = _max_sim_forward_strip_kernel, num_s
+    elif config.variant == "pairs":
+        kernel, args = _max_sim_forward_pairs_kernel, (config.group_g,)
+        work = num_query * triton.cdiv(num_gallery, config.group_g)
+        grid = (min(work, _persistent_programs(query.device)),)
+        extra = pairs_constexprs(config, len_q, len_g, dim)
     else:
-        kernel, extra = _max_sim_forward_kernel, {}
+        kernel = _max_sim_forward_kernel
     with _on_device(query):
-        kernel[(num_query * num_gallery,)](
+        kernel[grid](
             query, gallery, sig if sig is not None else query,
             q_best, g_best, q_index, g_index,
-            num_query, num_gallery, len_q, len_g, dim,
+            num_query, num_gallery, len_q, len_g, dim, *args,
             HAS_GATE=sig is not None,
-            BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_K=config.block_k,
-            GROUP_Q=config.group_q, **extra,
+            BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_K=config.block_k, **extra,
             INPUT_PRECISION=precision or input_precision(query.dtype, False),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

@@ -2,7 +2,8 @@
 machine without a GPU, with the divisibility specialisation a real launch gets
 (benchmarks/triton_resources.py does the compiling and prints the table): the PTX must use the
 tensor cores (wgmma / mma.sync), aligned 16-bit loads must go through cp.async, and no kernel
-the GPU suite runs (every forward candidate, the backward) may spill on Hopper.
+the GPU suite runs (every forward candidate, the backward) may spill on Hopper. Every forward
+candidate carries its static measure (SASS instructions per score element beside the MMA).
 """
 
 import json
@@ -54,7 +55,8 @@ def test_every_kernel_and_forward_candidate_compiles(hopper, ampere):
         expected = {c.name for c in kernels.forward_candidates(192, 192, 512, dtype[precision])}
         compiled = {r["config"] for r in hopper if r["kernel"] == "forward"
                     and r["precision"] == precision and r["geometry"] == "aligned"}
-        assert compiled == expected and {"tiled", "strip"} == {n.split("-")[0] for n in compiled}
+        assert compiled == expected
+        assert {"tiled", "strip", "pairs"} == {n.split("-")[0] for n in compiled}
 
 
 def test_hopper_ptx_uses_wgmma_and_ampere_ptx_mma(hopper, ampere):
@@ -79,3 +81,66 @@ def test_aligned_16bit_loads_are_asynchronous_copies(hopper):
 def test_nothing_the_gpu_runs_spills_on_hopper(hopper):
     for row in hopper:
         assert not row["spills"], row
+
+
+def test_the_static_measure_is_recorded_for_every_forward_candidate(hopper, ampere):
+    """Per forward candidate, in the same JSON entry: the SASS measure (epilogue and MMA
+    instructions per score element), the tensor-core family and target, registers, shared
+    memory, spills and the analytic L2 bytes per FLOP; the "pairs" candidates compile to wgmma
+    for sm_90."""
+    for rows, family, sm in ((hopper, "wgmma", "sm_90"), (ampere, "mma", "sm_80")):
+        forward = [r for r in rows if r["kernel"] == "forward" and r["geometry"] == "aligned"]
+        assert forward and any(r["variant"] == "pairs" for r in forward)
+        for row in forward:
+            assert row["tensor_cores"] == family and row["sm"] == sm, row
+            assert row["epilogue_instructions_per_score"] > 0, row
+            assert row["mma_instructions_per_score"] > 0, row
+            assert 0 < row["l2_bytes_per_flop"] < 1, row
+            for key in ("registers", "shared_bytes", "spills"):
+                assert key in row, (key, row)
+
+
+def test_pairs_epilogue_issues_fewer_instructions_than_the_default(hopper):
+    """The point of the "pairs" candidate, read off its SASS: fewer non-MMA, non-memory
+    instructions per score element than the default tiled kernel."""
+    from transmatcher_fast.kernels import max_sim as kernels
+
+    import torch
+
+    for precision, dtype in (("fp16", torch.float16), ("fp32-tf32", torch.float32)):
+        rows = {r["config"]: r for r in hopper if r["kernel"] == "forward"
+                and r["precision"] == precision and r["geometry"] == "aligned"}
+        default = rows[kernels.forward_config(192, 192, 512, dtype).name]
+        pairs = min(r["epilogue_instructions_per_score"] for r in rows.values()
+                    if r["variant"] == "pairs")
+        assert pairs < default["epilogue_instructions_per_score"], (pairs, default)
+
+
+def test_sass_loops_are_read_off_the_back_branches():
+    """A listing with a tile loop around a K loop (HGMMA inside), a forward branch and the
+    trailing self-branch: the K loop counts per iteration, the rest of the tile loop once."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import triton_resources
+
+    listing = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   FMUL R2, R2, R3 ;",           # tile loop starts
+        "        /*0020*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;",  # K loop
+        "        /*0030*/                   IADD3 R4, R4, 0x1, RZ ;",
+        "        /*0040*/                   LDG.E R5, desc[UR6][R6.64] ;",
+        "        /*0050*/               @P0 BRA 0x20 ;",
+        "        /*0060*/               @P1 BRA 0x80 ;",               # forward: not a loop
+        "        /*0070*/                   FMNMX R7, R7, R8, !PT ;",
+        "        /*0080*/                   STG.E desc[UR6][R6.64], R7 ;",
+        "        /*0090*/               @P2 BRA 0x10 ;",
+        "        /*00a0*/                   EXIT ;",
+        "        /*00b0*/                   BRA 0xb0;",
+    ])
+    instructions = triton_resources.parse_sass(listing)
+    assert triton_resources.sass_loops(instructions) == [(0x10, 0x90), (0x20, 0x50)]
+    measure = triton_resources.tile_loop_measure(instructions, k_iterations=4, threads=2,
+                                                 scores_per_tile=8)
+    # Once per tile: FMUL, BRA (forward), FMNMX, BRA (back) = 4; per K step: IADD3, BRA = 2.
+    assert measure["epilogue_instructions_per_score"] == 4 * 2 / 8
+    assert measure["k_loop_instructions_per_score"] == 2 * 4 * 2 / 8
+    assert measure["mma_instructions_per_score"] == 1 * 4 * 2 / 8

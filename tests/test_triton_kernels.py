@@ -40,17 +40,19 @@ def kernels():
 def small_configs(variant="tiled"):
     k = kernels()
     return (k.ForwardConfig(block_s=16, block_t=16, block_k=16, group_q=2, num_warps=4,
-                            variant=variant),
+                            variant=variant, group_g=2),
             k.BackwardConfig(block_s=16, block_t=16, block_d=16, score_embed_partials=2))
 
 
-@pytest.fixture(params=["default", "small", "strip"])
+@pytest.fixture(params=["default", "small", "strip", "pairs"])
 def configs(request, monkeypatch):
-    """Runs the op with the default or the small tiles, or the strip forward with small tiles
-    (up to 4 gallery blocks per program), patched into the launch wrappers."""
+    """Runs the op with the default or the small tiles, or the strip or pairs forward with
+    small tiles (up to 4 gallery blocks per program; pairs: 2 gallery images per work item, 3
+    persistent programs in the interpreter, so programs take several work items), patched into
+    the launch wrappers."""
     if request.param != "default":
         k = kernels()
-        forward, backward = small_configs("strip" if request.param == "strip" else "tiled")
+        forward, backward = small_configs("tiled" if request.param == "small" else request.param)
         monkeypatch.setattr(k, "forward_config", lambda *args: forward)
         monkeypatch.setattr(k, "backward_config", lambda *args: backward)
     with transmatcher_fast.use_backend("triton"):
@@ -264,12 +266,13 @@ def test_float32_precision_follows_torch():
     assert k.input_precision(torch.float16, False) == "tf32"  # 16-bit dots ignore it
 
 
-@pytest.mark.parametrize("variant", ["tiled", "strip"])
+@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
 @pytest.mark.parametrize("length", [64, 192])
 def test_nan_and_ties_in_full_blocks(rng, variant, length):
     """Default 64-location tiles that are full (L = 64, and 192 = 3 x 64 as in the paper): a NaN
     query location, a NaN gallery location and exact ties (zero features) give the reference's
-    values and argmax: the first NaN wins, then the lowest index among equal maxima."""
+    values and argmax: the first NaN wins, then the lowest index among equal maxima. For
+    "pairs" full blocks are also the unmasked specialisation (EVEN_L, EVEN_K)."""
     k = kernels()
     query, gallery, embed = inputs(rng, (2, 3, length, length, 32), True, torch.float32)
     query[1, 5, 3] = float("nan")
@@ -301,7 +304,7 @@ def test_every_forward_candidate_matches_the_reference(rng, dtype):
     sig = torch.sigmoid(embed).contiguous()
     expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()))
     candidates = k.forward_candidates(70, 66, 48, dtype)
-    assert {c.variant for c in candidates} == {"tiled", "strip"}
+    assert {c.variant for c in candidates} == {"tiled", "strip", "pairs"}
     for config in candidates:
         outs = tuple(dispatch.new_output(shape, dt, query.device) for shape, dt in (
             ((2, 3, 70), torch.float32), ((2, 3, 66), torch.float32),

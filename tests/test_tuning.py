@@ -94,3 +94,19 @@ def test_a_table_entry_with_an_unknown_field_is_refused():
         kernels.forward_config(192, 192, 512, torch.float16, {"block_m": 64})
     with pytest.raises(ValueError, match="variant"):
         kernels.forward_config(192, 192, 512, torch.float16, {"variant": "persistent"})
+
+
+def test_a_table_entry_can_name_the_pairs_forward():
+    """The persistent "pairs" forward is a variant the table may choose once a GPU run measured
+    it faster; its gallery-group size is a field like the others, and a shape it cannot hold
+    (more than 4 gallery blocks) falls back to the tiled kernel."""
+    from transmatcher_fast.kernels import max_sim as kernels
+
+    config = kernels.forward_config(192, 192, 512, torch.float16,
+                                    {"variant": "pairs", "num_warps": 8, "group_g": 64})
+    assert (config.variant, config.group_g, config.num_warps) == ("pairs", 64, 8)
+    assert config.name == "pairs-64x64x64-G64-w8-s3"
+    too_long = kernels.forward_config(192, 320, 512, torch.float16, {"variant": "pairs"})
+    assert too_long.variant == "tiled"
+    # Until a GPU run decides, the built-in default stays the tiled kernel.
+    assert kernels.forward_config(192, 192, 512, torch.float16).variant == "tiled"
