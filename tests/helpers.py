@@ -91,3 +91,19 @@ def fit_interrupted_in_epoch(trainer, epoch: int) -> None:
     trainer.train_epoch = stop
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
+
+
+def one_line_error(argv) -> str:
+    """The message ``transmatcher_fast.cli.main(argv)`` exits with (status 1, not a traceback),
+    checked to be one line that is not the CLI's 'unexpected error' summary."""
+    import pytest
+
+    from transmatcher_fast import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in argv])
+    message = info.value.code
+    assert isinstance(message, str), f"exit status {message!r}, expected a message (status 1)"
+    assert len(message.strip().splitlines()) == 1, message
+    assert "unexpected" not in message and "Caught" not in message, message
+    return message

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import fit_interrupted_in_epoch
+from helpers import fit_interrupted_in_epoch, one_line_error
 from test_cli import TINY
 from transmatcher_fast import cli
 from transmatcher_fast.data import generate_synthetic
@@ -48,17 +48,6 @@ def trained(broken, tmp_path_factory):
     assert cli.main(["train", *TINY, "--data-dir", str(root), "--exp-dir", str(exp), "--epochs", "1",
                      "--max-steps-per-epoch", "1", "--skip-bad-images"]) == 0
     return exp / "checkpoint.pt"
-
-
-def one_line_error(argv) -> str:
-    """The message ``main(argv)`` exits with (status 1), checked to be one line."""
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in argv])
-    message = info.value.code
-    assert isinstance(message, str), f"exit status {message!r}, expected a message (status 1)"
-    assert len(message.strip().splitlines()) == 1, message
-    assert "unexpected" not in message and "Caught" not in message, message
-    return message
 
 
 class _Paths(Dataset):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import ENV, TINY, command
+from helpers import one_line_error
+from test_cli import ENV, command, data_dir, trained  # noqa: F401  (fixtures)
 from transmatcher_fast import cli
-from transmatcher_fast.data import build_dataset, generate_synthetic
+from transmatcher_fast.data import build_dataset
 from transmatcher_fast.data.datasets import PidCamFolder
 from transmatcher_fast.engine import visualize
 from transmatcher_fast.engine.rundir import LOCK_NAME
@@ -26,26 +27,8 @@ def camera_in_name(path) -> int:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tour") / "data"
-    generate_synthetic(root / "market1501", ids=8, cams=2, images_per_cam=3, seed=1, height=64, width=32)
-    return root
-
-
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    exp = tmp_path_factory.mktemp("run")
-    assert cli.main(["train", *TINY, "--data-dir", str(data_dir), "--exp-dir", str(exp), "--epochs", "1",
-                     "--max-steps-per-epoch", "1", "--overwrite"]) == 0
-    return exp
-
-
-def one_line_error(argv) -> str:
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in argv])
-    message = info.value.code
-    assert isinstance(message, str) and len(message.strip().splitlines()) == 1, message
-    return message
+def run_dir(trained):
+    return trained.parent
 
 
 def test_datasets_say_how_their_names_number_cameras(data_dir, tmp_path):
