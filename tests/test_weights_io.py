@@ -160,3 +160,12 @@ def _calls_torch_load(path: Path) -> bool:
 def test_only_weights_io_calls_torch_load():
     callers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if _calls_torch_load(p))
     assert callers == ["weights_io.py"]
+
+
+def test_weights_io_imports_nothing_of_the_package():
+    """Every layer (models, methods, engine, cli) imports it, so it must sit below them all."""
+    tree = ast.parse((PACKAGE / "weights_io.py").read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+    assert not [m for m in imported if m is None or m.startswith("transmatcher_fast")]
+    assert all(node.level == 0 for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
