@@ -147,12 +147,13 @@ def _last_checkpoint(exp_dir) -> str:
     from pathlib import Path
 
     from .engine.rundir import CHECKPOINT_NAME
+    from .weights_io import load
 
     path = Path(exp_dir) / CHECKPOINT_NAME
     if not path.is_file():
         return "no checkpoint written yet"
     try:  # mmap: only the small values are read, not every tensor
-        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        epoch = load(path, mmap=True)["epoch"]
     except Exception:
         return f"{path} cannot be read"
     return f"last complete checkpoint: {path} (epoch {epoch}); continue with --resume"

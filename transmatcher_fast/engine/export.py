@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write
+from .. import weights_io
+from ..weights_io import atomic_write
 from .features import Features
 from .matching import TopK
 
@@ -317,7 +318,7 @@ def save_features(path: PathLike, features: Features, items: Optional[Sequence[I
     """The feature file of ``extract``: ``torch.save`` of ``{"format", "features"`` (on the CPU,
     as stored), ``"pids", "cams"`` (int64), ``"paths"`` (one per row), ``"skipped"`` (``[path,
     error]`` of unreadable images left out), ``"provenance"}``; nothing but tensors, strings and
-    numbers, so ``torch.load(path, weights_only=True)`` reads it. ``items``: the extracted items
+    numbers, so a weights-only load (``weights_io.load``) reads it. ``items``: the extracted items
     (for the paths when ``features.paths`` is unset; rows are matched through
     ``features.indices`` when images were skipped)."""
     paths = features.paths
@@ -343,7 +344,7 @@ def load_features(path: PathLike) -> Features:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = weights_io.load(path)
     missing = [k for k in ("features", "pids", "cams", "paths") if not isinstance(state, dict) or k not in state]
     if missing:
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, weights_io
 from ..data import dataset_root
 from ..data.images import find_unreadable
 from ..methods import METHOD_DEFAULTED, get_method
@@ -502,9 +502,9 @@ class Trainer:
 
     def _saved_config(self) -> Dict[str, Any]:
         """The configuration in ``checkpoint.pt`` (read without its tensors where possible)."""
-        try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not a zip-format file: read it whole
+        try:  # mmap: the tensors are not read
+            state = weights_io.load(self.checkpoint_path, mmap=True)
+        except weights_io.WeightsFileError:  # read it whole (which says what is wrong, if anything)
             state = checkpoint.load(self.checkpoint_path)
         return dict(state.get("config", {}))
 
@@ -634,9 +634,9 @@ class Trainer:
         if torn:
             print(f"{path}: dropped {torn} incomplete record{'s' if torn > 1 else ''} "
                   "(cut by a kill or a full disk)")
-        tmp = rundir.log_temporary(self.exp_dir)
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        text = "".join(line + "\n" for line in kept)
+        weights_io.atomic_write(path, lambda file: file.write(text), "w",
+                                temporary=rundir.log_temporary(self.exp_dir))
 
     def _write_config(self, values: Dict[str, Any]) -> Path:
         """``EXP_DIR/config.yaml``: the resolved configuration (what ``--config`` reads), written
@@ -647,14 +647,8 @@ class Trainer:
         text = (f"# transmatcher-fast {__version__}: the configuration of this run "
                 f"(transmatcher-fast train --config {CONFIG_NAME})\n"
                 + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
-        path = self.exp_dir / CONFIG_NAME
-        tmp = rundir.config_temporary(self.exp_dir)
-        with open(tmp, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        return path
+        return weights_io.atomic_write(self.exp_dir / CONFIG_NAME, lambda file: file.write(text), "w",
+                                       temporary=rundir.config_temporary(self.exp_dir))
 
     def _open_writer(self) -> None:
         if not (self.is_main and self.config.tensorboard):

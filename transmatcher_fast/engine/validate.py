@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import weights_io
 from ..data.datasets import DatasetLayoutError
 from ..data.images import ImageReadError
 from .rundir import RunDirError
@@ -180,46 +181,16 @@ _GIVE_A_CHECKPOINT = ("give a complete checkpoint.pt of transmatcher-fast train 
                       "checkpoint.pth.tar")
 
 
-def _file_format(path: Path) -> str:
-    """What the file's first bytes say it is: ``"zip"`` (torch.save's format), ``"pickle"``
-    (torch's legacy format), ``"text"`` (UTF-8 without NUL bytes: a log, a config, JSON) or
-    ``"other"``."""
-    with open(path, "rb") as file:
-        head = file.read(4096)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head.startswith(b"\x80"):
-        return "pickle"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if error.start < len(head) - 4:  # not just a character cut at the end of the read
-            return "other"
-    return "other" if b"\x00" in head else "text"
-
-
 def read_checkpoint(path: PathLike, flag: str = "--checkpoint") -> dict:
     """The checkpoint's dict (``weights_only``), or a :class:`UserError` that says in one line
     what is wrong with the file (missing, empty, a text file, truncated or corrupt, holds
     code)."""
     path = check_input_file(path, flag)
-    if path.stat().st_size == 0:
-        raise UserError(f"{flag} {path}: the file is empty")
-    kind = _file_format(path)
-    if kind == "text":
-        what = "JSON" if path.read_bytes()[:1] in (b"{", b"[") else "text"
-        raise UserError(f"{flag} {path}: is a {what} file, not a checkpoint; {_GIVE_A_CHECKPOINT}")
-    if kind == "other":
-        raise UserError(f"{flag} {path}: is not a PyTorch checkpoint (neither torch.save's zip nor "
-                        f"its legacy format); {_GIVE_A_CHECKPOINT}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many kinds for a bad file
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
-            raise UserError(f"{flag} {path}: holds Python objects that are not tensors or plain "
-                            "values; it is not loaded (it could run code)") from None
-        raise UserError(f"{flag} {path}: the checkpoint is truncated or corrupt "
-                        f"({type(error).__name__} while reading it); {_GIVE_A_CHECKPOINT}") from None
+        state = weights_io.load(path)
+    except weights_io.WeightsFileError as error:
+        advice = f"; {_GIVE_A_CHECKPOINT}" if error.kind in ("text", "format", "corrupt") else ""
+        raise UserError(f"{flag} {path}: {error.problem}{advice}") from None
     if not isinstance(state, dict):
         raise UserError(f"{flag} {path}: holds a {type(state).__name__}, not a checkpoint dict")
     return state
@@ -232,11 +203,7 @@ def checkpoint_locations(state: dict) -> Tuple[Optional[int], Optional[str]]:
     if "matcher" in state and isinstance(state["matcher"], dict):
         matcher = state["matcher"]
     elif isinstance(state.get("criterion"), dict):
-        matcher = {}
-        for key, value in state["criterion"].items():
-            key = key[len("module."):] if key.startswith("module.") else key
-            if key.startswith("matcher."):
-                matcher[key[len("matcher."):]] = value
+        matcher = weights_io.select(weights_io.strip_prefix(state["criterion"]), "matcher.")
     else:
         return None, None
     config = state.get("config") if isinstance(state.get("config"), dict) else {}

@@ -40,7 +40,6 @@ from (seed, rank, epoch, position, index).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -48,13 +47,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import weights_io
 from ..data import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollate, MultiCropTransform, UnlabelledImages
 from ..data.transforms import build_transreid_test_transform, seeded_loader
 from ..data.unlabelled import UNLABELLED_DATASETS, restrict_to_list
 from ..models.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer,
                            clip_gradients, ema_update, get_params_groups)
 from ..models.embedding import EmbeddingDistance
-from ..models.vit import ARCHS as VIT_ARCHS, PATCH, VisionTransformer, arch_config, check_fits, load_pretrained
+from ..models.vit import ARCHS as VIT_ARCHS, PATCH, VisionTransformer, arch_config, load_pretrained
 from .base import Method, Parts, register_method
 from .schedules import dino_peak_lr, dino_teacher_momentum
 
@@ -129,13 +129,9 @@ class DINOStep(nn.Module):
 
 
 def _read_any(path: str) -> Dict[str, Any]:
-    """A checkpoint file, ``weights_only`` (DINO's carry their argparse.Namespace: plain data)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many kinds for a bad file
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint without running code (truncated, "
-                         f"not a checkpoint, or it holds Python objects; {type(error).__name__})") from error
+    """A checkpoint file, ``weights_only`` (DINO's carry their argparse.Namespace: plain data);
+    a :class:`~..weights_io.WeightsFileError` (a ValueError naming the file) if it cannot be read."""
+    state = weights_io.load(path, safe_globals=weights_io.PLAIN_DATA)
     return state if isinstance(state, dict) else {}
 
 
@@ -149,11 +145,10 @@ def load_dino_weights(student: MultiCropWrapper, path: str, hw_ratio: int = 1,
     a ValueError naming the file and the keys. Returns ``{"loaded": [...], "skipped": [...]}``."""
     report = load_pretrained(student.backbone, path, hw_ratio)
     state = _read_any(path)
-    teacher = state.get("teacher") if isinstance(state.get("teacher"), dict) else {}
-    teacher = {k.removeprefix("module."): v for k, v in teacher.items()}
-    head = {k[len("head."):]: v for k, v in teacher.items() if k.startswith("head.")}
+    teacher = weights_io.unwrap(state, ("teacher",)) if isinstance(state.get("teacher"), dict) else {}
+    head = weights_io.select(teacher, "head.")
     if head:
-        check_fits(path, student.head.state_dict(), head)
+        weights_io.check_fits(path, student.head.state_dict(), head)
         student.head.load_state_dict(head)
         report["loaded"] += [f"head.{k}" for k in sorted(head)]
     center = state.get("dino_loss", {}).get("center") if isinstance(state.get("dino_loss"), dict) else None

@@ -2,7 +2,7 @@
 
 Upstream saves ``{"model": feature_model.state_dict(), "criterion": loss.state_dict(),
 "optim": ..., "epoch": ...}``; the loss holds the matcher, so its keys are ``matcher.*``. The file
-is read with ``torch.load(weights_only=True)``: a checkpoint from the internet cannot run code.
+is read weights-only (``weights_io.load``): a checkpoint from the internet cannot run code.
 The configuration is read off the tensor shapes wherever they determine it.
 
 QAConv's feature model (``reid/models/resmap.py``) has had two neck layouts, told apart by the
@@ -24,13 +24,13 @@ import os
 import re
 from typing import Optional
 
-import torch
 from torch import nn
 
+from .. import weights_io
 from .feature import (QAConvFeatures, TransMatcherFeatures, backbone_channels, feature_map_size,
                       parse_arch)
 from .qaconv import QAConv
-from .resnet import DEPTHS, FINAL_LAYERS, STAGES, describe, load_exactly
+from .resnet import DEPTHS, FINAL_LAYERS, STAGES, describe
 from .transmatcher import TransMatcher
 
 
@@ -41,7 +41,7 @@ def qaconv_neck_layout(state: dict, source: str = "state_dict") -> Optional[str]
     """QAConv feature-model neck layout of a state_dict (``module.`` prefixes allowed):
     ``"2.0"`` (bias-free ``neck_conv`` + ``neck_bn``), ``"2.1"`` (``neck_conv`` with bias, no
     ``neck_bn``) or None (no neck: ``neck=0``). A mix of both raises a ValueError naming the keys."""
-    state = _strip_module(state)
+    state = weights_io.strip_prefix(state)
     has_conv = "neck_conv.weight" in state
     has_bias = "neck_conv.bias" in state
     bn_keys = sorted(k for k in state if k.startswith("neck_bn."))
@@ -80,11 +80,6 @@ def set_qaconv_neck_layout(model: QAConvFeatures, layout: str) -> QAConvFeatures
                                                             dtype=old.weight.dtype)
     model.neck_layout = layout
     return model
-
-
-def _strip_module(state: dict) -> dict:
-    """Drop DataParallel's ``module.`` prefix wherever keys carry it."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def _count(state: dict, prefix: str) -> int:
@@ -157,15 +152,18 @@ def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: in
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = weights_io.load(path)
+    except weights_io.WeightsFileError as error:
+        raise ValueError(f"checkpoint {path!r}: {error.problem}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) \
             or not isinstance(checkpoint.get("criterion"), dict):
         keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"checkpoint {path!r} is not in upstream's format: expected a dict with "
                          f"'model' and 'criterion' state_dicts, got {keys}")
-    state = _strip_module(checkpoint["model"])
-    criterion = _strip_module(checkpoint["criterion"])
-    matcher_state = {k[len("matcher."):]: v for k, v in criterion.items() if k.startswith("matcher.")}
+    state = weights_io.strip_prefix(checkpoint["model"])
+    criterion = weights_io.strip_prefix(checkpoint["criterion"])
+    matcher_state = weights_io.select(criterion, "matcher.")
     if not matcher_state:
         raise ValueError(f"checkpoint {path!r}: 'criterion' holds no 'matcher.*' keys "
                          f"(got {sorted(criterion)[:8]}); QAConv 1.x class-memory losses are "
@@ -219,8 +217,8 @@ def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: in
     skipped = model.base.skipped_prefixes()
     model_state = {k: v for k, v in state.items()
                    if not k.startswith(tuple("base." + p for p in skipped))}
-    load_exactly(model, model_state, f"checkpoint {path!r} ('model')",
-                 hint=f"{describe(depth, ibn)} to {final_layer}")
-    load_exactly(matcher, matcher_state, f"checkpoint {path!r} ('criterion' matcher.*)")
+    weights_io.load_exactly(model, model_state, f"checkpoint {path!r} ('model')",
+                            hint=f"{describe(depth, ibn)} to {final_layer}")
+    weights_io.load_exactly(matcher, matcher_state, f"checkpoint {path!r} ('criterion' matcher.*)")
     return model, matcher
 

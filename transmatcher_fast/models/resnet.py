@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
+
+from .. import weights_io
 
 # blocks per stage, and whether the block is a bottleneck (4x expansion)
 DEPTHS = {
@@ -158,19 +159,13 @@ class ResNet(nn.Module):
         state = read_state_dict(path)
         skipped = self.skipped_prefixes()
         state = {k: v for k, v in state.items() if not k.startswith(skipped)}
-        load_exactly(self, state, f"pretrained weights file {path!r}",
-                     hint=f"expected a {describe(self.depth, self.ibn)} state_dict "
-                          "(torchvision / IBN-Net layout)")
+        weights_io.load_exactly(self, state, f"pretrained weights file {path!r}",
+                                hint=f"expected a {describe(self.depth, self.ibn)} state_dict "
+                                     "(torchvision / IBN-Net layout)")
 
 
 def describe(depth: int, ibn: Optional[str]) -> str:
     return f"ResNet-{depth}" + ("-IBN-b" if ibn == "b" else "")
-
-
-def _strip(state: dict, prefix: str) -> dict:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def read_state_dict(path: str) -> dict:
@@ -179,40 +174,13 @@ def read_state_dict(path: str) -> dict:
         raise FileNotFoundError(f"pretrained weights file {path!r} does not exist; nothing is "
                                 "downloaded: pass the path of a local state_dict file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
+        state = weights_io.load(path)
+    except weights_io.WeightsFileError as error:
         raise ValueError(f"cannot read pretrained weights file {path!r} as a state_dict "
-                         f"(torch.load weights_only=True): {error}") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+                         f"(weights only): {error.problem}") from None
+    state = weights_io.unwrap(state, ("state_dict",))
+    if not weights_io.is_state_dict(state):
         raise ValueError(f"pretrained weights file {path!r} does not hold a state_dict "
                          "(a dict of parameter names to tensors)")
-    return _strip(_strip(dict(state), "module."), "base.")
-
-
-def _listing(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_exactly(module: nn.Module, state: dict, source: str, hint: str = "") -> None:
-    """``module.load_state_dict(state)`` with every key and shape checked first, and one error
-    that names ``source`` and lists the missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:8])}")
-        raise ValueError(f"{source} does not fit the model"
-                         + (f" ({hint})" if hint else "") + ": " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    state = weights_io.strip_prefix(state, "module.", only_if_all=True)
+    return weights_io.strip_prefix(state, "base.", only_if_all=True)

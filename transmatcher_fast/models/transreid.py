@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .vit import AttentionMaps, build_vit, check_fits, load_pretrained
+from .. import weights_io
+from .vit import AttentionMaps, build_vit, load_pretrained
 
 NECK_FEATS = ("before", "after")
 
@@ -184,12 +185,13 @@ class TransReID(nn.Module):
         if not os.path.isfile(trained_path):
             raise ValueError(f"checkpoint {trained_path!r}: no such file")
         try:
-            state = torch.load(trained_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # the message says which file and why
-            raise ValueError(f"{trained_path}: cannot be read as a weights-only checkpoint ({error})") from error
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        check_fits(trained_path, self.state_dict(), state)
+            state = weights_io.load(trained_path)
+        except weights_io.WeightsFileError as error:  # the message says which file and why
+            raise ValueError(f"{trained_path}: cannot be read as a weights-only checkpoint ({error.problem})") from None
+        state = weights_io.unwrap(state, ("state_dict",))
+        if not weights_io.is_state_dict(state):
+            raise ValueError(f"{trained_path}: not a state_dict (a mapping of names to tensors)")
+        state = weights_io.strip_prefix(state)
+        weights_io.check_fits(trained_path, self.state_dict(), state)
         self.load_state_dict(state)
 

@@ -24,7 +24,6 @@ Shapes: B images, D = embed_dim, N = num_y * num_x patch tokens, T = N + 1 token
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from typing import NamedTuple, Optional
@@ -32,6 +31,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .. import weights_io
 
 # Upstream's backbones (``*_patch16_224_TransReID``), by our names.
 ARCHS = {
@@ -557,7 +558,7 @@ def resize_pos_embed(posemb: Tensor, num_y: int, num_x: int, hw_ratio: int = 1) 
     return torch.cat([token, grid], dim=1)
 
 
-def read_checkpoint(path: str) -> dict:
+def read_pretrained(path: str) -> dict:
     """A checkpoint file's state_dict, loaded with ``weights_only=True``: a bare state_dict, or
     under ``'model'`` / ``'state_dict'``; a DINO checkpoint's ``'teacher'`` with ``module.`` and
     ``backbone.`` stripped and its projection head left out."""
@@ -565,33 +566,15 @@ def read_checkpoint(path: str) -> dict:
         raise ValueError(f"pretrained weights {path!r}: no such file")
     try:
         # DINO checkpoints carry their argparse.Namespace of options: plain data, allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the message says which file and why
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint ({error})") from error
-    if isinstance(ckpt, dict) and "model" in ckpt:
-        ckpt = ckpt["model"]
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        ckpt = ckpt["state_dict"]
-    if isinstance(ckpt, dict) and "teacher" in ckpt:
-        teacher = {k.removeprefix("module."): v for k, v in ckpt["teacher"].items()}
-        ckpt = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
-    if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
+        ckpt = weights_io.load(path, safe_globals=weights_io.PLAIN_DATA)
+    except weights_io.WeightsFileError as error:  # the message says which file and why
+        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint ({error.problem})") from None
+    ckpt = weights_io.unwrap(ckpt)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("teacher"), dict):
+        ckpt = weights_io.select(weights_io.unwrap(ckpt, ("teacher",)), "backbone.")
+    if not weights_io.is_state_dict(ckpt):
         raise ValueError(f"{path}: not a state_dict (a mapping of names to tensors)")
     return ckpt
-
-
-def check_fits(path: str, own: dict, state: dict, optional: tuple = ()) -> None:
-    """Raise a ValueError naming ``path`` and the keys unless ``state`` has exactly the keys and
-    shapes of ``own`` (keys starting with one of ``optional`` may be missing)."""
-    missing = [k for k in own if k not in state and not k.startswith(optional)]
-    unexpected = [k for k in state if k not in own]
-    misshapen = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-    problems = [f"{label} {keys}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshapen)) if keys]
-    if problems:
-        raise ValueError(f"{path}: the weights do not fit the model: " + "; ".join(problems))
 
 
 def load_pretrained(model: VisionTransformer, path: str, hw_ratio: int = 1) -> dict:
@@ -604,7 +587,7 @@ def load_pretrained(model: VisionTransformer, path: str, hw_ratio: int = 1) -> d
     and ``sie_embed`` may be absent; any other missing, unexpected or misshapen key raises a
     ValueError naming the file and the keys. Returns ``{"loaded": [...], "skipped": [...]}``.
     """
-    state = read_checkpoint(path)
+    state = read_pretrained(path)
     distilled = "dist_token" in state or "distilled" in os.path.basename(path)
     own = model.state_dict()
     loaded, skipped = {}, []
@@ -622,7 +605,7 @@ def load_pretrained(model: VisionTransformer, path: str, hw_ratio: int = 1) -> d
             skipped.append(key)  # a classifier of another size: unused anyway
             continue
         loaded[key] = value
-    check_fits(path, own, loaded, optional=("fc.", "sie_embed"))
+    weights_io.check_fits(path, own, loaded, optional=("fc.", "sie_embed"))
     with torch.no_grad():
         for key, value in loaded.items():
             own[key].copy_(value)
@@ -681,5 +664,5 @@ class ViTMatchingFeatures(nn.Module):
 
 __all__ = ["ARCHS", "UPSTREAM_ARCHS", "VisionTransformer", "ViTMatchingFeatures", "AttentionMaps",
            "Attention", "Block", "PatchEmbed", "IBN", "DropPath", "Mlp", "arch_config", "build_vit",
-           "grid_size", "check_fits", "load_pretrained", "read_checkpoint", "resize_pos_embed", "gem",
+           "grid_size", "load_pretrained", "read_pretrained", "resize_pos_embed", "gem",
            "norm_linear", "norm_mlp"]
