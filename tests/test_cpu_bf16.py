@@ -20,13 +20,15 @@ from transmatcher_fast import max_sim, reference
 # (nq, ng, lq, lg, d): the model's L (12 full vectors, two gallery images per column block, one
 # query image per GEMM step); vector tails with several images per block and an odd D; fewer
 # than 16 gallery locations; a query image longer than a GEMM step (192 rows) and one exact
-# vector; a gallery image wider than a column block (384 columns) with a tail.
+# vector; a gallery image wider than a column block (384 columns) with a tail; an odd D above 32
+# with column and feature-pair tails in the gallery's 16 x 16 packing tiles.
 SHAPES = [
     (2, 3, 192, 192, 64),
     (3, 4, 17, 33, 9),
     (2, 5, 5, 7, 3),
     (2, 2, 200, 16, 32),
     (1, 3, 20, 401, 8),
+    (2, 3, 20, 40, 37),
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 KNOWN_ISAS = {"avx512_core_amx", "avx512_core_bf16", ""}

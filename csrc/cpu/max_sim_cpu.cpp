@@ -163,6 +163,7 @@ void forward_impl(const at::Tensor& query, const at::Tensor& gallery, const T* g
 // GCC 12's AVX-512 headers warn about their own _mm*_undefined_* placeholders (GCC bug 105593).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 // Rows per bf16 GEMM call and gallery columns per block: the packed gallery block (cols x D
@@ -199,28 +200,6 @@ inline void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ld
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/false, a, b, c);
 }
 
-// Packs columns [c0, c0 + n) of a row-major [cols, d] bfloat16 matrix into the VNNI layout
-// [d2/2][n][2] (d2 = d rounded up to even; the padding is zero). A VNNI word is the pair of
-// features (2p, 2p+1) of one column, so this is a transpose of 32-bit words, done in 16 x 16
-// tiles so that reads and writes both stay within a few cache lines.
-void pack_vnni(const uint16_t* src, int64_t c0, int64_t n, int64_t d, int64_t d2, uint16_t* dst) {
-  const int64_t pairs = d2 / 2, full_pairs = d / 2;
-  constexpr int64_t kTile = 16;
-  for (int64_t cb = 0; cb < n; cb += kTile) {
-    const int64_t ce = std::min(n, cb + kTile);
-    for (int64_t pb = 0; pb < pairs; pb += kTile) {
-      const int64_t pe = std::min(pairs, pb + kTile);
-      for (int64_t c = cb; c < ce; ++c) {
-        const uint16_t* row = src + (c0 + c) * d;
-        for (int64_t p = pb; p < pe; ++p) {
-          uint16_t word[2] = {row[2 * p], p < full_pairs ? row[2 * p + 1] : uint16_t{0}};
-          std::memcpy(dst + 2 * (p * n + c), word, sizeof(word));
-        }
-      }
-    }
-  }
-}
-
 TMF_AVX512 inline __mmask16 tail_mask(int64_t lanes) {
   return static_cast<__mmask16>((1u << lanes) - 1u);
 }
@@ -249,67 +228,165 @@ TMF_AVX512 inline __mmask16 beats16(__mmask16 lanes, __m512 value, __m512 best) 
   return _mm512_mask_cmp_ps_mask(best_is_number, value, best, _CMP_NLE_UQ);
 }
 
-// The scale-and-max epilogue of one float32 score block, 16 gallery locations per instruction:
-// rows r0..r1 of the flattened query (query image r / lq, location r % lq) against gallery images
-// j0..j1 (columns (j - j0) * lg + s). The g_best update is elementwise over s; the q_best row
-// maximum keeps a running (value, index) per lane, each lane scanning its locations in
-// increasing s, and ends with one reduction across lanes that keeps the first NaN or else the
-// lowest index among equal maxima: the same result as the sequential scan of reduce_row.
+// One score row of one (query, gallery) pair: query location t against the pair's lg gallery
+// locations, scaled by the gate row, 16 locations per step. Updates the pair's running g_best
+// (elementwise over s; on the first row it is written) and returns the row's maximum and its
+// location, with beats()'s rules: the first NaN, else the lowest index among equal maxima.
+// Each lane keeps a running (value, location) over its own locations, scanned in increasing s
+// and starting from (-inf, its first location), which reproduces the sequential scan from v[0];
+// one reduction across lanes ends it.
+// Transposes a 16 x 16 tile of 32-bit words (pairs of bfloat16): row c of the tile (16 words from
+// src + c * src_ld) becomes column c of the output (word c of the row from dst + p * dst_ld, for
+// p = 0..15). Strides in bfloat16 units, any 2-byte alignment. Four rounds of shuffles: 32-bit
+// and 64-bit interleaves inside 128-bit lanes, then two rounds of 128-bit lane shuffles.
+TMF_AVX512 inline void transpose16x16_words(const uint16_t* src, int64_t src_ld, uint16_t* dst,
+                                            int64_t dst_ld) {
+  __m512i r[16], a[16];
+  for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(src + c * src_ld);
+  for (int k = 0; k < 16; k += 2) {
+    a[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
+    a[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
+  }
+  // r[4k + m], 128-bit lane L: rows 4k..4k+3 of column 4L + m.
+  for (int k = 0; k < 16; k += 4) {
+    r[k] = _mm512_unpacklo_epi64(a[k], a[k + 2]);
+    r[k + 1] = _mm512_unpackhi_epi64(a[k], a[k + 2]);
+    r[k + 2] = _mm512_unpacklo_epi64(a[k + 1], a[k + 3]);
+    r[k + 3] = _mm512_unpackhi_epi64(a[k + 1], a[k + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i lo_a = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44);   // lanes 0, 1 of both
+    const __m512i hi_a = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);   // lanes 2, 3 of both
+    const __m512i lo_b = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512i hi_b = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+    _mm512_storeu_si512(dst + m * dst_ld, _mm512_shuffle_i32x4(lo_a, lo_b, 0x88));
+    _mm512_storeu_si512(dst + (4 + m) * dst_ld, _mm512_shuffle_i32x4(lo_a, lo_b, 0xDD));
+    _mm512_storeu_si512(dst + (8 + m) * dst_ld, _mm512_shuffle_i32x4(hi_a, hi_b, 0x88));
+    _mm512_storeu_si512(dst + (12 + m) * dst_ld, _mm512_shuffle_i32x4(hi_a, hi_b, 0xDD));
+  }
+}
+
+// Packs columns [c0, c0 + n) of a row-major [cols, d] bfloat16 matrix into the VNNI layout
+// [d2/2][n][2] (d2 = d rounded up to even; the padding is zero). A VNNI word is the pair of
+// features (2p, 2p+1) of one column, so this is a transpose of 32-bit words: 16 x 16 tiles
+// with vector shuffles, and word by word at the edges (and the odd last feature).
+TMF_AVX512 void pack_vnni(const uint16_t* src, int64_t c0, int64_t n, int64_t d, int64_t d2,
+                          uint16_t* dst) {
+  const int64_t pairs = d2 / 2, full_pairs = d / 2;
+  const int64_t n16 = n - n % 16, p16 = full_pairs - full_pairs % 16;
+  for (int64_t cb = 0; cb < n16; cb += 16) {
+    for (int64_t pb = 0; pb < p16; pb += 16) {
+      transpose16x16_words(src + (c0 + cb) * d + 2 * pb, d, dst + 2 * (pb * n + cb), 2 * n);
+    }
+  }
+  auto word = [&](int64_t c, int64_t p) {
+    const uint16_t* row = src + (c0 + c) * d;
+    const uint16_t pair[2] = {row[2 * p], p < full_pairs ? row[2 * p + 1] : uint16_t{0}};
+    std::memcpy(dst + 2 * (p * n + c), pair, sizeof(pair));
+  };
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t p = c < n16 ? p16 : 0; p < pairs; ++p) word(c, p);
+  }
+}
+
+// The running row maximum of each lane: its value and location, and the locations of the next
+// step's lanes.
+struct LaneMax {
+  __m512 best;
+  __m512i best_s;
+  __m512i s_vec;
+};
+
+// One step of 16 locations (the lanes in m) from s0.
+template <bool kFirstRow, bool kGated>
+TMF_AVX512 inline void row_step(int64_t s0, __mmask16 m, const float* v_row, const float* gate_row,
+                                float* gb, int32_t* gi, __m512i t_vec, LaneMax& lanes) {
+  __m512 v = _mm512_maskz_loadu_ps(m, v_row + s0);
+  if (kGated) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gate_row + s0));
+  if (kFirstRow) {
+    _mm512_mask_storeu_ps(gb + s0, m, v);
+    _mm512_mask_storeu_epi32(gi + s0, m, _mm512_setzero_si512());
+  } else {
+    const __mmask16 w = beats16(m, v, _mm512_maskz_loadu_ps(m, gb + s0));
+    _mm512_mask_storeu_ps(gb + s0, w, v);
+    _mm512_mask_storeu_epi32(gi + s0, w, t_vec);
+  }
+  const __mmask16 w = beats16(m, v, lanes.best);
+  lanes.best = _mm512_mask_mov_ps(lanes.best, w, v);
+  lanes.best_s = _mm512_mask_mov_epi32(lanes.best_s, w, lanes.s_vec);
+  lanes.s_vec = _mm512_add_epi32(lanes.s_vec, _mm512_set1_epi32(16));
+}
+
+// One score row of one (query, gallery) pair: query location t against the pair's lg gallery
+// locations, scaled by the gate row. Updates the pair's running g_best (elementwise over s; on
+// the first row it is written) and writes the row's maximum and its location with beats()'s
+// rules: the first NaN, else the lowest index among equal maxima. Each lane keeps a running
+// (value, location) over its own locations, scanned in increasing s from (-inf, its first
+// location), which gives what the sequential scan from v[0] gives for that lane; one reduction
+// across lanes ends it.
+template <bool kFirstRow, bool kGated>
+TMF_AVX512 inline void reduce_pair_row(int64_t lg, const float* v_row, const float* gate_row,
+                                       float* gb, int32_t* gi, int32_t t, float* q_best,
+                                       int32_t* q_index) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i t_vec = _mm512_set1_epi32(t);
+  LaneMax lanes{_mm512_set1_ps(-std::numeric_limits<float>::infinity()), lane, lane};
+  int64_t s0 = 0;
+  for (; s0 + 16 <= lg; s0 += 16) {
+    row_step<kFirstRow, kGated>(s0, 0xFFFF, v_row, gate_row, gb, gi, t_vec, lanes);
+  }
+  if (s0 < lg) {
+    row_step<kFirstRow, kGated>(s0, tail_mask(lg - s0), v_row, gate_row, gb, gi, t_vec, lanes);
+  }
+  const __m512 best = lanes.best;
+  const __m512i best_s = lanes.best_s;
+  // Lanes without any location (lg < 16) are left out.
+  const __mmask16 valid = lg >= 16 ? __mmask16(0xFFFF) : tail_mask(lg);
+  // The winning lanes: those holding a NaN if any, else those equal to the maximum (no NaN left
+  // then); the lowest location among them.
+  __mmask16 winners = _mm512_mask_cmp_ps_mask(valid, best, best, _CMP_UNORD_Q);
+  if (winners == 0) winners = _mm512_mask_cmp_ps_mask(valid, best, all_max_ps(best), _CMP_EQ_OQ);
+  if ((winners & (winners - 1)) == 0) {
+    // One winning lane, the usual case: its location and value as they are.
+    *q_index = _mm_cvtsi128_si32(_mm512_castsi512_si128(_mm512_maskz_compress_epi32(winners,
+                                                                                   best_s)));
+    *q_best = _mm512_cvtss_f32(_mm512_maskz_compress_ps(winners, best));
+    return;
+  }
+  const int32_t s_best = min_epi32(
+      _mm512_mask_mov_epi32(_mm512_set1_epi32(std::numeric_limits<int32_t>::max()), winners,
+                            best_s));
+  // The value at that location, recomputed as the vector lane did (the same one product).
+  *q_best = kGated ? v_row[s_best] * gate_row[s_best] : v_row[s_best];
+  *q_index = s_best;
+}
+
+// The scale-and-max epilogue of one float32 score block: rows r0..r1 of the flattened query
+// (query image r / lq, location r % lq) against gallery images j0..j1 (columns (j - j0) * lg + s).
 TMF_AVX512 void reduce_block_avx512(const Shape& sh, int64_t r0, int64_t r1, int64_t j0,
                                     int64_t j1, const float* scores, int64_t ncols,
                                     const float* gate_t, float* q_best, int32_t* q_index,
                                     float* g_best, int32_t* g_index) {
-  const int64_t vectors = (sh.lg + 15) / 16;
-  const __mmask16 last = sh.lg % 16 == 0 ? __mmask16(0xFFFF) : tail_mask(sh.lg % 16);
-  const __mmask16 valid = vectors == 1 ? last : __mmask16(0xFFFF);  // lanes holding a location
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i no_location = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = r / sh.lq, t = r % sh.lq;
     const float* gate_row = gate_t == nullptr ? nullptr : gate_t + t * sh.lg;
-    const __m512i t_vec = _mm512_set1_epi32(static_cast<int32_t>(t));
     for (int64_t j = j0; j < j1; ++j) {
       const float* v_row = scores + (r - r0) * ncols + (j - j0) * sh.lg;
       const int64_t pair = i * sh.ng + j;
       float* gb = g_best + pair * sh.lg;
       int32_t* gi = g_index + pair * sh.lg;
-      __m512 best = _mm512_setzero_ps();
-      __m512i best_s = lane;
-      for (int64_t k = 0; k < vectors; ++k) {
-        const int64_t s0 = 16 * k;
-        const __mmask16 m = k + 1 == vectors ? last : __mmask16(0xFFFF);
-        __m512 v = _mm512_maskz_loadu_ps(m, v_row + s0);
-        if (gate_row != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gate_row + s0));
-        if (t == 0) {
-          _mm512_mask_storeu_ps(gb + s0, m, v);
-          _mm512_mask_storeu_epi32(gi + s0, m, _mm512_setzero_si512());
-        } else {
-          const __mmask16 w = beats16(m, v, _mm512_maskz_loadu_ps(m, gb + s0));
-          _mm512_mask_storeu_ps(gb + s0, w, v);
-          _mm512_mask_storeu_epi32(gi + s0, w, t_vec);
-        }
-        if (k == 0) {
-          best = v;
-        } else {
-          const __mmask16 w = beats16(m, v, best);
-          best = _mm512_mask_mov_ps(best, w, v);
-          best_s = _mm512_mask_mov_epi32(best_s, w, _mm512_add_epi32(lane, _mm512_set1_epi32(
-                                                                            static_cast<int>(s0))));
-        }
+      float* qb = q_best + pair * sh.lq + t;
+      int32_t* qi = q_index + pair * sh.lq + t;
+      const auto t32 = static_cast<int32_t>(t);
+      if (t == 0 && gate_row != nullptr) {
+        reduce_pair_row<true, true>(sh.lg, v_row, gate_row, gb, gi, t32, qb, qi);
+      } else if (t == 0) {
+        reduce_pair_row<true, false>(sh.lg, v_row, gate_row, gb, gi, t32, qb, qi);
+      } else if (gate_row != nullptr) {
+        reduce_pair_row<false, true>(sh.lg, v_row, gate_row, gb, gi, t32, qb, qi);
+      } else {
+        reduce_pair_row<false, false>(sh.lg, v_row, gate_row, gb, gi, t32, qb, qi);
       }
-      // The winning lanes: those holding a NaN if any, else those equal to the maximum (no NaN
-      // left then, and lanes without a location count as -inf); the lowest location among them.
-      __mmask16 winners = _mm512_mask_cmp_ps_mask(valid, best, best, _CMP_UNORD_Q);
-      if (winners == 0) {
-        const __m512 top = all_max_ps(_mm512_mask_mov_ps(minus_inf, valid, best));
-        winners = _mm512_mask_cmp_ps_mask(valid, best, top, _CMP_EQ_OQ);
-      }
-      const int32_t s_best = min_epi32(_mm512_mask_mov_epi32(no_location, winners, best_s));
-      // The value at that location, recomputed as the vector lane did (the same one product).
-      q_best[pair * sh.lq + t] =
-          gate_row == nullptr ? v_row[s_best] : v_row[s_best] * gate_row[s_best];
-      q_index[pair * sh.lq + t] = s_best;
     }
   }
 }
