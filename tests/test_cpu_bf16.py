@@ -18,15 +18,17 @@ import transmatcher_fast
 from transmatcher_fast import max_sim, reference
 
 # (nq, ng, lq, lg, d): the model's L (12 full vectors, two gallery images per column block, one
-# query image per GEMM step); vector tails with several images per block and an odd D; fewer
-# than 16 gallery locations; a query image longer than a GEMM step (192 rows) and one exact
-# vector; a gallery image wider than a column block (384 columns) with a tail; an odd D above 32
-# with column and feature-pair tails in the gallery's 16 x 16 packing tiles.
+# or two query images per GEMM step); vector tails with several images per block and an odd D;
+# fewer than 16 gallery locations; query images longer than a GEMM step (192 rows, or 384 where
+# the L2 holds them) with one exact vector; a gallery image wider than a column block (384
+# columns) with a tail; an odd D above 32 with column and feature-pair tails in the gallery's
+# 16 x 16 packing tiles.
 SHAPES = [
     (2, 3, 192, 192, 64),
     (3, 4, 17, 33, 9),
     (2, 5, 5, 7, 3),
     (2, 2, 200, 16, 32),
+    (1, 2, 400, 16, 8),
     (1, 3, 20, 401, 8),
     (2, 3, 20, 40, 37),
 ]
@@ -90,7 +92,8 @@ def test_bfloat16_all_equal_scores_pick_location_zero(rng):
 
 def _locations(length):
     """Locations at the edges of 16-lane vectors, of GEMM steps (192 rows) and of the image."""
-    return sorted({s for s in (0, 1, 15, 16, 17, 31, 191, 192, length - 1) if 0 <= s < length})
+    edges = (0, 1, 15, 16, 17, 31, 191, 192, 383, 384, length - 1)
+    return sorted({s for s in edges if 0 <= s < length})
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")],
@@ -104,7 +107,7 @@ def test_bfloat16_nan_and_inf_at_block_boundaries(rng, shape, value):
     query, gallery, embed = _integer_inputs(rng, *shape, gate=True)
     for k, s in enumerate(_locations(lg)):
         gallery[k % ng, s, k % d] = value
-    for k, t in enumerate(_locations(lq)[::2]):
+    for k, t in enumerate(_locations(lq)):
         query[k % nq, t, (k + 1) % d] = value
     with transmatcher_fast.use_backend("cpu"):
         got = max_sim(query, gallery, embed, return_indices=True)

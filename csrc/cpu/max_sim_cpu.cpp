@@ -159,6 +159,7 @@ void forward_impl(const at::Tensor& query, const at::Tensor& gallery, const T* g
 #if defined(TRANSMATCHER_FAST_BF16_BRGEMM) && defined(TRANSMATCHER_FAST_X86_CPUID)
 #define TRANSMATCHER_FAST_BF16_PATH 1
 #include <immintrin.h>
+#include <unistd.h>
 #define TMF_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 // GCC 12's AVX-512 headers warn about their own _mm*_undefined_* placeholders (GCC bug 105593).
 #pragma GCC diagnostic push
@@ -435,6 +436,20 @@ Bf16Isa bf16_gemm_isa() {
 bool bf16_gemm_available() { return bf16_gemm_isa() != Bf16Isa::none; }
 
 #ifdef TRANSMATCHER_FAST_BF16_PATH
+// Twice the rows per GEMM call where that still fits the L2 of a core (2 MiB on Xeons with
+// AMX, for L 192 and D 512: fewer passes over the packed gallery, about 5 % faster there), else
+// kBf16BlockRows (Zen 4 has 1 MiB).
+int64_t bf16_block_rows(int64_t cols, int64_t d2) {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  static const int64_t l2_bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+  constexpr int64_t l2_bytes = 0;
+#endif
+  const int64_t rows = 2 * kBf16BlockRows;
+  const int64_t bytes = (rows + cols) * d2 * int64_t{sizeof(uint16_t)} + rows * cols * 4;
+  return bytes <= l2_bytes ? rows : kBf16BlockRows;
+}
+
 void forward_bf16(const at::Tensor& query, const at::Tensor& gallery, const float* gate_t,
                   float* q_best, int32_t* q_index, float* g_best, int32_t* g_index) {
   const Shape sh = shape_of(query, gallery);
@@ -448,8 +463,9 @@ void forward_bf16(const at::Tensor& query, const at::Tensor& gallery, const floa
   // ranges of one image when it is longer than a GEMM step.
   const int64_t imgs_per_col_block = std::max<int64_t>(1, kBf16BlockCols / sh.lg);
   const int64_t block_cols = imgs_per_col_block * sh.lg;
-  const int64_t imgs_per_row_block = std::max<int64_t>(1, kBf16BlockRows / sh.lq);
-  const int64_t step_rows = sh.lq <= kBf16BlockRows ? imgs_per_row_block * sh.lq : kBf16BlockRows;
+  const int64_t max_rows = bf16_block_rows(block_cols, d2);
+  const int64_t imgs_per_row_block = std::max<int64_t>(1, max_rows / sh.lq);
+  const int64_t step_rows = sh.lq <= max_rows ? imgs_per_row_block * sh.lq : max_rows;
   const int64_t row_blocks = (sh.nq + imgs_per_row_block - 1) / imgs_per_row_block;
   const int64_t col_blocks = (sh.ng + imgs_per_col_block - 1) / imgs_per_col_block;
 
