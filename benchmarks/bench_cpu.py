@@ -275,6 +275,15 @@ def cpu_description():
     return info
 
 
+def load_average():
+    """The 1-minute load average (None where unknown): on a shared machine, how contended the
+    run was (times inflate with it; the interleaved ratios much less)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def parse_shape(text):
     values = tuple(int(v) for v in text.split(","))
     if len(values) != 4 or min(values) < 1:
@@ -303,12 +312,14 @@ def main(argv=None):
         with use_backend("cpu" if method == "ours" else None):
             child_memory(method, mode, parse_shape(shape), dtype)
         return 0
+    load_before = load_average()
     with use_backend("cpu"):
         rows = [row for shape in args.shapes
                 for row in run_shape(shape, args.repeat, not args.no_memory, args.dtypes)]
     summary = summarise(rows)
     print_table(rows, summary)
     cpu = cpu_description()
+    cpu["load_average_before_after"] = [load_before, load_average()]
     print(f"CPU: {benchmarking.cpu_model()} ({cpu['family_model_stepping']}; "
           f"{' '.join(cpu['flags'])}); bfloat16 GEMMs on {cpu['bf16_gemm_isa'] or 'float32'}")
     result = {"benchmark": "bench_cpu", "dtypes": list(args.dtypes),
