@@ -1,9 +1,10 @@
 // CPU kernels of max_sim: a BLAS GEMM per cache-sized block with a fused scale-and-max epilogue
 // (the Nq*Ng*Lq*Lg score tensor never exists), and a backward that reads only the saved argmax.
 // bfloat16 inputs run their block GEMMs on the bfloat16 operands with float32 accumulation and
-// float32 scores (oneDNN's batch-reduce GEMM micro-kernel, through ATen's cpublas::brgemm), where
-// the CPU has native bfloat16 dot products and the installed torch provides that kernel; otherwise
-// (and for float16, whose CPU GEMM is slower than converting) they are converted to float32.
+// float32 scores (oneDNN's batch-reduce GEMM micro-kernel, through ATen's cpublas::brgemm: AMX
+// tiles or AVX512-BF16) and an AVX-512 epilogue, where the CPU has native bfloat16 dot products
+// and the installed torch provides that kernel; otherwise (and for float16, whose CPU GEMM is
+// slower than converting) they are converted to float32.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -229,13 +230,6 @@ TMF_AVX512 inline __mmask16 beats16(__mmask16 lanes, __m512 value, __m512 best) 
   return _mm512_mask_cmp_ps_mask(best_is_number, value, best, _CMP_NLE_UQ);
 }
 
-// One score row of one (query, gallery) pair: query location t against the pair's lg gallery
-// locations, scaled by the gate row, 16 locations per step. Updates the pair's running g_best
-// (elementwise over s; on the first row it is written) and returns the row's maximum and its
-// location, with beats()'s rules: the first NaN, else the lowest index among equal maxima.
-// Each lane keeps a running (value, location) over its own locations, scanned in increasing s
-// and starting from (-inf, its first location), which reproduces the sequential scan from v[0];
-// one reduction across lanes ends it.
 // Transposes a 16 x 16 tile of 32-bit words (pairs of bfloat16): row c of the tile (16 words from
 // src + c * src_ld) becomes column c of the output (word c of the row from dst + p * dst_ld, for
 // p = 0..15). Strides in bfloat16 units, any 2-byte alignment. Four rounds of shuffles: 32-bit
@@ -437,7 +431,7 @@ bool bf16_gemm_available() { return bf16_gemm_isa() != Bf16Isa::none; }
 
 #ifdef TRANSMATCHER_FAST_BF16_PATH
 // Twice the rows per GEMM call where that still fits the L2 of a core (2 MiB on Xeons with
-// AMX, for L 192 and D 512: fewer passes over the packed gallery, about 5 % faster there), else
+// AMX, for L 192 and D 512: fewer passes over the packed gallery, about 8 % faster there), else
 // kBf16BlockRows (Zen 4 has 1 MiB).
 int64_t bf16_block_rows(int64_t cols, int64_t d2) {
 #ifdef _SC_LEVEL2_CACHE_SIZE
