@@ -8,17 +8,23 @@ FLOPs = 2 * Nq * Ng * Lq * Lg * D (the dot products; the gate and the max are O(
 The GEMM is [Nq*Lq, D] @ [D, Ng*Lg] in the features' dtype (torch's bfloat16 GEMM for bfloat16):
 what any implementation must at least compute. The score_embed gate stays float32 next to
 bfloat16 features, as a model's parameter does. Times are medians of interleaved rounds (every
-dtype and method once per round), so ratios, between dtypes too, come from one run. Peak memory
-is the extra resident memory of one call after a warm-up call, each measured in a fresh process.
-Writes results/bench_cpu.json (with CPU model, threads, versions, date, and whether the kernel ran
-its bfloat16 GEMMs in bfloat16) and results/bench_cpu.png.
+dtype and method once per round), so ratios, between dtypes too, come from one run; the summary
+gives the median of the per-round ratios and their range. Peak memory is the extra resident
+memory of one call after a warm-up call, each measured in a fresh process.
+Writes results/bench_cpu.json (with CPU model and flags, threads, versions, date, and the ISA the
+kernel's bfloat16 block GEMMs ran on: "avx512_core_amx", "avx512_core_bf16", or "" for float32)
+and results/bench_cpu.png. `--tag NAME` writes bench_cpu.NAME.json/.png instead (e.g. a run with
+oneDNN capped by ONEDNN_MAX_CPU_ISA).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
+import time
 
 import torch
 
@@ -92,6 +98,21 @@ def child_memory(method, mode, shape, dtype="float32"):
     benchmarking.print_cpu_peak(call)
 
 
+def interleaved_seconds(calls, warmup, repeat):
+    """Wall times of every call, in rounds that run each call once (so that a change in machine
+    speed, on a shared machine, hits all of them alike): {key: [seconds per round]}."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {key: [] for key in calls}
+    for _ in range(repeat):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 def run_shape(shape, repeat, memory, dtypes=("float32",)):
     nq, ng, length, dim = shape
     flops = 2 * nq * ng * length * length * dim
@@ -101,31 +122,46 @@ def run_shape(shape, repeat, memory, dtypes=("float32",)):
         for dtype in dtypes:
             inputs = make_inputs(*shape, requires_grad=(mode == "training"), dtype=dtype)
             calls.update({(dtype, m): make_call(m, mode, inputs) for m in methods})
-        seconds = benchmarking.median_seconds(calls, warmup=1, repeat=repeat)
+        rounds = interleaved_seconds(calls, warmup=1, repeat=repeat)
         for dtype, method in calls:
-            took = seconds[(dtype, method)]
+            took = statistics.median(rounds[(dtype, method)])
             row = {"nq": nq, "ng": ng, "l": length, "d": dim, "dtype": dtype, "mode": mode,
-                   "method": method, "seconds": took, "gflops": flops / took / 1e9}
+                   "method": method, "seconds": took, "gflops": flops / took / 1e9,
+                   "seconds_per_round": rounds[(dtype, method)]}
             if memory:
                 row["peak_extra_bytes"] = measure_memory_in_child(method, mode, shape, dtype)
             rows.append(row)
     return rows
 
 
+def round_ratios(numerator, denominator):
+    """The median and range of the per-round time ratios of two rows measured in one run."""
+    ratios = [a / b for a, b in zip(numerator["seconds_per_round"],
+                                    denominator["seconds_per_round"])]
+    return statistics.median(ratios), [min(ratios), max(ratios)]
+
+
 def summarise(rows):
-    """The figures the issues target, per shape and dtype, then bfloat16 against float32."""
+    """The figures the issues target, per shape and dtype, then bfloat16 against float32.
+    Ratios of times: medians of the per-round ratios, with their range."""
     by = {(r["nq"], r["ng"], r["l"], r["d"], r["dtype"], r["mode"], r["method"]): r for r in rows}
     dtype_order = {d: k for k, d in enumerate(DEFAULT_DTYPES)}
     summary = []
     for key in sorted({k[:5] for k in by}, key=lambda k: (k[:4], dtype_order.get(k[4], 9), k[4])):
-        ours_f, gemm, ref_f = (by[key + ("forward", m)] for m in ("ours", "gemm", "reference"))
+        ours_f, gemm, ref_f, compiled_f = (by[key + ("forward", m)] for m in
+                                           ("ours", "gemm", "reference", "compiled_reference"))
         ours_t, ref_t = by[key + ("training", "ours")], by[key + ("training", "reference")]
+        over_gemm, over_gemm_range = round_ratios(ours_f, gemm)
+        over_compiled, over_compiled_range = round_ratios(ours_f, compiled_f)
         item = {
             "shape": "x".join(map(str, key[:4])),
             "dtype": key[4],
-            "forward_ours_over_gemm": ours_f["seconds"] / gemm["seconds"],
-            "forward_speedup_vs_reference": ref_f["seconds"] / ours_f["seconds"],
-            "training_speedup_vs_reference": ref_t["seconds"] / ours_t["seconds"],
+            "forward_ours_over_gemm": over_gemm,
+            "forward_ours_over_gemm_range": over_gemm_range,
+            "forward_ours_over_compiled_reference": over_compiled,
+            "forward_ours_over_compiled_reference_range": over_compiled_range,
+            "forward_speedup_vs_reference": round_ratios(ref_f, ours_f)[0],
+            "training_speedup_vs_reference": round_ratios(ref_t, ours_t)[0],
         }
         if "peak_extra_bytes" in ours_f:
             item["forward_memory_ours_over_reference"] = (
@@ -167,7 +203,11 @@ def print_table(rows, summary):
                   f"than float32 (GEMM alone {s['gemm_bfloat16_speedup']:.2f}x), forward+backward "
                   f"{s['training_bfloat16_speedup']:.2f}x")
             continue
-        print(f"{s['shape']} {s['dtype']}: forward = {s['forward_ours_over_gemm']:.2f}x GEMM time, "
+        low, high = s["forward_ours_over_gemm_range"]
+        c_low, c_high = s["forward_ours_over_compiled_reference_range"]
+        print(f"{s['shape']} {s['dtype']}: forward = {s['forward_ours_over_gemm']:.2f}x GEMM time "
+              f"(rounds {low:.2f}-{high:.2f}), {s['forward_ours_over_compiled_reference']:.2f}x "
+              f"torch.compile(reference) ({c_low:.2f}-{c_high:.2f}), "
               f"{s['forward_speedup_vs_reference']:.2f}x faster than reference; forward+backward "
               f"{s['training_speedup_vs_reference']:.2f}x faster than reference"
               + ("" if "forward_memory_ours_over_reference" not in s else
@@ -210,6 +250,40 @@ def plot(rows, path):
     print(f"wrote {path}")
 
 
+def cpu_description():
+    """What decides the kernel's bfloat16 path: the CPU's identity and ISA flags, oneDNN's
+    version and any cap on its ISA, and the ISA the kernel's bfloat16 GEMMs ran on."""
+    info = {"flags": [], "family_model_stepping": None}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            fields = dict(line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0]
+                          .splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        wanted = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile",
+                  "amx_bf16")
+        info["flags"] = [f for f in fields.get("flags", "").split() if f in wanted]
+        info["family_model_stepping"] = "/".join(
+            fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    except OSError:
+        pass
+    found = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    info["onednn"] = found.group(1) if found else None
+    info["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get(
+        "DNNL_MAX_CPU_ISA")
+    ops = torch.ops.transmatcher_fast_C
+    info["bf16_gemm_isa"] = ops.cpu_bf16_gemm_isa() if hasattr(ops, "cpu_bf16_gemm_isa") else None
+    return info
+
+
+def load_average():
+    """The 1-minute load average (None where unknown): on a shared machine, how contended the
+    run was (times inflate with it; the interleaved ratios much less)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def parse_shape(text):
     values = tuple(int(v) for v in text.split(","))
     if len(values) != 4 or min(values) < 1:
@@ -228,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--tag", default="",
+                        help="write bench_cpu.TAG.json/.png (default: bench_cpu.json/.png)")
     parser.add_argument("--child-memory", nargs=4, metavar=("METHOD", "MODE", "SHAPE", "DTYPE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,19 +312,26 @@ def main(argv=None):
         with use_backend("cpu" if method == "ours" else None):
             child_memory(method, mode, parse_shape(shape), dtype)
         return 0
+    load_before = load_average()
     with use_backend("cpu"):
         rows = [row for shape in args.shapes
                 for row in run_shape(shape, args.repeat, not args.no_memory, args.dtypes)]
     summary = summarise(rows)
     print_table(rows, summary)
+    cpu = cpu_description()
+    cpu["load_average_before_after"] = [load_before, load_average()]
+    print(f"CPU: {benchmarking.cpu_model()} ({cpu['family_model_stepping']}; "
+          f"{' '.join(cpu['flags'])}); bfloat16 GEMMs on {cpu['bf16_gemm_isa'] or 'float32'}")
     result = {"benchmark": "bench_cpu", "dtypes": list(args.dtypes),
               # Whether the kernel's bfloat16 block GEMMs ran in bfloat16 (else in float32).
               "cpu_bf16_gemm": bool(torch.ops.transmatcher_fast_C.cpu_bf16_gemm_available()),
+              "cpu_bf16_gemm_isa": cpu["bf16_gemm_isa"], "cpu_details": cpu,
               "environment": benchmarking.environment(torch.device("cpu")),
               "flops_formula": "2*Nq*Ng*Lq*Lg*D", "rows": rows, "summary": summary}
-    benchmarking.write_result(result, args.out, "bench_cpu")
+    name = "bench_cpu" + (f".{args.tag}" if args.tag else "")
+    benchmarking.write_result(result, args.out, name)
     if not args.no_plot:
-        plot(rows, os.path.join(args.out, "bench_cpu.png"))
+        plot(rows, os.path.join(args.out, f"{name}.png"))
     return 0
 
 
