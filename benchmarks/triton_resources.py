@@ -11,8 +11,8 @@ rows not 16-byte aligned). Per kernel: registers, shared memory, spills (ptxas, 
 ``cuobjdump --dump-resource-usage``) and the tensor-core family in the PTX (``wgmma`` on Hopper,
 ``mma`` on Ampere).
 
-Per forward candidate also a static measure read off the SASS (``cuobjdump -sass``; see
-``sass_loops`` for how the loops are found): ``epilogue_instructions_per_score``, the SASS
+Per forward candidate also a static measure read off the SASS (``cuobjdump -sass``, parsed
+with benchmarks/sass_measure.py; see ``tile_loop_measure`` for how the loops are found): ``epilogue_instructions_per_score``, the SASS
 instructions of the tile loop that are neither tensor-core (HGMMA/HMMA/WARPGROUP.*) nor
 load/store (LD*/ST*/UTMA*/...), each times the iterations of the loop it sits in, per score
 element of the tile, in thread-instructions (instructions x threads of the block / score
@@ -43,6 +43,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from transmatcher_fast.kernels import max_sim as kernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_measure  # noqa: E402  (beside this script; shared with cuda_resources.py)
 
 # Image counts, locations (24x8) and features of the suite's evaluation shape; and a feature
 # size whose rows are not 16-byte aligned.
@@ -91,8 +94,9 @@ def _launch_attrs(fn, constexprs: dict, ints: dict) -> dict:
 
 
 def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict):
-    """(name, jit function, pointer types, constexprs, num_warps, num_stages, label) of every
-    kernel as the launch wrappers run them for ``geometry``; every forward candidate."""
+    """(name, jit function, pointer types, constexprs, num_warps, num_stages, label, forward
+    config or None, integer arguments beyond ``geometry``) of every kernel as the launch
+    wrappers run them for ``geometry``; every forward candidate."""
     feature = _TRITON_TYPE[dtype]
     ints = {"q_index_ptr": "i32", "g_index_ptr": "i32"}
     len_q, len_g, dim = geometry["len_q"], geometry["len_g"], geometry["dim"]
@@ -110,20 +114,26 @@ def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict):
             fn = kernels._max_sim_forward_kernel
             constexprs.update(GROUP_Q=fwd.group_q)
         yield ("forward", fn, {"q_ptr": feature, "g_ptr": feature, **ints}, constexprs,
-               fwd.num_warps, fwd.num_stages, fwd.name, fwd)
+               fwd.num_warps, fwd.num_stages, fwd.name, fwd, {"group_g": fwd.group_g})
     bwd = kernels.backward_config(len_q, len_g, dim, dtype)
-    blocks = dict(BLOCK_S=bwd.block_s, BLOCK_T=bwd.block_t, BLOCK_D=bwd.block_d,
-                  ROUTE_FP32=dtype == torch.float16, INPUT_PRECISION=precision,
-                  HAS_GATE=True, HAS_GRAD_Q=True, HAS_GRAD_G=True)
-    label = f"{bwd.block_s}x{bwd.block_t}x{bwd.block_d}-w{bwd.num_warps}-s{bwd.num_stages}"
-    yield ("backward_query", kernels._max_sim_backward_query_kernel,
-           {"g_ptr": feature, **ints}, blocks, bwd.num_warps, bwd.num_stages, label, None)
-    yield ("backward_gallery", kernels._max_sim_backward_gallery_kernel,
-           {"q_ptr": feature, **ints}, blocks, bwd.num_warps, bwd.num_stages, label, None)
+    # d query and d gallery: one gather kernel, launched once per side (max_sim_gather.launch).
+    gather = kernels.max_sim_gather._max_sim_backward_gather_kernel
+    label = f"d{bwd.block_d}-c{bwd.chunk}-w{bwd.num_warps}"
+    pointers = {"other_ptr": feature, "idx_own_ptr": "i32", "idx_oth_ptr": "i32",
+                "order_ptr": "i32", "start_ptr": "i32"}
+    num_query, num_gallery = geometry["num_query"], geometry["num_gallery"]
+    for side, own, other, n_oth, pair, gate in (
+            ("query", len_q, len_g, num_gallery, (num_gallery, 1), (1, len_q)),
+            ("gallery", len_g, len_q, num_query, (1, num_gallery), (len_q, 1))):
+        values = dict(n_oth=n_oth, l_own=own, l_oth=other, dim=dim, pair_so=pair[0],
+                      pair_sx=pair[1], gate_so=gate[0], gate_sx=gate[1])
+        yield (f"backward_{side}", gather, pointers,
+               dict(HAS_GATE=True, HAS_OWN=True, HAS_OTH=True, BLOCK_D=bwd.block_d,
+                    CHUNK=bwd.chunk), bwd.num_warps, 1, label, None, values)
     if dtype == torch.float32 and precision == "ieee":  # reads no features: one dtype is enough
         yield ("backward_score_embed", kernels._max_sim_backward_score_embed_kernel, ints,
                dict(BLOCK_S=bwd.block_s, BLOCK_T=bwd.block_t, HAS_GRAD_Q=True, HAS_GRAD_G=True),
-               bwd.num_warps, 1, f"{bwd.block_s}x{bwd.block_t}-w{bwd.num_warps}-s1", None)
+               8, 1, f"{bwd.block_s}x{bwd.block_t}-w8-s1", None, {})
 
 
 def _cuobjdump_output(cubin: bytes, flag: str) -> str:
@@ -137,89 +147,49 @@ def _cuobjdump_output(cubin: bytes, flag: str) -> str:
 # --------------------------------------------------------------------------------------------
 # The static measure, from the SASS.
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+def tile_loop_measure(sass: str, k_iterations: int, threads: int, scores_per_tile: int) -> dict:
+    """The static measure of a forward, per score element in thread-instructions, from the SASS
+    text of the kernel (parsing, loops and instruction classes: benchmarks/sass_measure.py).
 
-
-def parse_sass(text: str) -> list:
-    """The instructions of a ``cuobjdump -sass`` listing: (address, opcode with modifiers,
-    operands)."""
-    return [(int(m.group(1), 16), m.group(3), m.group(4).strip())
-            for m in map(_SASS_LINE.search, text.splitlines()) if m]
-
-
-def _family(opcode: str) -> str:
-    root = opcode.split(".")[0]
-    if root in ("HGMMA", "HMMA", "IMMA", "WARPGROUP") or root.startswith("WARPGROUP"):
-        return "mma"
-    if root.startswith(("LD", "ST", "UTMA", "UBLKCP", "ATOM", "RED")):
-        return "memory"  # LDG/STG/LDS/STS/LDSM/LDGSTS/LDC/LDL/STL/UTMALDG/...
-    return "other"
-
-
-def sass_loops(instructions: list) -> list:
-    """The loops of the kernel as (first, last) instruction addresses, outermost first.
-
-    A loop is read off the control flow: a branch (BRA) whose target lies at or before the
-    branch itself jumps back, and the instructions from the target to the branch are the loop
-    body (compilers lay loops out as one block range; the trailing ``BRA`` to itself after EXIT
-    is not a loop). Two back branches to the same target are one loop (the larger range)."""
-    spans = {}
-    for address, opcode, operands in instructions:
-        if opcode.split(".")[0] != "BRA":
-            continue
-        target = _BRANCH_TARGET.search(operands)
-        if target and int(target.group(1), 16) < address:
-            first = int(target.group(1), 16)
-            spans[first] = max(spans.get(first, address), address)
-    return sorted(spans.items(), key=lambda span: (span[0], -span[1]))
-
-
-def tile_loop_measure(instructions: list, k_iterations: int, threads: int,
-                      scores_per_tile: int) -> dict:
-    """The static measure of a forward, per score element in thread-instructions.
-
-    The K loop is the innermost loop holding tensor-core instructions (HGMMA/HMMA); the tile
-    loop is the innermost loop around it, one iteration of which produces one score tile (the
-    "tiled" s0 loop, the "strip" t0 loop, the "pairs" gallery-image loop). The epilogue is the
-    tile loop less the K loop: the gate, max and argmax, stores, the next tile's set-up; it
-    counts once per tile (``epilogue_instructions_per_score``, the figure the issue's "about 34"
-    for the default refers to). The K loop's own non-MMA instructions (addresses, barriers,
-    pipeline waits) count ``k_iterations`` times (ceil(D / BLOCK_K), the dot's trip count;
-    Triton's pipelined loop runs it whole with predicated prefetches) and are reported apart
-    (``k_loop_instructions_per_score``), as are the MMA instructions. Any other loop inside
-    the tile loop (none in these kernels) would count once per tile."""
-    loops = sass_loops(instructions)
-
-    def inside(span, address):
-        return span[0] <= address <= span[1]
-
-    mma_addresses = [a for a, op, _ in instructions if op.split(".")[0] in ("HGMMA", "HMMA")]
-    k_loops = [span for span in loops if any(inside(span, a) for a in mma_addresses)]
+    How the loops are found: a branch whose target lies at or before it closes a loop whose body
+    is the address range from the target to the branch (sass_measure.find_loops). The K loop is
+    the innermost loop holding tensor-core instructions (HGMMA/HMMA); the tile loop is the
+    innermost loop around it, one iteration of which produces one score tile (the "tiled" s0
+    loop, the "strip" t0 loop, the "pairs" gallery-image loop). The epilogue is the tile loop
+    less the K loop: the gate, max and argmax, stores, the next tile's set-up; it counts once
+    per tile (``epilogue_instructions_per_score``, the figure the issue's "about 34" for the
+    default refers to). The K loop's own non-MMA, non-memory instructions (addresses,
+    barriers, pipeline waits) count ``k_iterations`` times (ceil(D / BLOCK_K), the dot's trip
+    count; Triton's pipelined loop runs it whole with predicated prefetches) and are reported
+    apart (``k_loop_instructions_per_score``), as are the MMA instructions. Any other loop
+    inside the tile loop (none in these kernels) would count once per tile."""
+    instructions = sass_measure.parse_sass(sass)
+    loops = sass_measure.find_loops(instructions)
+    k_loops = [lp for lp in loops if any(i.base in ("HGMMA", "HMMA") for i in lp.instructions)]
     if not k_loops:
         return {"epilogue_instructions_per_score": None, "mma_instructions_per_score": None,
                 "measure_note": "no tensor-core loop (exact fp32 FMA dot)"}
-    k_loop = min(k_loops, key=lambda span: span[1] - span[0])
-    outer = [span for span in loops if span != k_loop and span[0] <= k_loop[0]
-             and k_loop[1] <= span[1]]
+    k_loop = min(k_loops, key=lambda lp: lp.end - lp.start)
+    outer = [lp for lp in loops if lp.contains(k_loop)]
     if not outer:
         return {"epilogue_instructions_per_score": None, "mma_instructions_per_score": None,
                 "measure_note": "no loop around the K loop"}
-    tile_loop = min(outer, key=lambda span: span[1] - span[0])
-    counts = {"epilogue": 0, "k_loop_other": 0, "mma": 0}
-    for address, opcode, _ in instructions:
-        if not inside(tile_loop, address):
-            continue
-        family, weight = _family(opcode), (k_iterations if inside(k_loop, address) else 1)
-        if family == "mma":
-            counts["mma"] += weight
-        elif family == "other":
-            counts["epilogue" if weight == 1 else "k_loop_other"] += weight
-    scale = threads / scores_per_tile
-    return {"epilogue_instructions_per_score": round(counts["epilogue"] * scale, 2),
-            "k_loop_instructions_per_score": round(counts["k_loop_other"] * scale, 2),
-            "mma_instructions_per_score": round(counts["mma"] * scale, 3),
-            "tile_loop_sass": [hex(a) for a in tile_loop], "k_loop_sass": [hex(a) for a in k_loop]}
+    tile_loop = min(outer, key=lambda lp: lp.end - lp.start)
+    in_k = sass_measure.loop_counts(k_loop)  # one K iteration
+    whole = sass_measure.loop_counts(tile_loop)  # one tile, every loop counted once
+
+    def per_score(count, iterations=1):
+        return sass_measure.per_score(count, threads=threads, scores=scores_per_tile,
+                                      iterations=iterations)
+
+    other, tensor_core = sass_measure.OTHER, sass_measure.TENSOR_CORE
+    return {"epilogue_instructions_per_score": round(per_score(whole[other] - in_k[other]), 2),
+            "k_loop_instructions_per_score": round(per_score(in_k[other], k_iterations), 2),
+            "mma_instructions_per_score": round(
+                per_score(whole[tensor_core] - in_k[tensor_core])
+                + per_score(in_k[tensor_core], k_iterations), 3),
+            "tile_loop_sass": [hex(tile_loop.start), hex(tile_loop.end)],
+            "k_loop_sass": [hex(k_loop.start), hex(k_loop.end)]}
 
 
 def l2_bytes_per_flop(config, geometry: dict, itemsize: int) -> float:
@@ -255,8 +225,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16) -> dict:
-    name, fn, pointers, constexprs, warps, stages, label, config = spec
-    ints = dict(geometry, group_g=config.group_g) if config is not None else geometry
+    name, fn, pointers, constexprs, warps, stages, label, config, values = spec
+    ints = dict(geometry, **values)  # the integer arguments a launch passes, for divisibility
     source = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs),
                        constexprs=constexprs, attrs=_launch_attrs(fn, constexprs, ints))
     compiled = triton.compile(source, target=target,
@@ -269,14 +239,14 @@ def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16
            "cp_async": "cp.async" in ptx,
            **_resource_usage(compiled.asm["cubin"])}
     row["spills"] = row["local_bytes"] > 0 or row["stack_bytes"] > 0
-    row["has_dot"] = name != "backward_score_embed"
+    row["has_dot"] = name == "forward"  # the backward gathers rows: no tensor cores
     row["tensor_cores"] = "wgmma" if row["wgmma"] else ("mma" if row["mma"] else None)
     row["sm"] = f"sm_{target.arch}"
     if config is not None:
         num_s = triton.cdiv(geometry["len_g"], config.block_s)
         scores = config.block_s * config.block_t * (num_s if config.variant != "tiled" else 1)
         row["variant"] = config.variant
-        row.update(tile_loop_measure(parse_sass(_cuobjdump_output(compiled.asm["cubin"], "-sass")),
+        row.update(tile_loop_measure(_cuobjdump_output(compiled.asm["cubin"], "-sass"),
                                      triton.cdiv(geometry["dim"], config.block_k),
                                      32 * warps, scores))
         row["l2_bytes_per_flop"] = round(l2_bytes_per_flop(config, geometry, dtype.itemsize), 5)

@@ -6,17 +6,12 @@ For query image ``i`` and gallery image ``j`` the forward computes, tile by tile
     S_ij[s, t] = <g_j[s], q_i[t]> * sig[s, t]         (sig = sigmoid(score_embed), or 1)
 
 and keeps ``q_best[i,j,t] = max_s S`` and ``g_best[i,j,s] = max_t S`` with their argmax; ``S``
-exists only as one register tile at a time. The backward rebuilds, per tile, the routed gradient
-of ``S`` (non-zero only at the saved argmax locations)
-
-    P_ij[s, t] = sig[s, t] * (gq[i,j,t] * [s == q_index[i,j,t]] + gg[i,j,s] * [t == g_index[i,j,s]])
-
-and multiplies it on tensor cores: ``dq_i = sum_j P_ij^T g_j``, ``dg_j = sum_i P_ij q_i``. Each
-program owns its output rows and loops over the other side in a fixed order, so there are no
-atomics and every gradient is bit-identical run to run. ``d score_embed`` is
-``(1 - sig) * sum_ij M_ij`` with ``M`` the same routing weighted by ``grad * best`` (``best`` is the
-saved maximum, so ``S`` is never recomputed); it has no D dimension, and goes through fp32
-partials (one per slice of query images) added up in a fixed order.
+exists only as one register tile at a time. The backward routes each output's gradient to the
+one (s, t) its saved argmax names (``S`` is never recomputed): d query and d gallery are
+gathers of feature rows (max_sim_gather: O(Nq*Ng*(Lq+Lg)*D), no atomics, a fixed order, so
+bit-identical run to run), and ``d score_embed`` is ``(1 - sig) * sum_ij M_ij`` with ``M`` the
+routing weighted by ``grad * best`` (``best`` the saved maximum); it has no D dimension, and
+goes through fp32 partials (one per slice of query images) added up in a fixed order.
 
 Three forward kernels, chosen per shape by the launch table (ops/tuning.py): "tiled" (one
 program per pair, one score tile at a time; the default), "strip" (one program per pair, a
@@ -38,6 +33,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from . import max_sim_gather
 
 # --------------------------------------------------------------------------------------------
 # Argmax helpers: torch.max semantics (the first NaN wins, then the larger, then the lower index).
@@ -465,7 +462,8 @@ def _routed_tile(
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """The routed gradient of one [BLOCK_S, BLOCK_T] tile of S_pair, before the gate, and (when
-    NEED_WEIGHTED) the same routing weighted by the saved maxima, for d score_embed."""
+    NEED_WEIGHTED) the same routing weighted by the saved maxima, for d score_embed (no D
+    dimension: cheap)."""
     routed = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
     weighted = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
     if HAS_GRAD_Q:
@@ -487,59 +485,6 @@ def _routed_tile(
             best = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
             weighted += tl.where(hit, (grad * best)[:, None], 0.0)
     return routed, weighted
-
-
-@triton.jit
-def _routed_dot(routed, features, acc, ROUTE_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc += routed @ features on tensor cores. The routed gradient is float32; in fp16 it would
-    overflow above 65504 (GradScaler-scaled gradients) and flush below ~6e-8, so for fp16
-    features (ROUTE_FP32) both operands go in as TF32, which keeps fp16's 10-bit mantissa with
-    float32's range. bfloat16 already has float32's range: its dot stays bf16."""
-    if ROUTE_FP32:
-        return tl.dot(routed, features.to(tl.float32), acc, input_precision="tf32")
-    return tl.dot(routed.to(features.dtype), features, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _max_sim_backward_query_kernel(
-    g_ptr, sig_ptr,
-    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr,
-    dq_ptr,
-    num_gallery, len_q, len_g, dim,
-    HAS_GATE: tl.constexpr, HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROUTE_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    # Program (query image i, query block, feature block): dq_i[t, d] = sum_j sum_s P_ij[s,t] g_j[s,d].
-    i = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_in = offs_t < len_q
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = offs_d < dim
-    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    for s0 in range(0, len_g, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_in = offs_s < len_g
-        if HAS_GATE:
-            sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
-                          mask=s_in[:, None] & t_in[None, :], other=0.0)
-        pair = i.to(tl.int64) * num_gallery  # (i, j), advanced with j
-        g_image = g_ptr
-        for _ in range(0, num_gallery):
-            routed, _ = _routed_tile(
-                pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
-                grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, grad_q_ptr, grad_g_ptr,
-                HAS_GRAD_Q, HAS_GRAD_G, False, BLOCK_S, BLOCK_T,
-            )
-            if HAS_GATE:
-                routed = routed * sig
-            g = tl.load(g_image + offs_s[:, None] * dim + offs_d[None, :],
-                        mask=s_in[:, None] & d_in[None, :], other=0.0)
-            acc = _routed_dot(tl.trans(routed), g, acc, ROUTE_FP32, INPUT_PRECISION)
-            pair += 1
-            g_image += len_g * dim
-    tl.store(dq_ptr + i.to(tl.int64) * len_q * dim + offs_t[:, None] * dim + offs_d[None, :],
-             acc, mask=t_in[:, None] & d_in[None, :])
 
 
 @triton.jit
@@ -574,48 +519,6 @@ def _max_sim_backward_score_embed_kernel(
              + offs_t[None, :], acc, mask=s_in[:, None] & t_in[None, :])
 
 
-@triton.jit
-def _max_sim_backward_gallery_kernel(
-    q_ptr, sig_ptr,
-    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr,
-    dg_ptr,
-    num_query, num_gallery, len_q, len_g, dim,
-    HAS_GATE: tl.constexpr, HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROUTE_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    # Program (gallery image j, gallery block, feature block): dg_j[s, d] = sum_i sum_t P_ij[s,t] q_i[t,d].
-    j = tl.program_id(0)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_in = offs_s < len_g
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = offs_d < dim
-    acc = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
-    for t0 in range(0, len_q, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_in = offs_t < len_q
-        if HAS_GATE:
-            sig = tl.load(sig_ptr + offs_s[:, None] * len_q + offs_t[None, :],
-                          mask=s_in[:, None] & t_in[None, :], other=0.0)
-        pair = j.to(tl.int64)  # (i, j), advanced with i
-        q_image = q_ptr
-        for _ in range(0, num_query):
-            routed, _ = _routed_tile(
-                pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
-                grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, grad_q_ptr, grad_g_ptr,
-                HAS_GRAD_Q, HAS_GRAD_G, False, BLOCK_S, BLOCK_T,
-            )
-            if HAS_GATE:
-                routed = routed * sig
-            q = tl.load(q_image + offs_t[:, None] * dim + offs_d[None, :],
-                        mask=t_in[:, None] & d_in[None, :], other=0.0)
-            acc = _routed_dot(routed, q, acc, ROUTE_FP32, INPUT_PRECISION)
-            pair += num_gallery
-            q_image += len_q * dim
-    tl.store(dg_ptr + j.to(tl.int64) * len_g * dim + offs_s[:, None] * dim + offs_d[None, :],
-             acc, mask=s_in[:, None] & d_in[None, :])
-
-
 # --------------------------------------------------------------------------------------------
 # Launch configuration.
 
@@ -647,11 +550,13 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class BackwardConfig:
+    """``block_s`` x ``block_t``: the d score_embed tiles; ``block_d`` x ``chunk``: the slice of
+    D and the routes a gather program reads at a time (max_sim_gather)."""
     block_s: int = 64
     block_t: int = 64
-    block_d: int = 64
-    num_warps: int = 8  # 4 warps spill on sm_90 (benchmarks/triton_resources.py)
-    num_stages: int = 2
+    block_d: int = 128
+    chunk: int = 16
+    num_warps: int = 4
     score_embed_partials: int = 32
 
 
@@ -696,9 +601,10 @@ def forward_candidates(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> 
     tiled = ForwardConfig(block_k=block_k)
     strip = replace(tiled, variant="strip", num_warps=8, num_stages=2)  # 4 warps spill
     pairs = replace(strip, variant="pairs")
-    # No group_q variants: the order of the pairs changes DRAM reuse only (1-25 GB a call,
-    # against 0.6-1.4 TB read from L2), not what the sweep decides.
+    # group_q changes the order of the pairs only (DRAM reuse: 1-25 GB a call against
+    # 0.6-1.4 TB read from L2): the GPU suite skips those unless --order-variants.
     raw = [forward_config(len_q, len_g, dim, dtype)]
+    raw += [replace(tiled, group_q=g) for g in (1, 4, 16)]
     raw += [replace(tiled, num_stages=n) for n in (2, 4)]
     raw += [replace(tiled, num_warps=8), replace(tiled, block_t=128, block_k=32, num_warps=8)]
     raw += [strip, replace(strip, num_stages=3), replace(strip, block_k=32, num_stages=3)]
@@ -713,11 +619,9 @@ def forward_candidates(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> 
 
 
 def backward_config(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> BackwardConfig:
-    # fp16 routes in float32 (TF32 dots, _routed_dot): float32 operand tiles, so half the D block.
-    block_d = 32 if dtype == torch.float16 else 64
     return BackwardConfig(block_s=min(64, _pow2_at_least(len_g)),
                           block_t=min(64, _pow2_at_least(len_q)),
-                          block_d=min(block_d, _pow2_at_least(dim)))
+                          block_d=min(128, _pow2_at_least(dim)))
 
 
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -812,8 +716,9 @@ def backward(grad_q_best: Optional[torch.Tensor], grad_g_best: Optional[torch.Te
     """Fills the float32 gradient buffers that are given (None = not needed).
 
     ``grad_q_best`` / ``grad_g_best`` are contiguous float32 or None (no gradient from that output).
-    ``grad_score_embed`` needs ``sig``; it is ``(1 - sig) * sum_i partial_i`` with one partial per
-    query image, summed in a fixed order.
+    d query and d gallery are gathers of feature rows in float32 (max_sim_gather: ``precision``
+    does not apply). ``grad_score_embed`` needs ``sig``; it is ``(1 - sig) * sum_p partial_p``
+    with one partial per slice of query images, summed in a fixed order.
     """
     _check(query, gallery, sig)
     num_query, len_q, dim = query.shape
@@ -827,24 +732,16 @@ def backward(grad_q_best: Optional[torch.Tensor], grad_g_best: Optional[torch.Te
                 grad.zero_()
         return
     config = config or backward_config(len_q, len_g, dim, query.dtype)
-    precision = precision or input_precision(query.dtype, False)
     has_gate = sig is not None
     any_grad = grad_q_best if grad_q_best is not None else grad_g_best
     grads = dict(grad_q_ptr=grad_q_best if grad_q_best is not None else any_grad,
                  grad_g_ptr=grad_g_best if grad_g_best is not None else any_grad,
                  HAS_GRAD_Q=grad_q_best is not None, HAS_GRAD_G=grad_g_best is not None)
-    blocks = dict(BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
-                  ROUTE_FP32=query.dtype == torch.float16, INPUT_PRECISION=precision,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    gate = sig if has_gate else q_best
+    gather = dict(block_d=config.block_d, chunk=config.chunk, num_warps=config.num_warps)
     with _on_device(query):
         if grad_query is not None:
-            grid = (num_query, triton.cdiv(len_q, config.block_t), triton.cdiv(dim, config.block_d))
-            _max_sim_backward_query_kernel[grid](
-                gallery, gate, q_index_ptr=q_index, g_index_ptr=g_index, dq_ptr=grad_query,
-                num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
-                HAS_GATE=has_gate, **grads, **blocks,
-            )
+            max_sim_gather.launch(gallery, sig, grad_query, grad_q_best, q_index, grad_g_best,
+                                  g_index, num_query, len_q, own_is_query=True, **gather)
         if grad_score_embed is not None:
             # One fp32 partial per slice of query images, summed in a fixed order: deterministic.
             num_partials = min(num_query, config.score_embed_partials)
@@ -856,14 +753,10 @@ def backward(grad_q_best: Optional[torch.Tensor], grad_g_best: Optional[torch.Te
                 q_index_ptr=q_index, g_index_ptr=g_index, q_best_ptr=q_best, g_best_ptr=g_best,
                 partial_ptr=partial, num_query=num_query, num_gallery=num_gallery,
                 len_q=len_q, len_g=len_g, BLOCK_S=config.block_s, BLOCK_T=config.block_t,
-                num_warps=config.num_warps, **grads,
+                num_warps=8, **grads,
             )
             torch.sum(partial, dim=0, out=grad_score_embed)
             grad_score_embed.mul_(1.0 - sig)
         if grad_gallery is not None:
-            grid = (num_gallery, triton.cdiv(len_g, config.block_s), triton.cdiv(dim, config.block_d))
-            _max_sim_backward_gallery_kernel[grid](
-                query, gate, q_index_ptr=q_index, g_index_ptr=g_index, dg_ptr=grad_gallery,
-                num_query=num_query, num_gallery=num_gallery, len_q=len_q, len_g=len_g, dim=dim,
-                HAS_GATE=has_gate, **grads, **blocks,
-            )
+            max_sim_gather.launch(query, sig, grad_gallery, grad_g_best, g_index, grad_q_best,
+                                  q_index, num_gallery, len_g, own_is_query=False, **gather)

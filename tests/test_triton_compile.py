@@ -116,7 +116,7 @@ def test_pairs_epilogue_issues_fewer_instructions_than_the_default(hopper):
         assert pairs < default["epilogue_instructions_per_score"], (pairs, default)
 
 
-def test_sass_loops_are_read_off_the_back_branches():
+def test_the_measure_reads_the_tile_loop_off_the_back_branches():
     """A listing with a tile loop around a K loop (HGMMA inside), a forward branch and the
     trailing self-branch: the K loop counts per iteration, the rest of the tile loop once."""
     sys.path.insert(0, str(SCRIPT.parent))
@@ -136,10 +136,10 @@ def test_sass_loops_are_read_off_the_back_branches():
         "        /*00a0*/                   EXIT ;",
         "        /*00b0*/                   BRA 0xb0;",
     ])
-    instructions = triton_resources.parse_sass(listing)
-    assert triton_resources.sass_loops(instructions) == [(0x10, 0x90), (0x20, 0x50)]
-    measure = triton_resources.tile_loop_measure(instructions, k_iterations=4, threads=2,
+    measure = triton_resources.tile_loop_measure(listing, k_iterations=4, threads=2,
                                                  scores_per_tile=8)
+    assert measure["tile_loop_sass"] == ["0x10", "0x90"]
+    assert measure["k_loop_sass"] == ["0x20", "0x50"]
     # Once per tile: FMUL, BRA (forward), FMNMX, BRA (back) = 4; per K step: IADD3, BRA = 2.
     assert measure["epilogue_instructions_per_score"] == 4 * 2 / 8
     assert measure["k_loop_instructions_per_score"] == 2 * 4 * 2 / 8
