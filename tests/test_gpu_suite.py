@@ -156,7 +156,8 @@ def test_order_only_variants_are_dropped_unless_asked_for():
     assert [c.name for c in configs] == ["tiled-64-g8-w4", "tiled-64-g8-w8", "strip-64-g8-w4"]
     every, _ = variants.triton_candidates(FakeKernels, 192, 192, 512, None, order_variants=True)
     assert len(every) == 5
-    assert variants.cuda_candidates() == [{"query_group": 0}]
+    # The mma.sync kernel in its default order and the wgmma kernel (query_group -1).
+    assert variants.cuda_candidates() == [{"query_group": 0}, {"query_group": -1}]
     assert variants.cuda_query_groups(order_variants=True)[0] == 0
     assert len(variants.cuda_query_groups(order_variants=True)) > 1
 
@@ -581,7 +582,7 @@ def test_variant_sweep_writes_a_valid_table_on_the_interpreter(on_cpu, monkeypat
         assert set(triton_rows[0]["config"]) >= {"block_s", "block_t", "block_k", "group_q",
                                                  "num_warps", "num_stages"}
         if has_op:
-            assert [r["query_group"] for r in rows if r["backend"] == "cuda"] == [0]
+            assert [r["query_group"] for r in rows if r["backend"] == "cuda"] == [0, -1]  # mma.sync default order, wgmma
         assert "gemm_ms" in entry and "gemm_no_scores_ms" in entry, entry
     if has_op:  # the CPU kernel computes float32
         assert all(r["ok"] for r in sweep["classes"]["large-fp32-tf32"]["variants"])

@@ -31,9 +31,11 @@ LARGE_PAIRS = 65536
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 ENV_TABLE = "TRANSMATCHER_FAST_TUNING"  # another table, e.g. one the suite has just written
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The CUDA forward's block orders the suite measures: 1 = gallery sweep, else query regions per
-# gallery strip (0 = the kernel's default).
-CUDA_QUERY_GROUP_CANDIDATES = (1, 4, 8, 16)
+# The CUDA forward launches the suite measures: 1 = gallery sweep, else query regions per gallery
+# strip (0 = the kernel's default; orders only, mma.sync kernel); -1 = the wgmma (HGMMA) kernel
+# for sm_90a (csrc/cuda/max_sim_forward_wgmma.cu, kForwardWgmma), which falls back to mma.sync
+# where it cannot run.
+CUDA_QUERY_GROUP_CANDIDATES = (1, 4, 8, 16, -1)
 _override: Optional[dict] = None
 
 
