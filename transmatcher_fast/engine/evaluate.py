@@ -294,13 +294,40 @@ def parse_testsets(text: Union[str, Sequence[str]]) -> List[str]:
     return names
 
 
-def evaluate_testsets(model: nn.Module, matcher: nn.Module, testsets: Any, **kwargs: Any
+def dataset_views(dataset: Any, items: Sequence[Item]) -> Optional[List[int]]:
+    """The viewpoint labels of ``items`` (None for datasets without them)."""
+    views_of = getattr(dataset, "views_of", None)
+    return views_of(items) if views_of is not None else None
+
+
+def evaluate_dataset(model: nn.Module, matcher: nn.Module, dataset: Any, *, on_split=None,
+                     **kwargs: Any) -> Evaluation:
+    """:func:`evaluate` on a dataset's test split with its viewpoint labels; a dataset with several
+    random test splits (``test_splits()``; VehicleID: 10) is evaluated on each and its metrics
+    averaged (:func:`average_metrics`; the last split's distances are kept, for exports).
+    ``on_split(i, n)`` is called before split ``i`` of ``n`` when there are several."""
+    splits = dataset.test_splits() if hasattr(dataset, "test_splits") else [(dataset.query, dataset.gallery)]
+    kwargs.pop("dataset", None)
+    results = []
+    for i, (query, gallery) in enumerate(splits):
+        if len(splits) > 1 and on_split is not None:
+            on_split(i, len(splits))
+        results.append(evaluate(model, matcher, query, gallery, dataset=dataset,
+                                query_views=dataset_views(dataset, query),
+                                gallery_views=dataset_views(dataset, gallery), **kwargs))
+    if len(results) > 1:
+        results[-1].metrics = average_metrics([r.metrics for r in results])
+    return results[-1]
+
+
+def evaluate_testsets(model: nn.Module, matcher: nn.Module, testsets: Any, *, before=None, **kwargs: Any
                       ) -> Dict[str, Evaluation]:
-    """:func:`evaluate` on each test set, in order: ``testsets`` maps a name to a dataset (with
-    ``query`` and ``gallery``; a ``ReidDataset``), or is a sequence of ``(name, dataset)``.
-    ``kwargs`` go to every :func:`evaluate` (``dataset`` is each test set's). Returns
-    ``{name: Evaluation}``; ``metrics_by_testset`` turns it into ``{name: metrics}`` for
-    ``results_table`` / ``export.write_results_json``."""
+    """:func:`evaluate_dataset` on each test set, in order: ``testsets`` maps a name to a dataset
+    (with ``query`` and ``gallery``; a ``ReidDataset``), or is a sequence of ``(name, dataset)``.
+    ``kwargs`` go to every evaluation (``dataset`` is each test set's); ``before(name, dataset)``,
+    called just before a test set is evaluated, may return options of that set alone (e.g. its
+    top-k). Returns ``{name: Evaluation}``; ``metrics_by_testset`` turns it into
+    ``{name: metrics}`` for ``results_table`` / ``export.write_results_json``."""
     pairs = list(testsets.items()) if hasattr(testsets, "items") else list(testsets)
     if not pairs:
         raise ValueError("testsets is empty")
@@ -310,7 +337,8 @@ def evaluate_testsets(model: nn.Module, matcher: nn.Module, testsets: Any, **kwa
     kwargs.pop("dataset", None)
     results = {}
     for name, data in pairs:
-        result = evaluate(model, matcher, data.query, data.gallery, dataset=data, **kwargs)
+        options = {**kwargs, **((before(name, data) or {}) if before is not None else {})}
+        result = evaluate_dataset(model, matcher, data, **options)
         result.metrics["provenance"]["testset"] = name
         results[name] = result
     return results
@@ -321,12 +349,17 @@ def metrics_by_testset(results: Dict[str, Evaluation]) -> Dict[str, Dict[str, An
     return {name: result.metrics for name, result in results.items()}
 
 
-def results_table(rows: Dict[str, Dict[str, Any]]) -> str:
-    """A Markdown table of Rank-1/5/10/20, mAP and mINP (in %) per named result."""
-    keys = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
-    lines = ["| model | " + " | ".join(k.replace("rank", "Rank-") for k in keys) + " |",
-             "|---|" + "---:|" * len(keys)]
+def results_table(rows: Dict[str, Dict[str, Any]], ranks: Sequence[int] = (1, 5, 10, 20)) -> str:
+    """A Markdown table of the CMC at ``ranks``, mAP and mINP (in %) per named result; a value not
+    measured (a rank beyond top-k) is n/a. When every row is top-k mode of the same k, the mAP
+    column says it is AP@k."""
+    topks = {m.get("topk") for m in rows.values()}
+    topk = topks.pop() if len(topks) == 1 else None
+    heads = [f"Rank-{r}" for r in ranks] + ["mAP" if not topk else f"mAP (AP@{topk})", "mINP"]
+    lines = ["| model | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for name, m in rows.items():
-        cells = ["n/a" if m.get(k) is None else f"{100 * m[k]:.1f}" for k in keys]
+        cmc = m.get("cmc") or []
+        values = [cmc[r - 1] if r <= len(cmc) else m.get(f"rank{r}") for r in ranks]
+        cells = ["n/a" if v is None else f"{100 * v:.1f}" for v in values + [m.get("mAP"), m.get("mINP")]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
