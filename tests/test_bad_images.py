@@ -58,7 +58,8 @@ class _Paths(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return torch.zeros(1) if open_image(self.paths[index]) is not None else None
+        open_image(self.paths[index])
+        return torch.zeros(1)
 
 
 def test_a_worker_error_names_the_file(broken):

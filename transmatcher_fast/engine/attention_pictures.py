@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from .features import open_image
+from ..data.images import open_image
 from .visualize import BACKGROUND, LABEL_HEIGHT, PANEL_GAP, TEXT_COLOR, _colormap, _font, id_label
 
 ATTENTION_NAME = "attention_q{index}_pid{pid}.png"

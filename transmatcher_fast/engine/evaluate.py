@@ -97,7 +97,7 @@ def extract(model: nn.Module, items: Sequence[Item], *, height: int, width: int,
     viewpoint label per item for a model that takes side information (``model.side_info``);
     the cameras come from the items.
 
-    An unreadable image (truncated, corrupt, missing) raises :class:`features.ImageReadError`
+    An unreadable image (truncated, corrupt, missing) raises :class:`~..data.images.ImageReadError`
     naming the file; with ``skip_bad_images=True`` it is skipped instead: the features hold the
     readable items only (``Features.indices`` says which; ``paths`` are theirs),
     ``Features.skipped`` lists ``(path, error)`` of the others, and a count and the first paths

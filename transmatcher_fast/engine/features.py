@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from ..data.images import IMAGE_ERRORS, ImageReadError, open_image  # noqa: F401  (re-exported)
+from ..data.images import ImageReadError, open_image
 from ..models import memory
 
 # Share of the device's free memory the stored features may take; the rest is left for matching.

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..models import QAConv, TransMatcher
 from ..ops import max_sim
-from .features import open_image
+from ..data.images import open_image
 
 __all__ = [
     "LABEL_HEIGHT",
