@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..data.transforms import Compose, Normalize, Resize, ToTensor
 from ..data.cfs_list import _count_for_ratio, read_cfs_list, select_top  # noqa: F401  (the API)
-from .checkpoint import atomic_write
+from ..weights_io import atomic_write
 from .features import autocast, checked_loader, parse_dtype
 
 PathLike = Union[str, os.PathLike]
@@ -148,22 +148,18 @@ def _fingerprint(paths: List[str]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    atomic_write(path, write, "wb")
-
-
 def _write_text(path: Path, lines: Sequence[str]) -> None:
-    _atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")))
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")))
 
 
 def _save_progress(out_dir: Path, fingerprint: str, scores: np.ndarray, done: int,
                    failed: List[Tuple[int, str, str]]) -> None:
     # The scores first, the progress file last: it is the commit point. A kill between the two
     # leaves a partial file longer than the recorded count, whose first `done` values are right.
-    _atomic_write(out_dir / PARTIAL_FILE, lambda f: np.save(f, scores[:done]))
+    atomic_write(out_dir / PARTIAL_FILE, lambda f: np.save(f, scores[:done]))
     state = {"format": _FORMAT, "num_paths": len(scores), "paths_sha256": fingerprint,
              "done": done, "failed": [list(item) for item in failed]}
-    _atomic_write(out_dir / PROGRESS_FILE, lambda f: f.write(json.dumps(state).encode()))
+    atomic_write(out_dir / PROGRESS_FILE, lambda f: f.write(json.dumps(state).encode()))
 
 
 def _load_progress(out_dir: Path, paths: List[str], fingerprint: str):
@@ -312,7 +308,7 @@ def _histogram(scores: np.ndarray, path: Path, marks: Sequence[float] = (0.5, 0.
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def write_cfs_outputs(result: CFSResult, out_dir: PathLike, *, histogram: bool = True) -> Dict[str, Path]:
@@ -328,7 +324,7 @@ def write_cfs_outputs(result: CFSResult, out_dir: PathLike, *, histogram: bool =
     files = {"list": out_dir / LIST_FILE, "scores": out_dir / SCORES_FILE, "scores_npy": out_dir / SCORES_NPY}
     _write_text(files["list"], names)
     _write_text(files["scores"], [f"{s:.7f}" for s in ranked])
-    _atomic_write(files["scores_npy"], lambda f: np.save(f, result.scores))
+    atomic_write(files["scores_npy"], lambda f: np.save(f, result.scores))
     failed_path = out_dir / FAILED_FILE
     if result.failed:
         files["failed"] = failed_path

@@ -133,10 +133,6 @@ def provenance(*, model_config: Optional[Mapping[str, Any]] = None, checkpoint: 
     return _jsonable(record)
 
 
-def _atomic_write(path: PathLike, write, mode: str = "w") -> Path:
-    return atomic_write(path, write, mode)
-
-
 def write_results_json(path: PathLike, results: Mapping[str, Any],
                        provenance_record: Optional[Mapping[str, Any]] = None) -> Path:
     """``results`` (the metrics of one evaluation, or ``{testset: metrics}``) as indented JSON,
@@ -149,7 +145,7 @@ def write_results_json(path: PathLike, results: Mapping[str, Any],
         results["provenance"] = dict(provenance_record) if provenance_record is not None else (
             nested[0] if nested and nested[0] is not None else provenance())
     text = json.dumps(_jsonable(results), indent=2, allow_nan=True) + "\n"
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text), "w")
 
 
 # ----------------------------------------------------------------------------- matrices
@@ -225,7 +221,7 @@ def save_matrix(path: PathLike, distances: Any, query_items: Sequence[Item], gal
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: the matrix export is an .npz file")
-    return _atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_matrix(path: PathLike) -> Dict[str, Any]:
@@ -308,7 +304,7 @@ def write_ranked_results(path: PathLike, query_items: Sequence[Item], gallery_it
                 writer.writerow([record["query"], record["pid"], record["cam"], g["rank"], g["path"],
                                  g["pid"], g["cam"], repr(g[kind]), int(g["same_id"])])
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write, "w")
 
 
 # ----------------------------------------------------------------------------- feature files
@@ -334,7 +330,7 @@ def save_features(path: PathLike, features: Features, items: Optional[Sequence[I
              "pids": features.pids.cpu().to(torch.int64), "cams": features.cams.cpu().to(torch.int64),
              "paths": [str(p) for p in paths], "skipped": [[str(p), str(e)] for p, e in features.skipped],
              "provenance": _jsonable(provenance_record or features.provenance or provenance())}
-    return _atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_features(path: PathLike) -> Features:
