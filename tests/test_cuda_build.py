@@ -258,13 +258,11 @@ int main() {
 """
 
 
-def test_block_order_host(tmp_path):
-    """Every (query region, gallery region) is launched exactly once for every band height,
-    ragged last bands included; band height 1 is the plain gallery sweep; the 32- and 64-bit
-    index types give the same order up to the 2**31 - 1 block limit."""
-    src = tmp_path / "block_order_test.cu"
-    src.write_text(BLOCK_ORDER_TEST)
-    exe = tmp_path / "block_order_test"
+def build_and_run_host(tmp_path, name: str, source: str) -> str:
+    """Compiles a host test program (with the kernels' headers) warning-free, runs it and
+    returns what it printed; a failed build or run fails the test with its output."""
+    src, exe = tmp_path / f"{name}.cu", tmp_path / name
+    src.write_text(source)
     cmd = [NVCC, *cuda_resources.TORCH_LIKE_FLAGS, *cuda_resources.WARNINGS_AS_ERRORS,
            "-gencode=arch=compute_80,code=sm_80", f"-I{cuda_resources.CUDA_DIR}", str(src),
            "-o", str(exe)]
@@ -273,7 +271,14 @@ def test_block_order_host(tmp_path):
     assert "warning" not in (build.stdout + build.stderr).lower(), build.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "block order ok" in run.stdout
+    return run.stdout
+
+
+def test_block_order_host(tmp_path):
+    """Every (query region, gallery region) is launched exactly once for every band height,
+    ragged last bands included; band height 1 is the plain gallery sweep; the 32- and 64-bit
+    index types give the same order up to the 2**31 - 1 block limit."""
+    assert "block order ok" in build_and_run_host(tmp_path, "block_order_test", BLOCK_ORDER_TEST)
 
 
 # Host program: the wgmma forward's helpers (common.cuh). better_candidate combined in any tree
@@ -285,6 +290,7 @@ HELPERS_TEST = r"""
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -382,17 +388,7 @@ int main() {
 
 def test_wgmma_helpers_host(tmp_path):
     """The wgmma forward's tie/NaN combine, shared-memory layout and descriptor, on the host."""
-    src = tmp_path / "helpers_test.cu"
-    src.write_text(HELPERS_TEST.replace("#include <random>", "#include <algorithm>\n#include <random>"))
-    exe = tmp_path / "helpers_test"
-    cmd = [NVCC, *cuda_resources.TORCH_LIKE_FLAGS, *cuda_resources.WARNINGS_AS_ERRORS,
-           "-gencode=arch=compute_80,code=sm_80", f"-I{cuda_resources.CUDA_DIR}", str(src),
-           "-o", str(exe)]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "helpers ok" in run.stdout
+    assert "helpers ok" in build_and_run_host(tmp_path, "helpers_test", HELPERS_TEST)
 
 
 def test_forward_kernel_uses_block_order():
