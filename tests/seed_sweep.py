@@ -82,7 +82,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     reports = [r for key in ("passed", "failed", "error") for r in terminalreporter.stats.get(key, [])
                if getattr(r, "nodeid", "") and _SWEPT_SEED.search(r.nodeid)]
-    failed = {r.nodeid: r for r in reports if r.failed}
+    failed = {r.nodeid for r in reports if r.failed}
     runs = {r.nodeid for r in reports}
     tests = {unswept(nodeid)[0] for nodeid in runs}
     terminalreporter.section("seed sweep")
