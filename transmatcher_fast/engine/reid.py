@@ -182,18 +182,29 @@ class ReID:
         files), brought up to date: only the images that are new or changed since it was
         written are extracted. The images to extract are checked first: an unreadable one
         raises a :class:`UserError` naming it, or with ``skip_bad_images`` is left out."""
-        from .search import SHARD_BYTES
+        return self._update(*self._checked_index(gallery, folder, skip_bad_images), shard_bytes)
 
+    def _checked_index(self, gallery, folder, skip_bad_images: bool):
+        """The index in ``folder``, the gallery's files and the unreadable ones among them (those
+        recorded so and the new or changed ones, decoded once here): an error naming the first
+        unless ``skip_bad_images``."""
         files = image_files(gallery, "gallery")
         index = GalleryIndex(folder, self.model_key())
         todo = index.changed(files)
-        bad = index.unreadable([p for p in files if p not in set(todo)])
+        pending = set(todo)
+        bad = index.unreadable([p for p in files if p not in pending])
         bad += find_unreadable(todo, workers=self.workers, progress=self.progress) if todo else []
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise UserError(f"gallery: {bad[0][1]}{more}; fix or remove it, or pass --skip-bad-images")
         if len(bad) == len(files):
             raise UserError(f"gallery: none of its {len(files)} images can be read")
+        return index, files, bad
+
+    def _update(self, index: GalleryIndex, files: List[str], bad, shard_bytes: Optional[int] = None
+                ) -> Tuple[GalleryIndex, IndexUpdate]:
+        from .search import SHARD_BYTES
+
         per_shard = shard_images(self.bytes_per_image(), shard_bytes or SHARD_BYTES)
         update = index.update(files, lambda paths: self.extract(paths, skip_bad_images=True, desc="gallery"),
                               per_shard=per_shard, skipped=bad)
@@ -214,13 +225,13 @@ class ReID:
         else in a temporary folder; one shard of features is in memory at a time."""
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive integer, got {topk!r}")
-        q = self.extract(query, skip_bad_images=skip_bad_images, desc="query")
         options = dict(device=self.device, amp=self.amp, probe_chunk=probe_chunk, gallery_chunk=gallery_chunk)
         if _is_files(gallery):
             if index is not None:
-                return self._rank_indexed(q, gallery, index, topk, skip_bad_images, options)
+                return self._rank_indexed(query, gallery, index, topk, skip_bad_images, options)
             with tempfile.TemporaryDirectory(prefix="transmatcher-fast-index-") as folder:
-                return self._rank_indexed(q, gallery, folder, topk, skip_bad_images, options)
+                return self._rank_indexed(query, gallery, folder, topk, skip_bad_images, options)
+        q = self.extract(query, skip_bad_images=skip_bad_images, desc="query")
         g = self.extract(gallery, skip_bad_images=skip_bad_images, desc="gallery")
         if q.features.shape[1:] != g.features.shape[1:]:
             raise ValueError(f"query features {tuple(q.features.shape[1:])} and gallery features "
@@ -229,9 +240,12 @@ class ReID:
                            min(topk, len(g)), **options)
         return Ranking(best.index, best.dist, q.paths, g.paths, self.distance_name)
 
-    def _rank_indexed(self, q: Features, gallery, folder, topk: int, skip_bad_images: bool,
+    def _rank_indexed(self, query: Images, gallery, folder, topk: int, skip_bad_images: bool,
                       options: Dict[str, Any]) -> Ranking:
-        index, update = self.index(gallery, folder, skip_bad_images=skip_bad_images)
+        # The gallery's files are checked first, the queries extracted, then the gallery.
+        checked = self._checked_index(gallery, folder, skip_bad_images)
+        q = self.extract(query, skip_bad_images=skip_bad_images, desc="query")
+        index, update = self._update(*checked)
         best = stream_topk(self.matcher, q.features, index.shards(), min(topk, len(index)), **options)
         return Ranking(best.index, best.dist, q.paths, list(index.paths), self.distance_name,
                        index_update=update)
