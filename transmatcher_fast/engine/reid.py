@@ -205,9 +205,9 @@ class ReID:
                 ) -> Tuple[GalleryIndex, IndexUpdate]:
         from .search import SHARD_BYTES
 
-        per_shard = shard_images(self.bytes_per_image(), shard_bytes or SHARD_BYTES)
         update = index.update(files, lambda paths: self.extract(paths, skip_bad_images=True, desc="gallery"),
-                              per_shard=per_shard, skipped=bad)
+                              per_shard=lambda: shard_images(self.bytes_per_image(), shard_bytes or SHARD_BYTES),
+                              skipped=bad)
         if update.skipped:
             print(f"gallery: {skipped_summary(update.skipped)}", file=sys.stderr, flush=True)
         return index, update

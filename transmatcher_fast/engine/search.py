@@ -155,12 +155,13 @@ class GalleryIndex:
         return out
 
     def update(self, paths: Sequence[str], extract: Callable[[List[str]], Features], *,
-               per_shard: int, on_shard: Optional[Callable[[int], None]] = None,
+               per_shard: Union[int, Callable[[], int]], on_shard: Optional[Callable[[int], None]] = None,
                skipped: Sequence[Tuple[str, str]] = ()) -> IndexUpdate:
         """Bring the index up to date with the gallery images ``paths`` (sorted; each path as
         it will be reported): the new and changed images are extracted ``per_shard`` at a time
         with ``extract(paths) -> Features`` (rows for the readable ones, ``Features.skipped``
-        the others) and each shard is saved, with the index, as soon as it is done (an
+        the others; ``per_shard`` may be a function, called only when there is something to
+        extract) and each shard is saved, with the index, as soon as it is done (an
         interrupted update keeps what it finished). ``skipped``: unreadable images found
         beforehand, recorded as such (not retried until they change). ``on_shard(images)``
         is called after each shard (progress)."""
@@ -185,6 +186,8 @@ class GalleryIndex:
                 self._entries[path] = self._entry(path, error=error)
         todo = [p for p in todo if p not in bad]
         self.folder.mkdir(parents=True, exist_ok=True)
+        if callable(per_shard):
+            per_shard = per_shard() if todo else 1
         for start in range(0, len(todo), per_shard):
             chunk = todo[start:start + per_shard]
             features = extract(chunk)
