@@ -15,7 +15,8 @@ cold, or their sizes and times compared with the index, warm; the ``--queries`` 
 features; ``stream_topk`` over the index's shards). Reported: images/s of extraction (gallery
 images / the cold gallery step, image decoding and the up-front readability check included),
 queries/s of ranking with the warm index, and the child's peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``). The search time is the sum of the three steps,
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``; also read just before the search, after imports,
+loading and the first call: ``peak_rss_before_search_mb``). The search time is the sum of the three steps,
 after the model is loaded and called once on two blank images (interpreter start, imports,
 loading and that first call's set-up are reported apart: they are the same for both). The warm search must extract nothing: its extracted count is recorded and checked.
 Writes results/bench_search.json and bench_search.png (matplotlib, when installed).
@@ -127,6 +128,7 @@ def child(args) -> None:
     one = reid.extract(torch.zeros(2, 3, reid.height, reid.width), desc="warm-up").features
     search.stream_topk(reid.matcher, one, [(one, torch.arange(2))], 1, amp=reid.amp)
     warmed = time.perf_counter()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # The steps of ReID.rank(queries, folder, index=DIR), timed one by one.
     begin = time.perf_counter()
     index, update = reid.index(args.gallery, args.index)
@@ -142,6 +144,7 @@ def child(args) -> None:
         "import_seconds": imported - start, "load_seconds": loaded - imported, "warmup_seconds": warmed - loaded,
         "extracted": update.extracted, "reused": update.reused, "queries": len(queries),
         "gallery": len(index), "topk": int(best.index.shape[1]),
+        "peak_rss_before_search_mb": rss_before,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -195,6 +195,17 @@ def test_streaming_over_shards_equals_the_dense_ranking(method, checkpoints, pho
     torch.testing.assert_close(stored, fresh, rtol=1e-5, atol=1e-5)
 
 
+def test_the_index_knows_its_images_whatever_the_working_folder(checkpoints, photos, tmp_path, monkeypatch):
+    reid = tmf.ReID.load(checkpoints["transreid"], device="cpu", workers=0)
+    shutil.copytree(photos / "gallery", tmp_path / "gallery")
+    _, update = reid.index(tmp_path / "gallery", tmp_path / "index")
+    assert update.extracted == len(list((tmp_path / "gallery").rglob("*.jpg")))
+    monkeypatch.chdir(tmp_path)
+    index, update = reid.index("gallery", "index")
+    assert (update.extracted, update.removed) == (0, 0)
+    assert index.paths[0] == os.path.join("gallery", "park", "IMG_0000.jpg")  # as the caller named it
+
+
 def test_merge_keeps_the_lower_gallery_position_first_among_equal_distances():
     best = TopK(torch.tensor([[0.5, 0.7]]), torch.tensor([[9, 4]]))
     new = TopK(torch.tensor([[0.5, 0.2, 0.7]]), torch.tensor([[3, 8, 1]]))

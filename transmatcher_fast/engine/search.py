@@ -58,6 +58,12 @@ def shard_images(bytes_per_image: int, limit: int = SHARD_BYTES) -> int:
     return max(1, int(limit) // max(1, int(bytes_per_image)))
 
 
+def _key(path: str) -> str:
+    """An image's entry in the index: its absolute path (the same file whatever the working
+    folder or the spelling of the gallery path)."""
+    return os.path.abspath(path)
+
+
 def _stat(path: str) -> Tuple[int, int]:
     info = os.stat(path)
     return int(info.st_size), int(info.st_mtime_ns)
@@ -95,7 +101,8 @@ class GalleryIndex:
         self.folder = Path(folder)
         self.model_key = json.loads(json.dumps(model_key))  # as it reads back from the file
         self.paths: List[str] = []
-        self._entries: Dict[str, Dict[str, Any]] = {}  # path -> size, mtime_ns, shard, row, error
+        # absolute path -> size, mtime_ns, shard, row, error
+        self._entries: Dict[str, Dict[str, Any]] = {}
         self._shards: Dict[str, int] = {}  # shard file name -> rows
         self._next_shard = 0
         self._stale: Optional[str] = None  # why the stored index cannot be used
@@ -149,7 +156,7 @@ class GalleryIndex:
             return list(paths)
         out = []
         for path in paths:
-            entry = self._entries.get(path)
+            entry = self._entries.get(_key(path))
             if entry is None or [entry["size"], entry["mtime_ns"]] != list(_stat(path)):
                 out.append(path)
         return out
@@ -171,7 +178,7 @@ class GalleryIndex:
             self._entries = {}
             self._drop_unused_shards()
             self._stale = None
-        current = set(paths)
+        current = {_key(p) for p in paths}
         removed = [p for p in self._entries if p not in current]
         for path in removed:
             del self._entries[path]
@@ -179,11 +186,11 @@ class GalleryIndex:
         bad = dict(skipped)
         todo = self.changed(paths)
         for path in todo:
-            self._entries.pop(path, None)
+            self._entries.pop(_key(path), None)
         report.reused = len(paths) - len(todo)
         for path, error in bad.items():
-            if path in current:
-                self._entries[path] = self._entry(path, error=error)
+            if _key(path) in current:
+                self._entries[_key(path)] = self._entry(path, error=error)
         todo = [p for p in todo if p not in bad]
         self.folder.mkdir(parents=True, exist_ok=True)
         if callable(per_shard):
@@ -192,7 +199,7 @@ class GalleryIndex:
             chunk = todo[start:start + per_shard]
             features = extract(chunk)
             for path, error in features.skipped:
-                self._entries[path] = self._entry(path, error=error)
+                self._entries[_key(path)] = self._entry(path, error=error)
             if len(features):
                 name = f"shard-{self._next_shard:05d}.pt"
                 self._next_shard += 1
@@ -200,7 +207,7 @@ class GalleryIndex:
                 self._shards[name] = len(features)
                 rows = range(len(chunk)) if features.indices is None else features.indices.tolist()
                 for row, position in enumerate(rows):
-                    self._entries[chunk[position]] = self._entry(chunk[position], shard=name, row=row)
+                    self._entries[_key(chunk[position])] = self._entry(chunk[position], shard=name, row=row)
             report.extracted += len(features)
             report.skipped += list(features.skipped)
             self._write()
@@ -209,7 +216,7 @@ class GalleryIndex:
         report.skipped = [(p, bad[p]) for p in paths if p in bad] + report.skipped
         self._drop_unused_shards()
         self._write()
-        self.paths = [p for p in paths if self._entries[p].get("shard") is not None]
+        self.paths = [p for p in paths if self._entries[_key(p)].get("shard") is not None]
         return report
 
     @staticmethod
@@ -222,8 +229,8 @@ class GalleryIndex:
 
     def unreadable(self, paths: Sequence[str]) -> List[Tuple[str, str]]:
         """``(path, error)`` of the images of ``paths`` recorded as unreadable and unchanged."""
-        return [(p, self._entries[p]["error"]) for p in paths
-                if p in self._entries and "error" in self._entries[p]]
+        return [(p, self._entries[_key(p)]["error"]) for p in paths
+                if "error" in self._entries.get(_key(p), {})]
 
     # --- reading ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -237,7 +244,7 @@ class GalleryIndex:
         gallery's current images and their positions in :attr:`paths`."""
         by_shard: Dict[str, Tuple[List[int], List[int]]] = {}
         for position, path in enumerate(self.paths):
-            entry = self._entries[path]
+            entry = self._entries[_key(path)]
             rows, positions = by_shard.setdefault(entry["shard"], ([], []))
             rows.append(entry["row"])
             positions.append(position)
@@ -252,7 +259,7 @@ class GalleryIndex:
         loaded: Dict[str, Tensor] = {}
         rows = []
         for position in positions:
-            entry = self._entries[self.paths[position]]
+            entry = self._entries[_key(self.paths[position])]
             if entry["shard"] not in loaded:
                 loaded[entry["shard"]] = self._load_shard(entry["shard"])
             rows.append(loaded[entry["shard"]][entry["row"]])
