@@ -123,11 +123,13 @@ def test_search_ranks_a_folder_and_reuses_its_index(method, checkpoints, photos,
 
     # The same gallery again: its features are read from the index, not one image is extracted.
     extracted.clear()
+    stored = {p.name: p.stat().st_mtime_ns for p in index.iterdir()}
     assert search(checkpoints[method], queries, gallery, tmp_path / "ranked.jsonl", "--topk", 3,
                   "--index", index) == 0
     out, _ = capsys.readouterr()
     assert f"--index {index}: reused the stored features of all {num_gallery} gallery images" in out
     assert extracted == {"query": len(queries)}
+    assert {p.name: p.stat().st_mtime_ns for p in index.iterdir()} == stored  # nothing rewritten
     records = [json.loads(line) for line in (tmp_path / "ranked.jsonl").read_text().splitlines()]
     assert [r["query"] for r in records] == [str(q) for q in queries]
     for record, expected in zip(records, [rows[1:][i * num_gallery:(i + 1) * num_gallery] for i in (1, 2, 3)]):

@@ -226,6 +226,8 @@ class ReID:
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive integer, got {topk!r}")
         options = dict(device=self.device, amp=self.amp, probe_chunk=probe_chunk, gallery_chunk=gallery_chunk)
+        if index is not None and not _is_files(gallery):
+            raise ValueError("index: only a gallery of files or folders is indexed (give its paths)")
         if _is_files(gallery):
             if index is not None:
                 return self._rank_indexed(query, gallery, index, topk, skip_bad_images, options)

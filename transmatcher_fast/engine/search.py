@@ -187,7 +187,7 @@ class GalleryIndex:
         todo = self.changed(paths)
         for path in todo:
             self._entries.pop(_key(path), None)
-        report.reused = len(paths) - len(todo)
+        report.reused = sum(1 for p in paths if self._entries.get(_key(p), {}).get("shard") is not None)
         for path, error in bad.items():
             if _key(path) in current:
                 self._entries[_key(path)] = self._entry(path, error=error)
@@ -214,8 +214,9 @@ class GalleryIndex:
             if on_shard is not None:
                 on_shard(len(chunk))
         report.skipped = [(p, bad[p]) for p in paths if p in bad] + report.skipped
-        self._drop_unused_shards()
-        self._write()
+        if report.rebuilt or report.removed or todo or bad or not self.index_path.is_file():
+            self._drop_unused_shards()
+            self._write()  # an unchanged gallery leaves the index file as it was
         self.paths = [p for p in paths if self._entries[_key(p)].get("shard") is not None]
         return report
 
