@@ -1,6 +1,7 @@
 """transmatcher_fast: fused, memory-light TransMatcher / QAConv matching.
 
     q_best, g_best = transmatcher_fast.max_sim(query, gallery, score_embed)
+    reid = transmatcher_fast.ReID.load("checkpoint.pt")       # rank your own images
 
 See README.md and DESIGN.md for the op's contract and the backends.
 """
@@ -9,8 +10,8 @@ from . import _extension, reference
 from .ops import available_backends, get_backend, max_sim, set_backend, use_backend
 from .models import (QAConv, TransformerDecoder, TransformerDecoderLayer, TransMatcher,
                      build_model, load_upstream_checkpoint)
-
-__version__ = "0.1.0"
+from ._version import __version__
+from .engine.reid import ReID, Ranking
 __all__ = [
     "max_sim",
     "set_backend",
@@ -24,6 +25,8 @@ __all__ = [
     "QAConv",
     "build_model",
     "load_upstream_checkpoint",
+    "ReID",
+    "Ranking",
     "__version__",
 ]
 

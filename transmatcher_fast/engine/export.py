@@ -48,7 +48,7 @@ FEATURES_FORMAT = "transmatcher_fast.features/1"
 # ----------------------------------------------------------------------------- provenance
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
     return __version__
 
 

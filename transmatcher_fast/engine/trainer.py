@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import __version__, weights_io
+from .. import weights_io
+from .._version import __version__
 from ..data import dataset_root
 from ..data.images import find_unreadable
 from ..methods import METHOD_DEFAULTED, get_method
