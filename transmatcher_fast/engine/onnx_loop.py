@@ -70,7 +70,8 @@ def loop_over_blocks(block, query_block: int, gallery_block: int):
     constants = [const("bq", [query_block]), const("bg", [gallery_block]),
                  const("bq_minus_1", [query_block - 1]), const("bg_minus_1", [gallery_block - 1]),
                  const("zero", [0]), const("zeros2", [0, 0]), const("axis0", [0]),
-                 const("axes01", [0, 1]), const("minus1", [-1]), const("row_shape", [query_block, -1]),
+                 const("axes01", [0, 1]), const("minus1", [-1]),
+                 const("blocks_shape", [-1, query_block, gallery_block]),
                  numpy_helper.from_array(np.array(True), "true")]
     node = helper.make_node
 
@@ -81,29 +82,32 @@ def loop_over_blocks(block, query_block: int, gallery_block: int):
          node("Add", ["g_start", "bg"], ["g_end"]),
          node("Slice", ["gallery_padded", "g_start", "g_end", "axis0"], ["gallery_block"]),
          *block_nodes,
-         node("Identity", [renamed(graph.output[0].name)], ["block_scores"]),
+         node("Reshape", [renamed(graph.output[0].name), "minus1"], ["block_scores"]),
          node("Identity", ["inner_cond"], ["inner_cond_out"])],
         "gallery_blocks",
         [helper.make_tensor_value_info("j", TensorProto.INT64, []),
          helper.make_tensor_value_info("inner_cond", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("inner_cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("block_scores", elem, [query_block, gallery_block])])
+         helper.make_tensor_value_info("block_scores", elem, [query_block * gallery_block])])
 
-    # Outer body: one query block against every gallery block, as one row [Bq, padded Ng].
+    # Outer body: one query block against every gallery block, as one row [Bq, padded Ng],
+    # flattened. Every loop output is flat and reshaped after the loop: a runtime may stack the
+    # iterations' outputs (onnxruntime) or concatenate them (onnx's reference evaluator).
     outer = helper.make_graph(
         [node("Unsqueeze", ["i", "axis0"], ["i1"]),
          node("Mul", ["i1", "bq"], ["q_start"]),
          node("Add", ["q_start", "bq"], ["q_end"]),
          node("Slice", ["query_padded", "q_start", "q_end", "axis0"], ["query_block"]),
          node("Loop", ["num_gallery_blocks", "true"], ["columns"], body=inner),
-         node("Transpose", ["columns"], ["columns_t"], perm=[1, 0, 2]),
-         node("Reshape", ["columns_t", "row_shape"], ["row"]),
+         node("Reshape", ["columns", "blocks_shape"], ["blocks"]),
+         node("Transpose", ["blocks"], ["blocks_t"], perm=[1, 0, 2]),
+         node("Reshape", ["blocks_t", "minus1"], ["row"]),
          node("Identity", ["outer_cond"], ["outer_cond_out"])],
         "query_blocks",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
          helper.make_tensor_value_info("outer_cond", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("outer_cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("row", elem, [query_block, None])])
+         helper.make_tensor_value_info("row", elem, [None])])
 
     def padded(name, size, step, step_minus_1, blocks):
         """``name`` padded with zero rows to whole blocks, and the number of blocks."""
