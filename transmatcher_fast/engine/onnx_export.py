@@ -48,7 +48,7 @@ from .validate import UserError
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
 DOMAIN = "transmatcher_fast"  # the custom op's domain (and torch.library namespace)
-INSTALL_HINT = "pip install onnx onnxscript onnxruntime (or: pip install 'transmatcher-fast[test]')"
+INSTALL_HINT = "pip install onnx onnxscript (or: pip install 'transmatcher-fast[onnx]'); onnxruntime runs the files"
 
 
 def max_opset() -> int:
