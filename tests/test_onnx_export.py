@@ -36,6 +36,7 @@ TINY = {
     "transreid": ["--method", "transreid", "-a", "vit_tiny_patch16"],
     "vit_tokens": ["--method", "transmatcher", "-a", "vit_tiny_patch16", "--num-trans-layers", "2",
                    "--dim-feedforward", "32"],
+    "dino": ["--method", "dino", "-a", "vit_tiny_patch16"],
 }
 FUSED = ("transmatcher", "qaconv", "vit_tokens")
 # matcher.onnx's loop blocks: small, so that the sizes below cross block boundaries.
@@ -46,8 +47,10 @@ def write_checkpoint(kind: str, path) -> None:
     """A checkpoint as ``train`` writes it, of a random model with non-trivial BN statistics."""
     args = build_parser().parse_args(["train", "--height", str(HEIGHT), "--width", str(WIDTH),
                                       "--pretrained", "none", *TINY[kind]])
-    config = TrainConfig.from_dict({k: v for k, v in vars(args).items()
-                                    if k not in ("command", "run", "config")})
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    if kind == "dino":
+        values["dino_out_dim"] = 64  # the pre-training head, not exported: kept small
+    config = TrainConfig.from_dict(values)
     model_args = {"num_classes": 5, "camera_num": 3, "view_num": 0}
     torch.manual_seed(0)
     parts = get_method(config.method).build(config, model_args, pretrained=False)
@@ -225,7 +228,7 @@ def test_bad_input_is_one_line_before_any_export(tmp_path, exported, monkeypatch
                                                  "--out", out])
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
     message = one_line_error(["export", "--checkpoint", tmp_path / "other.pt", "--out", out])
-    assert "not a checkpoint of transmatcher-fast train" in message and "weights" in message
+    assert "neither a transmatcher-fast checkpoint" in message and "weights" in message
     message = one_line_error(["export", "--checkpoint", checkpoint, "--out", out, "--opset", "12"])
     assert "--opset 12: unsupported; choose 18 to" in message
     (tmp_path / "file").write_text("")
