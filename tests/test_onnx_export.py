@@ -241,3 +241,14 @@ def test_bad_input_is_one_line_before_any_export(tmp_path, exported, monkeypatch
     with pytest.raises(SystemExit) as info:
         cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "tensorrt"])
     assert info.value.code == 2
+
+
+def test_export_help_names_every_option_and_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["export", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--checkpoint", "--format {onnx}", "--out", "--opset", "--dynamic-batch", "--custom-op",
+                   "--batch-size", "--query-block", "--gallery-block"):
+        assert option in text, option
+    assert f"(default: {onnx_export.DEFAULT_OPSET})" in text and "(default: onnx)" in text
