@@ -234,9 +234,12 @@ def test_bad_input_is_one_line_before_any_export(tmp_path, exported, monkeypatch
     (tmp_path / "file").write_text("")
     assert "is a file, not a folder" in one_line_error(["export", "--checkpoint", checkpoint,
                                                         "--out", tmp_path / "file"])
-    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
-    message = one_line_error(["export", "--checkpoint", checkpoint, "--out", out])
-    assert "onnxscript package is not installed" in message and "pip install onnx onnxscript" in message
+    for package in ("onnx", "onnxscript"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, package, None)  # as if it were not installed
+            message = one_line_error(["export", "--checkpoint", checkpoint, "--out", out])
+        assert f"the {package} package is not installed" in message, message
+        assert "pip install onnx onnxscript" in message
     assert not out.exists()
     with pytest.raises(SystemExit) as info:
         cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "tensorrt"])
