@@ -69,12 +69,12 @@ def max_sim_decomposed(query: Tensor, gallery: Tensor, score_embed: Optional[Ten
         q_rows.append(q_best)
         g_rows.append(g_best)
     # Blocks are row-major over (query block, gallery block): stitch each query block's columns.
-    q_best = _stitch(q_rows, nq, ng)
-    g_best = _stitch(g_rows, nq, ng)
+    q_best = _stitch(q_rows, ng)
+    g_best = _stitch(g_rows, ng)
     return q_best.to(out), g_best.to(out)
 
 
-def _stitch(blocks: list, nq: int, ng: int) -> Tensor:
+def _stitch(blocks: list, ng: int) -> Tensor:
     rows, row, width = [], [], 0
     for block in blocks:
         row.append(block)
