@@ -279,6 +279,7 @@ def export_onnx(checkpoint, out_dir, *, opset: int = DEFAULT_OPSET, dynamic_batc
         comparison = ("matcher.onnx scores, higher = more similar; the distance that eval ranks by "
                       "is 1 - sigmoid(score / 10)")
     else:
+        (out_dir / "matcher.onnx").unlink(missing_ok=True)  # an earlier export's, now stale
         comparison = getattr(matcher, "distance_name", None) or "distance of the features"
         comparison = f"{comparison} (computed outside the graph)"
 
