@@ -3,7 +3,8 @@
 One module per command, each with ``add_<command>_parser(commands)`` and ``run_<command>(args)``:
 ``demo``, ``op_demo``, ``synth``, ``train``, ``pretrain`` (shares train's entry), ``cfs``,
 ``eval`` (also the checkpoint and dataset options of ``extract`` and ``visualize``), ``extract``,
-``visualize``, ``search``. :mod:`.common` holds the option types and the help formatter, :mod:`.config` the
+``visualize``, ``search``, ``export``. :mod:`.common` holds the option types and the help
+formatter, :mod:`.config` the
 ``--config`` YAML. A new command goes in a new module here, registered in :func:`build_parser`;
 it holds no model code and no engine logic (those go in models/, methods/ or engine/).
 """
@@ -22,6 +23,7 @@ from .common import _warnings_as_notes
 from .config import _apply_config, load_config  # noqa: F401
 from .demo import add_demo_parser, run_end_to_end_demo  # noqa: F401
 from .eval import add_eval_parser, run_eval  # noqa: F401
+from .export import add_export_parser, run_export  # noqa: F401
 from .extract import add_extract_parser, run_extract  # noqa: F401
 from .op_demo import add_op_demo_parser, run_op_demo  # noqa: F401
 from .pretrain import add_pretrain_parser, run_pretrain  # noqa: F401
@@ -51,6 +53,9 @@ and training curves.
 
 ``search`` ranks a folder of your own images (any file names) for query images with a trained
 checkpoint: ``--out ranked.csv``, ``--index DIR`` keeps the gallery's features for the next search.
+
+``export --format onnx`` writes a checkpoint as ONNX: features.onnx, matcher.onnx (fused
+matchers) and export.json.
 """
 
 
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (add_demo_parser, add_op_demo_parser, add_synth_parser, add_train_parser,
                 add_pretrain_parser, add_cfs_parser, add_eval_parser, add_extract_parser,
-                add_visualize_parser, add_search_parser):
+                add_visualize_parser, add_search_parser, add_export_parser):
         add(commands)
     parser.commands = commands.choices  # name -> subparser, for --config defaults
     for sub in parser.commands.values():

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, reference
-from . import dispatch, precision, tuning
+from . import decomposed, dispatch, precision, tuning
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -400,6 +400,9 @@ def max_sim(
     """
     _validate(query, gallery, score_embed)
     query, gallery = _autocast(query, gallery)
+    if not return_indices and decomposed.replaces_fused_op():
+        # An ONNX export records plain operators that any runtime runs (see ops.decomposed).
+        return decomposed.max_sim_decomposed(query, gallery, score_embed)
     q_best, g_best, q_index, g_index = _max_sim_op(query, gallery, score_embed)
     if return_indices:
         return q_best, g_best, q_index, g_index
