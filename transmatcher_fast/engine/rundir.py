@@ -52,7 +52,7 @@ class RunDirError(RuntimeError):
 
 
 def log_temporary(folder: PathLike) -> Path:
-    """The temporary file a rewrite of ``log.jsonl`` goes through (``Trainer._truncate_log``)."""
+    """The temporary file a rewrite of ``log.jsonl`` goes through (``hooks.LogHook.truncate``)."""
     return Path(folder) / f".{LOG_NAME}.tmp"
 
 

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -44,11 +42,12 @@ from .. import weights_io
 from .._version import __version__
 from ..data import dataset_root
 from ..data.images import find_unreadable
-from ..methods import METHOD_DEFAULTED, get_method
+from ..methods import METHOD_DEFAULTED, TrainingHook, get_method
 from ..methods.schedules import SCHEDULES, build_schedule
 from . import checkpoint, matching, rundir
-from .evaluate import evaluate, extract
+from .evaluate import extract
 from .features import SKIPPED_SHOWN, autocast, parse_dtype
+from .hooks import CheckpointHook, ClipGradients, EvalHook, ExportsHook, LogHook, RunFolderHook
 from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler, ShuffledBatchSampler
 
 SAMPLERS = ("graph", "pk", "pk_all", "random")
@@ -355,6 +354,10 @@ class Trainer:
     :class:`TrainConfig`;
     ``fit()`` trains (resuming from ``exp_dir/checkpoint.pt`` when ``config.resume``).
 
+    The trainer is the loop (epochs, steps, AMP, the schedule, the sampler); the rest is hooks
+    (:mod:`.hooks`: run folder, logs, gradient clipping, the method's own, evaluation,
+    checkpoints, exports), called at fixed points in the order of :meth:`build_hooks`.
+
     The trainer owns ``exp_dir`` from its construction until ``fit()`` ends (see
     :mod:`.rundir`): a second trainer there, or a fresh start in a folder that holds a run
     without ``config.overwrite``, raises :class:`~.rundir.RunDirError` at construction."""
@@ -374,12 +377,12 @@ class Trainer:
             amp = "fp16" if self.device.type == "cuda" else "none"
         self.amp_dtype = parse_dtype(amp, "amp")
         self.exp_dir = Path(config.exp_dir)
-        self._run: Optional[rundir.RunDir] = None
-        self._claim_exp_dir()  # before anything slow: a second run on the folder fails at once
+        self.run_folder = RunFolderHook(self)
+        self.run_folder.claim()  # before anything slow: a second run on the folder fails at once
         try:
             self._build()
         except BaseException:
-            self._release_exp_dir()
+            self.run_folder.release()
             raise
 
     # --- construction ------------------------------------------------------------------------
@@ -420,13 +423,29 @@ class Trainer:
         self.global_step = 0
         self.best: Optional[Dict[str, Any]] = None  # {"epoch", "mAP", "rank1"} of best.pt
         self.config_changes: List[Dict[str, Any]] = []  # what each resume changed
-        self._writer = None
+        self.logger = LogHook(self)
+        self.hooks = self.build_hooks()
+
+    def build_hooks(self) -> List[TrainingHook]:
+        """The hooks in the order they run at every point (``after_train``: reversed); see
+        :mod:`.hooks`. The engine's wrap the method's: gradient clipping before them, the
+        evaluation and the files of the epoch after them."""
+        hooks: List[TrainingHook] = [self.run_folder, self.logger]
+        if self.config.clip_value > 0:
+            hooks.append(ClipGradients(self.parts, self.config.clip_value))
+        hooks += self.method.training_hooks(self.parts, self.config)
+        hooks += [EvalHook(self, EVAL_PROTOCOL), CheckpointHook(self), ExportsHook(self)]
+        return hooks
+
+    def _call_hooks(self, point: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(*args)
 
     def _leave_out_unreadable(self) -> List[Tuple[str, str]]:
         """``--skip-bad-images``: every training image is decoded once, before the sampler is
         built, and the unreadable ones are left out of the dataset. The same files give the same
         list, so a resumed run samples its epochs exactly as the interrupted one did. Returns
-        their ``(path, error)``; ``fit`` records them in log.jsonl."""
+        their ``(path, error)``; the log hook records them in log.jsonl."""
         paths = [path for path, _, _ in self.dataset.train]
         bad = find_unreadable(paths, workers=self.config.workers,
                               progress=self.config.progress and self.is_main)
@@ -473,51 +492,7 @@ class Trainer:
                               probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
                               distributed=False)
 
-    # --- the experiment folder ---------------------------------------------------------------
-    def _claim_exp_dir(self) -> None:
-        """Rank 0 locks EXP_DIR for the run's lifetime (the other ranks write nothing there) and
-        checks that it may start there (no run is replaced without ``overwrite``); if not, every
-        rank raises the same :class:`~.rundir.RunDirError`."""
-        error = None
-        if self.is_main and self._run is None:
-            try:
-                self._run = rundir.open_run(self.exp_dir, resume=self.config.resume,
-                                            overwrite=self.config.overwrite)
-                if self._run.mode == "resume" and self.checkpoint_path.is_file():
-                    try:
-                        self._check_resume()
-                    except BaseException:
-                        self._release_exp_dir()
-                        raise
-            except rundir.RunDirError as failure:
-                error = str(failure)
-        if self.world > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            if self._owns_process_group and dist.is_initialized():
-                dist.destroy_process_group()
-                self._owns_process_group = False
-            raise (ResumeConfigError if error.startswith("--resume in ") else rundir.RunDirError)(error)
-
-    def _saved_config(self) -> Dict[str, Any]:
-        """The configuration in ``checkpoint.pt`` (read without its tensors where possible)."""
-        try:  # mmap: the tensors are not read
-            state = weights_io.load(self.checkpoint_path, mmap=True)
-        except weights_io.WeightsFileError:  # read it whole (which says what is wrong, if anything)
-            state = checkpoint.load(self.checkpoint_path)
-        return dict(state.get("config", {}))
-
-    def _check_resume(self) -> Dict[str, List[Any]]:
-        return check_resume(self._saved_config(), self.config, self.exp_dir)
-
-    def _release_exp_dir(self) -> None:
-        run, self._run = self._run, None
-        if run is not None:
-            run.release()
-
-    # --- checkpoints -------------------------------------------------------------------------
+    # --- the experiment folder, checkpoints and resume ----------------------------------------
     @property
     def checkpoint_path(self) -> Path:
         return self.exp_dir / CHECKPOINT_NAME
@@ -526,11 +501,24 @@ class Trainer:
         """The evaluation transform of this run's method and input size."""
         return self.method.test_transform(self.config, self.config.height, self.config.width)
 
-    def _parts_state(self) -> Dict[str, Any]:
+    def log(self, record: Dict[str, Any]) -> None:
+        """One record in ``log.jsonl`` (and TensorBoard); rank 0 only."""
+        self.logger.write(record)
+
+    def check_resume_options(self) -> Dict[str, List[Any]]:
+        """The changes a resume makes to the options of ``checkpoint.pt`` (read without its
+        tensors where possible); raises :class:`ResumeConfigError` where they may not change."""
+        try:  # mmap: the tensors are not read
+            state = weights_io.load(self.checkpoint_path, mmap=True)
+        except weights_io.WeightsFileError:  # read it whole (which says what is wrong, if anything)
+            state = checkpoint.load(self.checkpoint_path)
+        return check_resume(dict(state.get("config", {})), self.config, self.exp_dir)
+
+    def parts_state(self) -> Dict[str, Any]:
         return {name: part.state_dict() for name, part in self.parts.items()}
 
     def state_dict(self, epochs_done: int) -> Dict[str, Any]:
-        return {"epoch": epochs_done, "global_step": self.global_step, **self._parts_state(),
+        return {"epoch": epochs_done, "global_step": self.global_step, **self.parts_state(),
                 "model_args": self.model_args, "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
@@ -553,7 +541,9 @@ class Trainer:
         self.best = state.get("best")
         self.config_changes = list(state.get("config_changes", []))
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Every rank: the state of ``checkpoint.pt``, when there is one; rank 0 also drops the
+        log's records of the unfinished epoch and logs a ``"resume"`` record of what changed."""
         if not self.checkpoint_path.is_file():
             # open_run made sure that the folder holds no run either: nothing to mix with.
             if self.is_main:
@@ -572,74 +562,16 @@ class Trainer:
         if self.is_main:
             print(f"resumed from {self.checkpoint_path}: {self.start_epoch} epochs done, "
                   f"step {self.global_step}")
-            self._truncate_log(self.start_epoch)
+            self.logger.truncate(self.start_epoch)
             if changes:
                 print("resume changes " + ", ".join(f"{k} {old!r} -> {new!r}"
                                                     for k, (old, new) in sorted(changes.items())))
-            self._log({"kind": "resume", "epoch": self.start_epoch, "step": self.global_step,
-                       "changed": changes, "time": time.time()})
+            self.log({"kind": "resume", "epoch": self.start_epoch, "step": self.global_step,
+                      "changed": changes, "time": time.time()})
             if not (self.exp_dir / CONFIG_NAME).is_file():  # a run of an older version
-                self._write_config(state.get("config", dataclasses.asdict(self.config)))
+                self.write_config(state.get("config", dataclasses.asdict(self.config)))
 
-    # --- logging -----------------------------------------------------------------------------
-    def _log(self, record: Dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.exp_dir / LOG_NAME, "a") as log:
-            log.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            kind = record.get("kind")
-            step = record.get("step", record.get("epoch"))
-            for key, value in record.items():
-                if key not in ("kind", "epoch", "step", "time") and isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{kind}/{key}", value, step)
-
-    def _log_skipped_images(self) -> None:
-        """One log.jsonl record of the images ``--skip-bad-images`` left out; a resumed run
-        that finds the same ones does not list them again."""
-        if not (self.skipped_images and self.is_main):
-            return
-        images = [{"path": path, "error": error} for path, error in self.skipped_images]
-        path = self.exp_dir / LOG_NAME
-        if path.is_file():
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and record.get("kind") == "skipped_images" \
-                        and record.get("images") == images:
-                    return
-        self._log({"kind": "skipped_images", "epoch": self.start_epoch, "step": self.global_step,
-                   "count": len(images), "images": images, "time": time.time()})
-
-    def _truncate_log(self, epochs_done: int) -> None:
-        """Drop the records of the epoch a killed run did not finish (it runs again), and any
-        record that is not a whole JSON line: a kill or a full disk can leave the last one cut."""
-        path = self.exp_dir / LOG_NAME
-        if not path.is_file():
-            return
-        kept, torn = [], 0
-        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            if not isinstance(record, dict):
-                torn += 1
-            elif record.get("epoch", 0) < epochs_done:
-                kept.append(line)
-        if torn:
-            print(f"{path}: dropped {torn} incomplete record{'s' if torn > 1 else ''} "
-                  "(cut by a kill or a full disk)")
-        text = "".join(line + "\n" for line in kept)
-        weights_io.atomic_write(path, lambda file: file.write(text), "w",
-                                temporary=rundir.log_temporary(self.exp_dir))
-
-    def _write_config(self, values: Dict[str, Any]) -> Path:
+    def write_config(self, values: Dict[str, Any]) -> Path:
         """``EXP_DIR/config.yaml``: the resolved configuration (what ``--config`` reads), written
         through a temporary and a rename. The start options (resume, overwrite) are left out."""
         import yaml
@@ -650,17 +582,6 @@ class Trainer:
                 + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
         return weights_io.atomic_write(self.exp_dir / CONFIG_NAME, lambda file: file.write(text), "w",
                                        temporary=rundir.config_temporary(self.exp_dir))
-
-    def _open_writer(self) -> None:
-        if not (self.is_main and self.config.tensorboard):
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            warnings.warn("tensorboard is not installed: logging JSON lines only "
-                          "(pip install tensorboard)")
-            return
-        self._writer = SummaryWriter(str(self.exp_dir / rundir.TENSORBOARD_NAME), purge_step=self.global_step + 1)
 
     # --- training ----------------------------------------------------------------------------
     def _set_epoch(self, epoch: int) -> None:
@@ -683,17 +604,10 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def _clip(self) -> None:
-        if self.config.clip_value > 0:
-            for module in self.parts.values():
-                params = [p for p in module.parameters() if p.grad is not None]
-                if params:
-                    torch.nn.utils.clip_grad_norm_(params, self.config.clip_value)
-
     def train_step(self, inputs: tuple, epoch: int, progress: float) -> tuple[float, float]:
         """One optimisation step on the method's step inputs; ``progress`` is the fraction of
-        training done before it, ``iteration / total_iterations`` (for per-step schedules such as
-        DINO's teacher momentum, which upstream indexes by the 0-based iteration)."""
+        training done before it, ``iteration / total_iterations`` (for the hooks' per-step values,
+        such as a teacher's momentum, which upstream indexes by the 0-based iteration)."""
         with autocast(self.device, self.amp_dtype):
             loss_rows, acc_rows = self.step_module(*inputs)
         # Upstream averages the rows whose loss is finite.
@@ -702,17 +616,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            self._clip()
-            self.method.before_optimizer_step(self.parts, self.config, epoch)
+            self.scaler.unscale_(self.optimizer)  # the hooks see (and clip) the true gradients
+        else:
+            loss.backward()
+        self._call_hooks("after_backward", epoch, progress)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            self._clip()
-            self.method.before_optimizer_step(self.parts, self.config, epoch)
             self.optimizer.step()
-        self.method.after_optimizer_step(self.parts, self.config, progress)
+        self._call_hooks("after_optimizer_step", epoch, progress)
         acc = acc_rows[finite & torch.isfinite(acc_rows)]
         return loss.item(), acc.float().mean().item() if acc.numel() else float("nan")
 
@@ -755,10 +668,9 @@ class Trainer:
             tick = now
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{rate:.1f}")
-            if self.global_step % c.log_every == 0 or steps == 1:
-                self._log({"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss,
-                           "acc": acc, "lr": self.optimizer.param_groups[-1]["lr"],
-                           "images_per_s": rate, "time": time.time()})
+            self._call_hooks("after_step", steps - 1, {
+                "kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss, "acc": acc,
+                "lr": self.optimizer.param_groups[-1]["lr"], "images_per_s": rate, "time": time.time()})
         bar.close()
         seconds = time.perf_counter() - epoch_start
         mean_loss, mean_acc = self._mean_over_ranks(loss_sum / max(steps, 1),
@@ -770,56 +682,33 @@ class Trainer:
 
     def fit(self) -> List[Dict[str, Any]]:
         """Train until the schedule ends; returns the epoch records (also in ``log.jsonl``).
-        EXP_DIR stays locked until it returns or raises."""
-        self._claim_exp_dir()
+        EXP_DIR stays locked until it returns or raises (the run-folder hook)."""
         try:
-            return self._fit()
-        finally:
-            self._release_exp_dir()
-
-    def _fit(self) -> List[Dict[str, Any]]:
-        if self.is_main:
-            stale = rundir.temporaries(self.exp_dir)
-            removed = self._run.prepare()
-            if stale:
-                print(f"removed {len(stale)} temporary files that a killed run left in {self.exp_dir}")
-            if self._run.mode == "overwrite" and len(removed) > len(stale):
-                print(f"--overwrite: removed the previous run's {len(removed) - len(stale)} files "
-                      f"from {self.exp_dir}")
-            if self._run.mode != "resume" or not self.checkpoint_path.is_file():
-                self._write_config(dataclasses.asdict(self.config))
-        if self.config.resume:
-            self._resume()
-        self._open_writer()
-        self._log_skipped_images()
-        try:
+            self._call_hooks("before_train")
             epoch = self.start_epoch
             while epoch < self.schedule.end:
                 record = self.train_epoch(epoch)
                 self.schedule.after_epoch(epoch, record["loss"])
                 self.history.append(record)
-                self._log(record)
-                if self.is_main:
-                    print(f"epoch {epoch + 1}: loss {record['loss']:.4f}  acc {record['acc']:.3f}  "
-                          f"lr {record['lr']:.2e}  {record['images_per_s']:.1f} img/s  "
-                          f"({record['seconds']:.1f} s + {record['plan_seconds']:.1f} s sampling)")
-                    if self._eval_due(epoch):
-                        self._evaluate(epoch)
-                    checkpoint.save_atomic(self.state_dict(epoch + 1), self.checkpoint_path)
-                    for name, state in self.method.exports(self.parts, self.config, epoch + 1).items():
-                        checkpoint.save_atomic(state, self.exp_dir / name)
+                self._call_hooks("after_epoch", epoch, record)
                 epoch += 1
                 if self.world > 1:
                     dist.barrier()
         finally:
-            if self._writer is not None:
-                self._writer.close()
+            self._after_train()
         return self.history
 
-    # --- evaluation during training ----------------------------------------------------------
-    def _eval_due(self, epoch: int) -> bool:
-        every = self.config.eval_every
-        return every > 0 and (epoch + 1) % every == 0
+    def _after_train(self) -> None:
+        """Every hook's ``after_train``, in reverse order, even when one of them raises (the
+        first error is raised once all have run)."""
+        error = None
+        for hook in reversed(self.hooks):
+            try:
+                hook.after_train()
+            except BaseException as failure:
+                error = error or failure
+        if error is not None:
+            raise error
 
     def provenance(self, epoch: Optional[int] = None) -> Dict[str, Any]:
         """What a result of this run came from: package version, model configuration, checkpoint,
@@ -834,42 +723,11 @@ class Trainer:
                 "protocol": EVAL_PROTOCOL, "seed": c.seed, "config": str(self.exp_dir / CONFIG_NAME),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    def _evaluate(self, epoch: int) -> Dict[str, Any]:
-        """Rank 0, after epoch ``epoch``: query/gallery metrics with :func:`.evaluate.evaluate`, an
-        ``"eval"`` record, and ``best.pt`` when the mAP is the best so far. Every random stream
-        is put back afterwards, so training goes on as without the evaluation."""
-        c = self.config
-        rng = checkpoint.rng_state()
-        try:
-            result = evaluate(self.model, self.matcher, self.dataset.query, self.dataset.gallery,
-                              height=c.height, width=c.width, batch_size=c.test_batch,
-                              workers=c.workers, device=self.device,
-                              amp=self.method.eval_amp or self.amp_dtype,
-                              probe_chunk=c.test_prob_batch, gallery_chunk=c.test_gal_batch,
-                              protocol=EVAL_PROTOCOL, progress=False, transform=self.test_transform(),
-                              query_views=getattr(self.dataset, "query_views", None),
-                              gallery_views=getattr(self.dataset, "gallery_views", None))
-        finally:
-            checkpoint.set_rng_state(rng)
-        metrics = result.metrics
-        improved = self.best is None or metrics["mAP"] > self.best["mAP"]
-        if improved:
-            self.best = {"epoch": epoch, "mAP": float(metrics["mAP"]), "rank1": float(metrics["rank1"])}
-            checkpoint.save_atomic({"epoch": epoch + 1, "global_step": self.global_step,
-                                    **self._parts_state(), "model_args": self.model_args,
-                                    "config": dataclasses.asdict(self.config), "metrics": metrics,
-                                    "provenance": self.provenance(epoch)},
-                                   self.exp_dir / BEST_NAME)
-        record = {"kind": "eval", "epoch": epoch, "step": self.global_step,
-                  **{k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP") if k in metrics},
-                  "best_mAP": self.best["mAP"], "best_epoch": self.best["epoch"], "is_best": improved,
-                  "seconds": metrics.get("features_seconds", 0.0) + metrics.get("matching_seconds", 0.0),
-                  "provenance": self.provenance(epoch), "time": time.time()}
-        self._log(record)
-        print(f"eval after epoch {epoch + 1}: rank-1 {metrics['rank1']:.3f}  mAP {metrics['mAP']:.3f}"
-              + ("  (best so far: best.pt)" if improved else f"  (best mAP {self.best['mAP']:.3f}, "
-                                                           f"epoch {self.best['epoch'] + 1})"))
-        return record
+    def leave_process_group(self) -> None:
+        """Destroy the process group when this trainer started it (after a refusal: at once)."""
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
 
     def close(self) -> None:
         """Ends distributed training cleanly; call it on every rank after a successful ``fit()``.
@@ -877,11 +735,10 @@ class Trainer:
         pending gloo work) and, when this trainer started the group, waits for every rank and
         destroys it. A group left to interpreter shutdown can abort the process with
         ``std::terminate``. After a failure, skip it: torchrun stops the other ranks."""
-        self._release_exp_dir()
+        self.run_folder.release()
         if isinstance(self.step_module, nn.parallel.DistributedDataParallel):
             self.step_module = self.step_module.module
             gc.collect()
         if self._owns_process_group and dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
-            self._owns_process_group = False
+            self.leave_process_group()

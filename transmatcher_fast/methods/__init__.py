@@ -7,7 +7,8 @@
 - ``dino``: DINO self-supervised pre-training (TransReID-SSL; student, EMA teacher, multi-crop)
 """
 
-from .base import METHOD_DEFAULTED, Method, Parts, get_method, method_names, register_method
+from .base import METHOD_DEFAULTED, Method, Parts, TrainingHook, get_method, method_names, register_method
 from . import dino, qaconv, transmatcher, transreid  # noqa: F401  (registers the methods)
 
-__all__ = ["Method", "Parts", "METHOD_DEFAULTED", "get_method", "method_names", "register_method"]
+__all__ = ["Method", "Parts", "TrainingHook", "METHOD_DEFAULTED", "get_method", "method_names",
+           "register_method"]

@@ -16,7 +16,9 @@ What a method builds is a dict of *parts*, saved in a checkpoint under their nam
 
 The training step (:meth:`Method.step_module`) is one ``nn.Module`` holding every trained part,
 so DistributedDataParallel synchronises all of them: ``forward(images, pids, cams, views)``
-returns ``(loss [r], acc [r])`` rows; the engine averages the finite ones.
+returns ``(loss [r], acc [r])`` rows; the engine averages the finite ones. Work of its own around
+the optimizer step (DINO: gradient clipping, a frozen layer, a teacher's EMA) is a
+:class:`TrainingHook` the method supplies (:meth:`Method.training_hooks`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,33 @@ Parts = Dict[str, nn.Module]
 # The options whose default is the method's (TrainConfig fills them from Method.defaults).
 METHOD_DEFAULTED = ("arch", "ibn", "height", "width", "lr", "weight_decay", "epochs", "sampler",
                     "loss", "clip_value", "freeze_bn", "schedule")
+
+
+class TrainingHook:
+    """Work at fixed points of the training loop; every point does nothing unless overridden.
+    The engine's hooks and the methods' derive from it; ``engine.hooks`` says when each point
+    is called and in which order the hooks run. ``progress`` in [0, 1) is ``iteration /
+    total_iterations`` of the step (0-based: the fraction of training done before it)."""
+
+    def before_train(self) -> None:
+        """Once, when training starts (after a resume has restored the state, for every hook
+        after the engine's run-folder hook)."""
+
+    def after_backward(self, epoch: int, progress: float) -> None:
+        """Every step, after the backward pass (gradients unscaled under AMP), before the
+        optimizer step."""
+
+    def after_optimizer_step(self, epoch: int, progress: float) -> None:
+        """Every step, after the optimizer step."""
+
+    def after_step(self, iteration: int, record: Dict[str, Any]) -> None:
+        """Every step, with its ``"step"`` record; ``iteration`` counts the epoch's steps from 0."""
+
+    def after_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
+        """After every epoch, with its ``"epoch"`` record."""
+
+    def after_train(self) -> None:
+        """Once, when training ends or raises (the hooks in reverse order)."""
 
 
 class Method:
@@ -77,12 +106,10 @@ class Method:
                   cams.to(device, non_blocking=True), train_views[indices].to(device, non_blocking=True))
         return inputs, images.shape[0]
 
-    def before_optimizer_step(self, parts: Parts, config, epoch: int) -> None:
-        """After the backward pass (gradients unscaled and clipped), before the optimizer step."""
-
-    def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
-        """After the optimizer step; ``progress`` in [0, 1) is ``iteration / total_iterations``
-        of this step (0-based: the fraction of training done before it)."""
+    def training_hooks(self, parts: Parts, config) -> List[TrainingHook]:
+        """This method's own work in the training loop (run on every rank, after the engine's
+        gradient clipping and before its evaluation and checkpoint; see ``engine.hooks``)."""
+        return []
 
     def exports(self, parts: Parts, config, epochs_done: int) -> Dict[str, Dict[str, Any]]:
         """``{file name: state}`` the engine writes beside the checkpoint after every epoch (rank

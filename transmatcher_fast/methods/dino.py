@@ -20,12 +20,13 @@ One step (:class:`DINOStep`): the 2 global crops (``height x width``) through th
 crops' position embedding is resized, :class:`MultiResolutionViT`), DINOLoss at the epoch's
 teacher temperature (warm-up ``dino_warmup_teacher_temp`` -> ``dino_teacher_temp`` over
 ``dino_warmup_teacher_temp_epochs``), student temperature 0.1. Around the optimizer step (the
-engine's hooks, after AMP's unscaling): every parameter's gradient clipped to norm
-``dino_clip_grad`` on its own, and the head's last layer's gradient dropped during the first
-``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA. The learning rate (``lr`` per
-256 images of the global batch, linear warm-up from 0 over ``dino_warmup_epochs``, cosine to
-``dino_min_lr``) and the weight decay (``weight_decay`` -> ``dino_weight_decay_end``, cosine, on
-the regularised group only) are set every iteration by the ``dino`` schedule
+method's training hook :class:`DINOStepHook`, after AMP's unscaling): every parameter's gradient
+clipped to norm ``dino_clip_grad`` on its own, and the head's last layer's gradient dropped
+during the first ``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA. The
+learning rate (``lr`` per 256 images of the global batch, linear warm-up from 0 over
+``dino_warmup_epochs``, cosine to ``dino_min_lr``) and the weight decay (``weight_decay`` ->
+``dino_weight_decay_end``, cosine, on the regularised group only) are set every iteration by the
+``dino`` schedule
 (:class:`~.schedules.DINOSchedule`); with the momentum they are functions of (epoch, iteration,
 iterations per epoch, configuration), so a resume repeats the interrupted epoch exactly.
 
@@ -55,10 +56,10 @@ from ..models.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradient
                            clip_gradients, ema_update, get_params_groups)
 from ..models.embedding import EmbeddingDistance
 from ..models.vit import ARCHS as VIT_ARCHS, PATCH, VisionTransformer, arch_config, load_pretrained
-from .base import Method, Parts, register_method
+from .base import Method, Parts, TrainingHook, register_method
 from .schedules import dino_peak_lr, dino_teacher_momentum
 
-__all__ = ["DINOMethod", "DINOStep", "MultiResolutionViT", "load_dino_weights", "teacher_checkpoint",
+__all__ = ["DINOMethod", "DINOStep", "DINOStepHook", "MultiResolutionViT", "load_dino_weights", "teacher_checkpoint",
            "view_agreement"]
 
 
@@ -170,6 +171,26 @@ def _has_batchnorm(module: nn.Module) -> bool:
 
 
 TEACHER_NAME = "teacher.pth"  # the teacher alone, DINO's layout
+
+
+class DINOStepHook(TrainingHook):
+    """DINO's work around the optimizer step (upstream's ``train_one_epoch``): before it, every
+    student parameter's gradient clipped to norm ``dino_clip_grad`` on its own, and the head's
+    last layer's gradient dropped during the first ``dino_freeze_last_layer`` epochs; after it,
+    the teacher's EMA of the student at the step's momentum (cosine ``dino_momentum_teacher``
+    -> 1 over training)."""
+
+    def __init__(self, parts: Parts, config):
+        self.student, self.teacher = parts["student"], parts["teacher"]
+        self.config = config
+
+    def after_backward(self, epoch: int, progress: float) -> None:
+        if self.config.dino_clip_grad > 0:
+            clip_gradients(self.student, self.config.dino_clip_grad)
+        cancel_gradients_last_layer(epoch, self.student, self.config.dino_freeze_last_layer)
+
+    def after_optimizer_step(self, epoch: int, progress: float) -> None:
+        ema_update(self.teacher, self.student, dino_teacher_momentum(self.config.dino_momentum_teacher, progress))
 
 
 class DINOMethod(Method):
@@ -298,11 +319,8 @@ class DINOMethod(Method):
     def optimizer(self, groups, config) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups)
 
-    def before_optimizer_step(self, parts: Parts, config, epoch: int) -> None:
-        student = parts["student"]
-        if config.dino_clip_grad > 0:
-            clip_gradients(student, config.dino_clip_grad)
-        cancel_gradients_last_layer(epoch, student, config.dino_freeze_last_layer)
+    def training_hooks(self, parts: Parts, config) -> List[TrainingHook]:
+        return [DINOStepHook(parts, config)]
 
     def exports(self, parts: Parts, config, epochs_done: int) -> Dict[str, Dict[str, Any]]:
         """``EXP_DIR/teacher.pth``: the teacher alone in DINO's layout, after every epoch (for
@@ -310,9 +328,6 @@ class DINOMethod(Method):
         from dataclasses import asdict
 
         return {TEACHER_NAME: teacher_checkpoint(parts, epochs_done, asdict(config))}
-
-    def after_optimizer_step(self, parts: Parts, config, progress: float) -> None:
-        ema_update(parts["teacher"], parts["student"], dino_teacher_momentum(config.dino_momentum_teacher, progress))
 
     def train_transform(self, config):
         return MultiCropTransform(global_size=(config.height, config.width), local_size=self.local_size(config),
