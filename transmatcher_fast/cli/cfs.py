@@ -10,11 +10,11 @@ from .common import PROG, UserError, _non_negative_int, _optional_int, _optional
 
 
 def _cfs_proxy(path: str, flag: str, args: argparse.Namespace, device):
-    """The CFS proxy model of ``path`` (see :mod:`..methods.cfs_proxy`): a checkpoint of ours
+    """The CFS proxy model of ``path`` (see :mod:`..models.cfs_proxy`): a checkpoint of ours
     is rebuilt by the engine, bare weights go into ``--arch`` (or the file's own config)."""
     from ..engine import validate
     from ..engine.evaluate import load_trained
-    from ..methods import cfs_proxy
+    from ..models import cfs_proxy
 
     validate.check_input_file(path, flag)
     try:

@@ -42,7 +42,6 @@ class Method:
     every option of :data:`METHOD_DEFAULTED`."""
 
     name: str = ""
-    summary: str = ""
     defaults: Mapping[str, Any] = {}
     # The options that define the model: recorded in results' provenance.
     model_options: Tuple[str, ...] = ()

@@ -6,9 +6,9 @@
     model = transmatcher_fast.models.TransReID(751, camera_num=6, sie_camera=True, jpm=True)
 """
 
-from .checkpoint import load_upstream_checkpoint, qaconv_neck_layout, set_qaconv_neck_layout
-from .feature import (QAConvFeatures, TransformerEncoder, TransMatcherFeatures, build_model,
-                      feature_map_size)
+from .matcher_features import (QAConvFeatures, TransformerEncoder, TransMatcherFeatures, build_model,
+                               feature_map_size, set_qaconv_neck_layout)
+from .upstream_checkpoint import load_upstream_checkpoint, qaconv_neck_layout
 from .head import matching_head
 from .qaconv import QAConv
 from .resnet import ResNet

@@ -8,7 +8,7 @@ Both upstream protocols work: ``make_kernel(probe)`` + ``forward(gallery)`` (up 
 
 The matcher's parameters (``bn``, ``fc``, ``logit_bn``) are the same in QAConv 2.0 and 2.1+; what
 changed is the feature model's neck (2.0: conv without bias + ``neck_bn``; 2.1+: conv with bias,
-no BatchNorm). ``models.checkpoint.qaconv_neck_layout`` tells them apart from a state_dict,
+no BatchNorm). ``models.upstream_checkpoint.qaconv_neck_layout`` tells them apart from a state_dict,
 ``set_qaconv_neck_layout`` builds either, and ``load_upstream_checkpoint`` loads both.
 """
 
