@@ -2,7 +2,7 @@
 
     q_best, g_best = transmatcher_fast.max_sim(query, gallery, score_embed)
 
-See README.md and DESIGN.md for the op's contract and the backends.
+See README.md ("The op", "Backends") for the op's contract and the backends.
 """
 
 from . import _extension, reference

@@ -58,6 +58,21 @@ def qaconv_neck_layout(state: dict, source: str = "state_dict") -> Optional[str]
                      "(neck_conv.weight + neck_conv.bias, no neck_bn)")
 
 
+def criterion_matcher(criterion: dict) -> dict:
+    """The matcher's state_dict inside upstream's ``criterion`` (its ``matcher.*`` keys)."""
+    return weights_io.select(weights_io.strip_prefix(criterion), "matcher.")
+
+
+def matcher_locations(matcher_state: dict) -> Optional[int]:
+    """The feature-map locations a TransMatcher or QAConv state_dict (ours or upstream's) was
+    built for; None for any other."""
+    for matcher in (TransMatcher, QAConv):
+        locations = matcher.locations_in(matcher_state)
+        if locations is not None:
+            return locations
+    return None
+
+
 def _count(state: dict, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for k in state for m in [pattern.match(k)] if m}
@@ -139,7 +154,7 @@ def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: in
                          f"'model' and 'criterion' state_dicts, got {keys}")
     state = weights_io.strip_prefix(checkpoint["model"])
     criterion = weights_io.strip_prefix(checkpoint["criterion"])
-    matcher_state = weights_io.select(criterion, "matcher.")
+    matcher_state = criterion_matcher(criterion)
     if not matcher_state:
         raise ValueError(f"checkpoint {path!r}: 'criterion' holds no 'matcher.*' keys "
                          f"(got {sorted(criterion)[:8]}); QAConv 1.x class-memory losses are "
