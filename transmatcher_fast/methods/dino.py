@@ -17,15 +17,14 @@ Parts, saved in every checkpoint under these names (upstream's where upstream ha
 
 One step (:class:`DINOStep`): the 2 global crops (``height x width``) through the teacher, all
 ``2 + dino_local_crops`` crops through the student (one backbone call per resolution: the local
-crops' position embedding is resized, :class:`~..models.vit.MultiResolutionViT`), DINOLoss at the epoch's
-teacher temperature (warm-up ``dino_warmup_teacher_temp`` -> ``dino_teacher_temp`` over
+crops' position embedding is resized, :class:`~..models.vit.MultiResolutionViT`), DINOLoss at the
+epoch's teacher temperature (warm-up ``dino_warmup_teacher_temp`` -> ``dino_teacher_temp`` over
 ``dino_warmup_teacher_temp_epochs``), student temperature 0.1. Around the optimizer step (the
 engine's hooks, after AMP's unscaling): every parameter's gradient clipped to norm
 ``dino_clip_grad`` on its own, and the head's last layer's gradient dropped during the first
-``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA (these utilities:
-:mod:`.optim_utils`). The learning rate (``lr`` per
-256 images of the global batch, linear warm-up from 0 over ``dino_warmup_epochs``, cosine to
-``dino_min_lr``) and the weight decay (``weight_decay`` -> ``dino_weight_decay_end``, cosine, on
+``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA (these utilities are in
+:mod:`.optim_utils`). The learning rate (``lr`` per 256 images of the global batch, linear warm-up
+from 0 over ``dino_warmup_epochs``, cosine to ``dino_min_lr``) and the weight decay (``weight_decay`` -> ``dino_weight_decay_end``, cosine, on
 the regularised group only) are set every iteration by the ``dino`` schedule
 (:class:`~.schedules.DINOSchedule`); with the momentum they are functions of (epoch, iteration,
 iterations per epoch, configuration), so a resume repeats the interrupted epoch exactly.

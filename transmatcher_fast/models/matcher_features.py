@@ -121,6 +121,8 @@ class QAConvFeatures(nn.Module):
             out_planes = neck
             self.neck_bn = nn.BatchNorm2d(out_planes)
             self.neck_layout: Optional[str] = "2.0"
+            # Built as 2.0 first, then rebuilt: a seeded 2.1 model draws the same random numbers
+            # (and so gets the same initial weights) as it always has.
             if neck_layout != "2.0":
                 set_qaconv_neck_layout(self, neck_layout)
         else:
