@@ -18,11 +18,11 @@ from helpers import fit_interrupted_in_epoch, torchrun_two
 from transmatcher_fast.cli import build_parser
 from transmatcher_fast.engine.trainer import Trainer, TrainConfig
 from transmatcher_fast.methods import get_method
-from transmatcher_fast.methods.dino import MultiResolutionViT, load_dino_weights, view_agreement
+from transmatcher_fast.methods.dino import load_dino_weights, view_agreement
+from transmatcher_fast.methods.optim_utils import cancel_gradients_last_layer, clip_gradients, get_params_groups
 from transmatcher_fast.methods.schedules import DINOSchedule, build_schedule, dino_teacher_momentum
-from transmatcher_fast.models.dino import (cancel_gradients_last_layer, clip_gradients,
-                                           cosine_scheduler, get_params_groups)
-from transmatcher_fast.models.vit import arch_config
+from transmatcher_fast.models.vit import MultiResolutionViT, arch_config
+from upstream_dino import cosine_scheduler
 
 # A tiny DINO: 64 x 32 global crops (4 x 2 patches), 2 local crops of 32 x 16 (2 x 1), 64 prototypes.
 TINY = ["-d", "market", "-a", "vit_tiny_patch16", "--height", "64", "--width", "32", "-b", "8", "-j", "0",

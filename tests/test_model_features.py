@@ -226,7 +226,7 @@ def test_load_upstream_checkpoint_errors(tmp_path, rng):
 def test_qaconv_neck_layout_argument(layout, rng):
     from transmatcher_fast.models import qaconv_neck_layout, set_qaconv_neck_layout
 
-    assert set_qaconv_neck_layout is tmf.models.checkpoint.set_qaconv_neck_layout
+    assert set_qaconv_neck_layout is tmf.models.matcher_features.set_qaconv_neck_layout
     model, matcher = tmf.build_model("resnet18", ibn=None, matcher="qaconv", height=64, width=32,
                                      neck=16, neck_layout=layout)
     assert model.neck_layout == layout

@@ -428,7 +428,7 @@ def upstream_qaconv_checkpoint(rng, version, neck=64):
 
 @pytest.mark.parametrize("version", ["2.0", "2.1"])
 def test_qaconv_neck_layout_is_detected_from_the_keys(version, rng):
-    from transmatcher_fast.models.checkpoint import qaconv_neck_layout
+    from transmatcher_fast.models.upstream_checkpoint import qaconv_neck_layout
     state = upstream_qaconv_checkpoint(rng, version)["model"]
     assert qaconv_neck_layout(state) == version
     assert qaconv_neck_layout({"module." + k: v for k, v in state.items()}) == version
@@ -442,7 +442,7 @@ def test_qaconv_neck_layout_is_detected_from_the_keys(version, rng):
 
 
 def test_set_qaconv_neck_layout_gives_upstreams_keys():
-    from transmatcher_fast.models.checkpoint import set_qaconv_neck_layout
+    from transmatcher_fast.models.matcher_features import set_qaconv_neck_layout
     from transmatcher_fast.models import QAConvFeatures
     model = QAConvFeatures(18, None, "layer3", 64)
     neck_keys = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()  # noqa: E731

@@ -1,5 +1,5 @@
-"""DINO pieces (transmatcher_fast.models.dino) against hand computations and upstream's
-(facebookresearch/dino) formulas, layouts and behaviour. Tiny sizes: every test is about
+"""DINO pieces (transmatcher_fast.models.dino, methods.optim_utils, the reference cosine_scheduler)
+against hand computations and upstream's (facebookresearch/dino) formulas, layouts and behaviour. Tiny sizes: every test is about
 semantics, not width."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from transmatcher_fast.methods import optim_utils
 from transmatcher_fast.models import dino
+from upstream_dino import cosine_scheduler
 
 
 def _softmax(xs):
@@ -126,7 +128,7 @@ def test_loss_rejects_bad_shapes_and_epochs():
 
 def test_cosine_scheduler_formula():
     base, final, epochs, niter, warm, start = 1.0, 0.1, 4, 5, 1, 0.2
-    sched = dino.cosine_scheduler(base, final, epochs, niter, warmup_epochs=warm, start_warmup_value=start)
+    sched = cosine_scheduler(base, final, epochs, niter, warmup_epochs=warm, start_warmup_value=start)
     assert sched.shape == (20,)
     np.testing.assert_allclose(sched[:5], np.linspace(start, base, 5))  # warm-up, both ends included
     n = 15
@@ -135,29 +137,29 @@ def test_cosine_scheduler_formula():
     assert sched[4] == sched[5] == base           # the cosine starts where the warm-up ends
     assert final < sched[-1] < final + 0.02      # and stops one step short of final
 
-    plain = dino.cosine_scheduler(0.996, 1, 3, 2)  # teacher momentum: 0.996 -> 1, no warm-up
+    plain = cosine_scheduler(0.996, 1, 3, 2)  # teacher momentum: 0.996 -> 1, no warm-up
     assert plain[0] == 0.996 and np.all(np.diff(plain) > 0)
     with pytest.raises(ValueError, match="warmup_epochs"):
-        dino.cosine_scheduler(1, 0, 2, 3, warmup_epochs=3)
+        cosine_scheduler(1, 0, 2, 3, warmup_epochs=3)
 
 
 def test_ema_update():
     torch.manual_seed(2)
     student, teacher = nn.Linear(3, 2), nn.Linear(3, 2)
     t0 = [p.detach().clone() for p in teacher.parameters()]
-    dino.ema_update(teacher, student, 0.9)
+    optim_utils.ema_update(teacher, student, 0.9)
     for t, t_old, s in zip(teacher.parameters(), t0, student.parameters()):
         torch.testing.assert_close(t, 0.9 * t_old + 0.1 * s)
         assert t.grad is None
     with pytest.raises(ValueError, match="same parameters"):
-        dino.ema_update(nn.Linear(3, 2), nn.Linear(3, 3), 0.9)
+        optim_utils.ema_update(nn.Linear(3, 2), nn.Linear(3, 3), 0.9)
 
 
 def test_clip_gradients_per_parameter():
     model = nn.Linear(2, 2)
     model.weight.grad = torch.full((2, 2), 3.0)  # norm 6 -> scaled to 2
     model.bias.grad = torch.tensor([0.6, 0.8])   # norm 1 -> untouched
-    norms = dino.clip_gradients(model, 2.0)
+    norms = optim_utils.clip_gradients(model, 2.0)
     assert norms == pytest.approx([6.0, 1.0])
     assert model.weight.grad.norm().item() == pytest.approx(2.0, rel=1e-5)
     torch.testing.assert_close(model.bias.grad, torch.tensor([0.6, 0.8]))
@@ -166,19 +168,19 @@ def test_clip_gradients_per_parameter():
 def test_cancel_gradients_last_layer_and_param_groups():
     head = dino.DINOHead(4, 6, norm_last_layer=False, hidden_dim=8, bottleneck_dim=3)
     head(torch.randn(2, 4)).sum().backward()
-    dino.cancel_gradients_last_layer(0, head, freeze_last_layer=1)
+    optim_utils.cancel_gradients_last_layer(0, head, freeze_last_layer=1)
     assert all(p.grad is None for n, p in head.named_parameters() if "last_layer" in n)
     assert head.mlp[0].weight.grad is not None
     head(torch.randn(2, 4)).sum().backward()
-    dino.cancel_gradients_last_layer(1, head, freeze_last_layer=1)  # epoch 1: kept
+    optim_utils.cancel_gradients_last_layer(1, head, freeze_last_layer=1)  # epoch 1: kept
     assert all(p.grad is not None for n, p in head.named_parameters() if "last_layer" in n)
 
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    regularized, free = dino.get_params_groups(model)
+    regularized, free = optim_utils.get_params_groups(model)
     assert [p is model[0].weight for p in regularized["params"]] == [True]
     assert {id(p) for p in free["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
     assert free["weight_decay"] == 0.0 and "weight_decay" not in regularized
-    frozen = dino.get_params_groups(dino.DINOHead(4, 6, hidden_dim=8, bottleneck_dim=3))
+    frozen = optim_utils.get_params_groups(dino.DINOHead(4, 6, hidden_dim=8, bottleneck_dim=3))
     assert all(p.requires_grad for g in frozen for p in g["params"])  # the frozen g is left out
 
 
@@ -335,17 +337,17 @@ def test_one_dino_step_end_to_end():
     for p in teacher.parameters():
         p.requires_grad = False
     loss_fn = dino.DINOLoss(16, 4, 0.04, 0.04, 0, 2)
-    opt = torch.optim.AdamW(dino.get_params_groups(student), lr=1e-2)
+    opt = torch.optim.AdamW(optim_utils.get_params_groups(student), lr=1e-2)
     crops = [torch.randn(3, 3, 16, 8) for _ in range(2)] + [torch.randn(3, 3, 8, 4) for _ in range(2)]
     last_v = student.head.last_layer.parametrizations.weight.original1.detach().clone()
     loss = loss_fn(student(crops), teacher(crops[:2]), 0)
     loss.backward()
-    assert dino.clip_gradients(student, 3.0)
-    dino.cancel_gradients_last_layer(0, student, 1)
+    assert optim_utils.clip_gradients(student, 3.0)
+    optim_utils.cancel_gradients_last_layer(0, student, 1)
     opt.step()
     torch.testing.assert_close(student.head.last_layer.parametrizations.weight.original1, last_v)
     before = [p.clone() for p in teacher.parameters()]
-    dino.ema_update(teacher, student, 0.996)
+    optim_utils.ema_update(teacher, student, 0.996)
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
     assert math.isfinite(loss.item())
 

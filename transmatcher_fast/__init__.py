@@ -3,7 +3,7 @@
     q_best, g_best = transmatcher_fast.max_sim(query, gallery, score_embed)
     reid = transmatcher_fast.ReID.load("checkpoint.pt")       # rank your own images
 
-See README.md and DESIGN.md for the op's contract and the backends.
+See README.md ("The op", "Backends") for the op's contract and the backends.
 """
 
 from . import _extension, reference

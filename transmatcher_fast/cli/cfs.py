@@ -6,15 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import PROG, UserError, _non_negative_int, _optional_int, _optional_str, _positive_int
+from .common import PROG, UserError, _optional_int, _optional_str, _positive_int, _workers_count
 
 
 def _cfs_proxy(path: str, flag: str, args: argparse.Namespace, device):
-    """The CFS proxy model of ``path`` (see :mod:`..methods.cfs_proxy`): a checkpoint of ours
+    """The CFS proxy model of ``path`` (see :mod:`..models.cfs_proxy`): a checkpoint of ours
     is rebuilt by the engine, bare weights go into ``--arch`` (or the file's own config)."""
     from ..engine import validate
     from ..engine.evaluate import load_trained
-    from ..methods import cfs_proxy
+    from ..models import cfs_proxy
 
     validate.check_input_file(path, flag)
     try:
@@ -112,7 +112,7 @@ def add_cfs_parser(commands) -> argparse.ArgumentParser:
     cfs.add_argument("--pretrain-hw-ratio", dest="pretrain_hw_ratio", type=_positive_int, default=2,
                      help="bare weight files: height/width ratio of their position grid (DINO on LUPerson: 2)")
     cfs.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=64)
-    cfs.add_argument("-j", "--workers", type=_non_negative_int, default=2, help="data loader workers")
+    cfs.add_argument("-j", "--workers", type=_workers_count, default=2, help="data loader workers")
     cfs.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true",
                      help="score unreadable images NaN and list them in OUT/cfs_failed.txt (ranked "
                           "last) instead of stopping at the first")

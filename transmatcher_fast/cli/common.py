@@ -97,6 +97,14 @@ def _choices() -> dict:
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _workers_count(text: str) -> int:
+    """``-j``/``--workers``: data loader worker processes, 0 = load in the main process."""
+    value = int(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (load in the main process) or more, got {value}")
     return value
 
@@ -109,7 +117,7 @@ def _set_choices(parser: argparse.ArgumentParser) -> None:
         if action.dest in table and action.choices is None and action.nargs is None:
             action.choices = table[action.dest]
         if action.dest == "workers" and action.type is int:
-            action.type = _non_negative_int
+            action.type = _workers_count
 
 
 def _optional_int(text: str):

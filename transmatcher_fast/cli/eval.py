@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from .common import (EVAL_AMP_CHOICES, MAX_RANK, UserError, _non_negative_int, _optional_int,
-                     _optional_str, _positive_int, _rank)
+from .common import (EVAL_AMP_CHOICES, MAX_RANK, UserError, _optional_int,
+                     _optional_str, _positive_int, _rank, _workers_count)
 
 
 def _load_for_eval(args, with_data: bool = True):
@@ -178,7 +178,7 @@ def _add_model_and_data(parser, checkpoint_required: bool = True) -> None:
     parser.add_argument("--width", type=_optional_int, default=None, help="input width (default: the checkpoint's)")
     parser.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=128,
                         help="feature extraction batch")
-    parser.add_argument("-j", "--workers", type=_non_negative_int, default=2, help="data loader workers")
+    parser.add_argument("-j", "--workers", type=_workers_count, default=2, help="data loader workers")
     parser.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--amp", choices=EVAL_AMP_CHOICES, default="auto",
                         help="autocast dtype; auto: bf16 on CUDA, none on CPU")

@@ -1,5 +1,11 @@
 """Data: re-ID datasets from their public layouts, a procedural synthetic dataset, transforms and
-loaders. Nothing here imports the models or the ops."""
+loaders. Nothing here imports the models or the ops.
+
+A new labelled *dataset* is a :class:`~.datasets.ReidDataset` subclass in ``datasets.py`` (or a
+module of its own, imported here), registered with ``@register_dataset("name")``: ``--dataset
+name`` then finds it, and its docstring's expected layout is what a missing folder's error shows.
+Unlabelled image folders are ``unlabelled.py``'s; new augmentation goes in ``transforms.py``
+(``multicrop.py`` for DINO's crops)."""
 
 from .cfs_list import read_cfs_list, select_top
 from .datasets import (DatasetLayoutError, ReidDataset, build_dataset, dataset_names, dataset_root,

@@ -10,7 +10,8 @@ For each image one row of panels, each the image with a heat map laid over it:
   colour per group.
 
 Models draw when they have ``attention_maps(x, cam_label, view_label)`` returning
-``(cls_attention [B, heads, N], rollout [B, N])`` over a ``num_y x num_x`` grid (``grid``).
+``(cls_attention [B, heads, N], rollout [B, N])`` over a ``num_y x num_x`` grid (``grid``); a
+model with ``patch_groups()`` (token indices ``[k, P + 1]``, or None) gets the groups panel.
 Files follow :mod:`.visualize`'s scheme: ``attention_q<i>_pid<p>.png``; a comparison of several
 models (pre-trained vs fine-tuned): ``attention_compare_q<i>_pid<p>.png``.
 """
@@ -26,7 +27,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from ..data.images import open_image
-from .visualize import BACKGROUND, LABEL_HEIGHT, PANEL_GAP, TEXT_COLOR, _colormap, _font, id_label
+from .drawing import BACKGROUND, LABEL_HEIGHT, PANEL_GAP, TEXT_COLOR, get_colormap, id_label, label_font
 
 ATTENTION_NAME = "attention_q{index}_pid{pid}.png"
 COMPARE_NAME = "attention_compare_q{index}_pid{pid}.png"
@@ -72,7 +73,7 @@ def overlay(image: Image.Image, values: np.ndarray, *, cmap: Any = "inferno", al
     values = np.asarray(values, dtype=np.float64)
     lo, hi = np.nanmin(values), np.nanmax(values)
     norm = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    colors = (np.asarray(_colormap(cmap)(norm))[..., :3] * 255).astype(np.uint8)
+    colors = (np.asarray(get_colormap(cmap)(norm))[..., :3] * 255).astype(np.uint8)
     heat = Image.fromarray(colors).resize(image.size, Image.BILINEAR)
     out = Image.blend(image.convert("RGB"), heat, alpha)
     if mask is not None:
@@ -103,7 +104,7 @@ def groups_picture(image: Image.Image, groups: Tensor, grid: Tuple[int, int],
 
 
 def _labelled(panels: Sequence[Tuple[str, Image.Image]], title: Optional[str] = None) -> Image.Image:
-    font = _font()
+    font = label_font()
     width = sum(p.width for _, p in panels) + PANEL_GAP * (len(panels) - 1)
     top = LABEL_HEIGHT if title else 0
     height = top + LABEL_HEIGHT + max(p.height for _, p in panels)
@@ -156,7 +157,9 @@ def model_attention(model: nn.Module, items: Sequence[Sequence[Any]], transform,
 
 
 def _groups(model: nn.Module) -> Optional[Tensor]:
-    return getattr(model, "jpm_index", None) if getattr(model, "jpm", False) else None
+    """The model's groups of patches to draw (``patch_groups()``: TransReID's JPM), if it has any."""
+    groups = getattr(model, "patch_groups", None)
+    return groups() if callable(groups) else None
 
 
 def save_attention_pictures(folder: Union[str, Path], model: nn.Module, items: Sequence[Sequence[Any]],

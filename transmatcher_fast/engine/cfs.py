@@ -1,5 +1,6 @@
 """Conditional filtering (CFS) of TransReID-SSL: rank unlabelled images by how close they are to
-the re-ID domain, to pre-train on the closest part (``reference/transreid-upstream.md`` §5.6).
+the re-ID domain, to pre-train on the closest part (README, "TransReID-SSL: DINO pre-training,
+CFS, fine-tuning").
 
 Two models map a ``[B, 3, 256, 128]`` batch to ``[B, D]`` features (the cls token after the final
 LayerNorm; the caller builds and loads them): the *source proxy* (DINO briefly pre-trained on the

@@ -4,6 +4,11 @@ A checkpoint is a dict of tensors and plain Python values, so a weights-only loa
 (``weights_io.load``) reads it: a file from elsewhere cannot execute anything. It is written to a
 temporary file in the same folder, flushed to disk and renamed over the old one, so a run killed
 at any moment leaves either the previous checkpoint or the new one, never a torn file.
+
+These are the run's own checkpoints (``checkpoint.pt``). Upstream's ``checkpoint.pth.tar`` is read
+by ``models/upstream_checkpoint.py``; a checkpoint the user names on the command line is read by
+``validate.read_checkpoint``, which turns every problem with the file into a one-line
+:class:`~.validate.UserError` (:func:`load` here raises the loader's own errors).
 """
 
 from __future__ import annotations

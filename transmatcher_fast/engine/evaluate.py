@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import build_test_transform
-from ..methods import get_method
+from ..methods import DEFAULT_METHOD, get_method, method_of_matcher
 from ..models import load_upstream_checkpoint
 from . import checkpoint as checkpoints
 from . import export, matching
@@ -68,8 +68,7 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
             config["neck_layout"] = model.neck_layout
     elif "model" in state and "criterion" in state:
         model, matcher = load_upstream_checkpoint(str(path))
-        config = {"method": "qaconv" if type(matcher).__name__ == "QAConv" else "transmatcher",
-                  "height": 384, "width": 128}
+        config = {"method": method_of_matcher(matcher), "height": 384, "width": 128}
     else:
         raise ValueError(f"{path}: neither a transmatcher-fast checkpoint (model, matcher, config) "
                          f"nor an upstream one (model, criterion); keys: {sorted(state)}")
@@ -79,13 +78,13 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
 def default_eval_amp(config: Dict[str, Any]) -> Optional[str]:
     """The evaluation autocast of a model trained with ``config`` when none is asked for: its
     method's (TransReID: float32, as upstream), else None (bf16 on CUDA)."""
-    return get_method(config.get("method", "transmatcher")).eval_amp
+    return get_method(config.get("method", DEFAULT_METHOD)).eval_amp
 
 
 def eval_transform(config: Dict[str, Any], height: int, width: int):
     """The evaluation transform of a model trained with ``config`` (what :func:`load_trained`
     returns), at ``height`` x ``width``."""
-    return get_method(config.get("method", "transmatcher")).test_transform(config, height, width)
+    return get_method(config.get("method", DEFAULT_METHOD)).test_transform(config, height, width)
 
 
 def extract(model: nn.Module, items: Sequence[Item], *, height: int, width: int, batch_size: int = 128,

@@ -1,4 +1,5 @@
-"""Feature extraction: a feature model over a loader, batched, under autocast on a GPU.
+"""Feature extraction: a feature model over a loader, batched, under autocast on a GPU (the
+feature models themselves are in ``models/``: ``matcher_features.py``, ``vit.py``, ...).
 
 Features are kept in 16-bit or float32 on the device when they fit in a share of its free memory,
 else in (pinned) host memory, and come back in dataset order with their ids and cameras.

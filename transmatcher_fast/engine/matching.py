@@ -1,4 +1,5 @@
-"""Query x gallery matching with the fused matcher, in memory bounded by a chunk size.
+"""Query x gallery matching with a comparer (the part ``matcher``: a fused matcher or embedding
+distances), in memory bounded by a chunk size.
 
 Every image is projected once (TransMatcher's fc1 per level; QAConv's location view), then probe
 chunks are scored against gallery chunks whose size follows the device's free memory
@@ -31,16 +32,16 @@ from .features import autocast, parse_dtype
 DEFAULT_PROBE_CHUNK = 256
 
 
-def comparer_device(matcher: nn.Module) -> torch.device:
+def comparer_device(comparer: nn.Module) -> torch.device:
     """Where a comparer runs: the device of its first parameter or buffer, else the CPU (a
     comparer without state, e.g. a plain embedding distance)."""
-    for tensor in itertools.chain(matcher.parameters(), matcher.buffers()):
+    for tensor in itertools.chain(comparer.parameters(), comparer.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
 def score_to_distance(score: Tensor) -> Tensor:
-    """Upstream's distance of matcher logits: ``1 - sigmoid(score / 10)`` (monotone, in (0, 1))."""
+    """Upstream's distance of fused-matcher logits: ``1 - sigmoid(score / 10)`` (monotone, in (0, 1))."""
     return 1.0 - torch.sigmoid(score.float() / 10.0)
 
 
@@ -64,16 +65,16 @@ def _check_chunk(value: Optional[int], name: str) -> None:
 
 
 class _Projected:
-    """A matcher's projected features (a tensor for QAConv, one per layer for TransMatcher) as a
+    """A comparer's projected features (a tensor for QAConv, one per layer for TransMatcher) as a
     tuple, stored on ``device``, computed ``chunk`` images at a time."""
 
-    def __init__(self, matcher: nn.Module, features: Tensor, device: torch.device,
+    def __init__(self, comparer: nn.Module, features: Tensor, device: torch.device,
                  amp: Optional[torch.dtype], chunk: int, store: torch.device):
-        self.matcher, self.single = matcher, None
+        self.comparer, self.single = comparer, None
         parts = None
         for start in range(0, features.shape[0], chunk):
             with autocast(device, amp):
-                out = matcher.project(features[start:start + chunk].to(device, non_blocking=True))
+                out = comparer.project(features[start:start + chunk].to(device, non_blocking=True))
             self.single = isinstance(out, Tensor)
             out = (out,) if self.single else tuple(out)
             if parts is None:
@@ -89,14 +90,14 @@ class _Projected:
 
 
 @torch.no_grad()
-def match(matcher: nn.Module, probe: Tensor, gallery: Optional[Tensor] = None, *,
+def match(comparer: nn.Module, probe: Tensor, gallery: Optional[Tensor] = None, *,
           device: Union[str, torch.device, None] = None, amp: Union[str, torch.dtype, None] = None,
           probe_chunk: Optional[int] = None, gallery_chunk: Optional[int] = None,
           topk: Optional[int] = None, distributed: Optional[bool] = None,
           progress: bool = False) -> Union[Tensor, TopK]:
     """Distances of every probe to every gallery image (``gallery=None``: the probes themselves).
 
-    - ``probe``/``gallery``: features as the matcher takes them, on any device (host features
+    - ``probe``/``gallery``: features as the comparer takes them, on any device (host features
       are moved chunk by chunk).
     - ``amp``: autocast dtype for projection and matching (default bfloat16 on CUDA, none on CPU).
     - ``probe_chunk``/``gallery_chunk``: images per block (defaults: 256 probes; as many gallery
@@ -106,12 +107,12 @@ def match(matcher: nn.Module, probe: Tensor, gallery: Optional[Tensor] = None, *
     - ``distributed``: split the gallery across ``torch.distributed`` ranks (default: when a
       process group is initialised); every rank returns the whole result.
 
-    The matcher runs in eval mode (BatchNorm running statistics; its mode is restored); its
+    The comparer runs in eval mode (BatchNorm running statistics; its mode is restored); its
     device (parameters, else buffers, else the CPU) is the default ``device``."""
     _check_chunk(probe_chunk, "probe_chunk")
     _check_chunk(gallery_chunk, "gallery_chunk")
     _check_chunk(topk, "topk")
-    device = torch.device(device) if device is not None else comparer_device(matcher)
+    device = torch.device(device) if device is not None else comparer_device(comparer)
     amp = parse_dtype(amp, "amp") if amp is not None else (torch.bfloat16 if device.type == "cuda" else None)
     same = gallery is None or gallery is probe
     gallery = probe if gallery is None else gallery
@@ -123,27 +124,27 @@ def match(matcher: nn.Module, probe: Tensor, gallery: Optional[Tensor] = None, *
     per_rank = -(-num_gallery // world)
     g_start, g_stop = min(rank * per_rank, num_gallery), min((rank + 1) * per_rank, num_gallery)
     probe_chunk = probe_chunk or min(max(1, num_probe), DEFAULT_PROBE_CHUNK)
-    was_training = matcher.training
-    matcher.eval()
+    was_training = comparer.training
+    comparer.eval()
     try:
         store = gallery.device if gallery.device.type == device.type else torch.device("cpu")
-        gallery_proj = _Projected(matcher, gallery[g_start:g_stop], device, amp, probe_chunk, store)
-        step = memory.gallery_chunk(probe_chunk, g_stop - g_start, matcher.bytes_per_pair(), device,
+        gallery_proj = _Projected(comparer, gallery[g_start:g_stop], device, amp, probe_chunk, store)
+        step = memory.gallery_chunk(probe_chunk, g_stop - g_start, comparer.bytes_per_pair(), device,
                                     gallery_chunk)
-        shard = _match_shard(matcher, probe, gallery_proj, same and world == 1, g_stop - g_start,
+        shard = _match_shard(comparer, probe, gallery_proj, same and world == 1, g_stop - g_start,
                              device, amp, probe_chunk, step, topk, progress)
     finally:
-        matcher.train(was_training)
+        comparer.train(was_training)
     if world == 1:
         return shard
     return _gather(shard, g_start, num_gallery, per_rank, topk)
 
 
-def _match_shard(matcher, probe, gallery_proj, same, num_gallery, device, amp, probe_chunk, step,
+def _match_shard(comparer, probe, gallery_proj, same, num_gallery, device, amp, probe_chunk, step,
                  topk, progress):
     num_probe = probe.shape[0]
     # The comparer's own distance when it has one (embeddings), else upstream's matcher sigmoid.
-    to_distance = getattr(matcher, "distance", None) or score_to_distance
+    to_distance = getattr(comparer, "distance", None) or score_to_distance
     k = None if topk is None else min(topk, num_gallery)
     if k is None:
         out = torch.empty(num_probe, num_gallery, dtype=torch.float32)
@@ -156,12 +157,12 @@ def _match_shard(matcher, probe, gallery_proj, same, num_gallery, device, amp, p
             p = gallery_proj.slice(p_start, p_stop, device)
         else:
             with autocast(device, amp):
-                p = matcher.project(probe[p_start:p_stop].to(device, non_blocking=True), "probe")
+                p = comparer.project(probe[p_start:p_stop].to(device, non_blocking=True), "probe")
         best_d = best_i = None
         for g_start in range(0, num_gallery, step):
             g_stop = min(g_start + step, num_gallery)
             with autocast(device, amp):
-                d = to_distance(matcher.score_projected(p, gallery_proj.slice(g_start, g_stop, device)))
+                d = to_distance(comparer.score_projected(p, gallery_proj.slice(g_start, g_stop, device)))
             if k is None:
                 out[p_start:p_stop, g_start:g_stop] = d.cpu()
                 continue

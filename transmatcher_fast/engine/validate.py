@@ -184,7 +184,8 @@ _GIVE_A_CHECKPOINT = ("give a complete checkpoint.pt of transmatcher-fast train 
 def read_checkpoint(path: PathLike, flag: str = "--checkpoint") -> dict:
     """The checkpoint's dict (``weights_only``), or a :class:`UserError` that says in one line
     what is wrong with the file (missing, empty, a text file, truncated or corrupt, holds
-    code)."""
+    code): for a file the user names (``flag``). The trainer's own reads of its run's
+    checkpoint go through :func:`.checkpoint.load`."""
     path = check_input_file(path, flag)
     try:
         state = weights_io.load(path)
@@ -197,23 +198,20 @@ def read_checkpoint(path: PathLike, flag: str = "--checkpoint") -> dict:
 
 
 def checkpoint_locations(state: dict) -> Tuple[Optional[int], Optional[str]]:
-    """``(locations, final_layer)`` the checkpoint's matcher was trained for: TransMatcher's
-    ``seq_len`` (the ``score_embed`` shape, ours or upstream's ``criterion``) or QAConv's
-    ``h*w`` (``fc.weight``); ``final_layer`` from our config (None for upstream's)."""
+    """``(locations, final_layer)`` the checkpoint's matcher was trained for: its part
+    ``matcher`` (ours) or upstream's ``criterion``, as the matcher classes read their own keys
+    (:func:`~..models.matcher_locations`; None for embedding distances); ``final_layer`` from our
+    config (None for upstream's)."""
+    from ..models import criterion_matcher, matcher_locations
+
     if "matcher" in state and isinstance(state["matcher"], dict):
         matcher = state["matcher"]
     elif isinstance(state.get("criterion"), dict):
-        matcher = weights_io.select(weights_io.strip_prefix(state["criterion"]), "matcher.")
+        matcher = criterion_matcher(state["criterion"])
     else:
         return None, None
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    final_layer = config.get("final_layer")
-    for key in ("decoder.layers.0.score_embed", "decoder_layer.score_embed"):
-        if key in matcher:
-            return int(matcher[key].shape[-1]), final_layer
-    if "fc.weight" in matcher and "logit_bn.weight" in matcher:
-        return int(matcher["fc.weight"].shape[-1]), final_layer
-    return None, final_layer
+    return matcher_locations(matcher), config.get("final_layer")
 
 
 def check_input_size(state: dict, height: Optional[int], width: Optional[int], path: PathLike) -> None:

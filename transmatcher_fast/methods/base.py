@@ -34,6 +34,9 @@ from ..data import build_dataset, build_test_transform, build_train_transform, d
 
 Parts = Dict[str, nn.Module]
 
+# The method of a configuration that names none (and the CLI's default).
+DEFAULT_METHOD = "transmatcher"
+
 # The options whose default is the method's (TrainConfig fills them from Method.defaults).
 METHOD_DEFAULTED = ("arch", "ibn", "height", "width", "lr", "weight_decay", "epochs", "sampler",
                     "loss", "clip_value", "freeze_bn", "schedule")
@@ -71,7 +74,8 @@ class Method:
     every option of :data:`METHOD_DEFAULTED`."""
 
     name: str = ""
-    summary: str = ""
+    # The fused matcher it trains, by the models' name for it (``matcher.matcher_name``), if any.
+    matcher: Optional[str] = None
     defaults: Mapping[str, Any] = {}
     # The options that define the model: recorded in results' provenance.
     model_options: Tuple[str, ...] = ()
@@ -166,6 +170,16 @@ def register_method(method: Method) -> Method:
 
 def method_names() -> List[str]:
     return sorted(_REGISTRY)
+
+
+def method_of_matcher(matcher: nn.Module) -> str:
+    """The name of the method that trains ``matcher`` (for a checkpoint that records no method:
+    upstream's, which holds a fused matcher)."""
+    name = getattr(matcher, "matcher_name", None)
+    for method in _REGISTRY.values():
+        if name is not None and method.matcher == name:
+            return method.name
+    raise ValueError(f"no method trains a {type(matcher).__name__} matcher")
 
 
 def get_method(name: Optional[str]) -> Method:

@@ -1,5 +1,5 @@
 """DINO self-supervised pre-training of a ViT on unlabelled person images (TransReID-SSL's LUPerson
-recipe, ``dino/main_dino.py``; ``reference/transreid-upstream.md`` §3.5), as a method of the engine.
+recipe, ``dino/main_dino.py``), as a method of the engine.
 
 Parts, saved in every checkpoint under these names (upstream's where upstream has them):
 
@@ -17,16 +17,16 @@ Parts, saved in every checkpoint under these names (upstream's where upstream ha
 
 One step (:class:`DINOStep`): the 2 global crops (``height x width``) through the teacher, all
 ``2 + dino_local_crops`` crops through the student (one backbone call per resolution: the local
-crops' position embedding is resized, :class:`MultiResolutionViT`), DINOLoss at the epoch's
-teacher temperature (warm-up ``dino_warmup_teacher_temp`` -> ``dino_teacher_temp`` over
+crops' position embedding is resized, :class:`~..models.vit.MultiResolutionViT`), DINOLoss at the
+epoch's teacher temperature (warm-up ``dino_warmup_teacher_temp`` -> ``dino_teacher_temp`` over
 ``dino_warmup_teacher_temp_epochs``), student temperature 0.1. Around the optimizer step (the
 method's training hook :class:`DINOStepHook`, after AMP's unscaling): every parameter's gradient
 clipped to norm ``dino_clip_grad`` on its own, and the head's last layer's gradient dropped
-during the first ``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA. The
-learning rate (``lr`` per 256 images of the global batch, linear warm-up from 0 over
-``dino_warmup_epochs``, cosine to ``dino_min_lr``) and the weight decay (``weight_decay`` ->
-``dino_weight_decay_end``, cosine, on the regularised group only) are set every iteration by the
-``dino`` schedule
+during the first ``dino_freeze_last_layer`` epochs; after the step, the teacher's EMA (these
+utilities are in :mod:`.optim_utils`). The learning rate (``lr`` per 256 images of the global
+batch, linear warm-up from 0 over ``dino_warmup_epochs``, cosine to ``dino_min_lr``) and the
+weight decay (``weight_decay`` -> ``dino_weight_decay_end``, cosine, on the regularised group
+only) are set every iteration by the ``dino`` schedule
 (:class:`~.schedules.DINOSchedule`); with the momentum they are functions of (epoch, iteration,
 iterations per epoch, configuration), so a resume repeats the interrupted epoch exactly.
 
@@ -45,56 +45,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import weights_io
 from ..data import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollate, MultiCropTransform, UnlabelledImages
 from ..data.transforms import build_transreid_test_transform, seeded_loader
 from ..data.unlabelled import UNLABELLED_DATASETS, restrict_to_list
-from ..models.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer,
-                           clip_gradients, ema_update, get_params_groups)
+from ..models.dino import DINOHead, DINOLoss, MultiCropWrapper
 from ..models.embedding import EmbeddingDistance
-from ..models.vit import ARCHS as VIT_ARCHS, PATCH, VisionTransformer, arch_config, load_pretrained
+from ..models.vit import ARCHS as VIT_ARCHS, PATCH, MultiResolutionViT, arch_config, load_pretrained
 from .base import Method, Parts, TrainingHook, register_method
+from .optim_utils import cancel_gradients_last_layer, clip_gradients, ema_update, get_params_groups
 from .schedules import dino_peak_lr, dino_teacher_momentum
 
-__all__ = ["DINOMethod", "DINOStep", "DINOStepHook", "MultiResolutionViT", "load_dino_weights", "teacher_checkpoint",
+__all__ = ["DINOMethod", "DINOStep", "DINOStepHook", "load_dino_weights", "teacher_checkpoint",
            "view_agreement"]
-
-
-class MultiResolutionViT(VisionTransformer):
-    """The ViT of DINO's multi-crop: an image of another size than ``img_size`` (a local crop,
-    128 x 64 for a 256 x 128 model) gets the position embedding resized to its grid, bicubically
-    with upstream's scale factor ``(n + 0.1) / N`` per axis (TransReID-SSL's
-    ``dino/vision_transformer.py``, ``interpolate_pos_encoding``). At ``img_size`` it is exactly
-    :class:`~..models.vit.VisionTransformer`, whose parameters and names it has."""
-
-    def embed(self, x: Tensor, cam_label=None, view_label=None) -> Tensor:
-        """Images ``[B, 3, h, w]`` (any size the patch embedding takes) -> tokens ``[B, 1 + n, D]``."""
-        if x.dim() != 4 or tuple(x.shape[-2:]) == tuple(self.img_size):
-            return super().embed(x, cam_label, view_label)  # (which also names a bad shape)
-        embedding = self.patch_embed
-        grid = embedding.proj(embedding.conv(x) if embedding.stem_conv else x)  # [B, D, gy, gx]
-        tokens = grid.flatten(2).transpose(1, 2)
-        tokens = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
-        tokens = tokens + self.resized_pos_embed(*grid.shape[-2:])
-        sie = self._sie(cam_label, view_label, x.device)
-        if sie is not None:
-            tokens = tokens + self.sie_coe * sie
-        return self.pos_drop(tokens)
-
-    def resized_pos_embed(self, num_y: int, num_x: int) -> Tensor:
-        """``pos_embed`` ``[1, 1 + N, D]`` for a ``num_y x num_x`` grid: ``[1, 1 + num_y * num_x, D]``."""
-        dim = self.pos_embed.shape[-1]
-        grid = self.pos_embed[:, 1:].reshape(1, self.num_y, self.num_x, dim).permute(0, 3, 1, 2)
-        # The 0.1 keeps floor(N * scale) at n despite rounding (facebookresearch/dino#8).
-        grid = F.interpolate(grid, scale_factor=((num_y + 0.1) / self.num_y, (num_x + 0.1) / self.num_x),
-                             mode="bicubic")
-        if tuple(grid.shape[-2:]) != (num_y, num_x):
-            raise ValueError(f"position embedding resized to {tuple(grid.shape[-2:])}, not the "
-                             f"{(num_y, num_x)} grid of the input")
-        return torch.cat((self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)), dim=1)
 
 
 @torch.no_grad()
@@ -195,7 +160,6 @@ class DINOStepHook(TrainingHook):
 
 class DINOMethod(Method):
     name = "dino"
-    summary = "DINO: self-supervised pre-training of a ViT (student, EMA teacher, multi-crop)"
     defaults = {"arch": "vit_small_patch16", "ibn": None, "height": 256, "width": 128, "lr": 0.0005,
                 "weight_decay": 0.04, "epochs": 100, "sampler": "random", "loss": "dino",
                 "clip_value": 0.0, "freeze_bn": False, "schedule": "dino"}

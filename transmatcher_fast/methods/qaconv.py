@@ -11,7 +11,6 @@ from .transmatcher import TransMatcherMethod
 
 class QAConvMethod(TransMatcherMethod):
     name = "qaconv"
-    summary = "QAConv: query-adaptive convolution matching of feature maps"
     matcher = "qaconv"
 
     def load(self, config, state, source: str) -> Parts:

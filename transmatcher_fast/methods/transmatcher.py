@@ -36,7 +36,6 @@ class MatchingStep(nn.Module):
 
 class TransMatcherMethod(Method):
     name = "transmatcher"
-    summary = "TransMatcher: fused location-to-location matching of feature maps"
     matcher = "transmatcher"
     defaults = {"arch": "resnet50", "ibn": "b", "height": 384, "width": 128, "lr": 0.005,
                 "weight_decay": 5e-4, "epochs": 15, "sampler": "graph", "loss": "pairwise",

@@ -39,7 +39,6 @@ class TransReIDStep(nn.Module):
 
 class TransReIDMethod(Method):
     name = "transreid"
-    summary = "TransReID: ViT embeddings (SIE, JPM, BNNeck), Euclidean distance"
     defaults = {"arch": "vit_base_patch16", "ibn": None, "height": 256, "width": 128, "lr": 0.008,
                 "weight_decay": 1e-4, "epochs": 120, "sampler": "pk_all", "loss": "softmax_triplet",
                 "clip_value": 0.0, "freeze_bn": False, "schedule": "cosine"}

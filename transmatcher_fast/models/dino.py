@@ -1,15 +1,13 @@
 """DINO self-distillation, as facebookresearch/dino writes it (``main_dino.py``,
 ``vision_transformer.py``, ``utils.py``), for TransReID-SSL's LUPerson pre-training.
 
-Upstream's recipe (``reference/transreid-upstream.md`` §3.5): a student and an EMA teacher, both a
-backbone (cls token ``[B, D]``) wrapped with a :class:`DINOHead` by :class:`MultiCropWrapper`;
-the teacher sees the 2 global crops, the student all crops; :class:`DINOLoss` is the
-cross-entropy between the centred, sharpened teacher softmax and the student softmax over every
-pair of *different* views. Per iteration: ``lr`` / ``wd`` / teacher momentum from
-:func:`cosine_scheduler`, :func:`clip_gradients`, :func:`cancel_gradients_last_layer` during the
-first ``freeze_last_layer`` epochs, an optimizer step over :func:`get_params_groups` (only group 0
-gets weight decay), then :func:`ema_update` of the teacher. :func:`teacher_stats` tells whether
-the teacher collapsed.
+The model side of upstream's recipe: a student and an EMA teacher, both a backbone (cls token
+``[B, D]``) wrapped with a :class:`DINOHead` by :class:`MultiCropWrapper`; the teacher sees the 2
+global crops, the student all crops; :class:`DINOLoss` is the cross-entropy between the centred,
+sharpened teacher softmax and the student softmax over every pair of *different* views.
+:func:`teacher_stats` tells whether the teacher collapsed. The training side (schedules, gradient
+clipping, the frozen last layer, parameter groups, the teacher's EMA) is in
+``methods/schedules.py`` and ``methods/optim_utils.py``; the multi-resolution ViT in ``models/vit.py``.
 
 State dicts keep upstream's layout, so released DINO / TransReID-SSL checkpoints load as they are
 (``head.mlp.0.weight``, ..., ``head.last_layer.weight_g``, ``head.last_layer.weight_v``).
@@ -32,11 +30,6 @@ __all__ = [
     "DINOHead",
     "MultiCropWrapper",
     "DINOLoss",
-    "cosine_scheduler",
-    "ema_update",
-    "cancel_gradients_last_layer",
-    "clip_gradients",
-    "get_params_groups",
     "teacher_stats",
     "TeacherStats",
 ]
@@ -257,93 +250,6 @@ class DINOLoss(nn.Module):
             count *= dist.get_world_size()
         batch_center = batch_center / count
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
-
-
-# ------------------------------------------------------------------------------------------------
-# Schedules and training-step utilities
-# ------------------------------------------------------------------------------------------------
-
-def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
-                     warmup_epochs: int = 0, start_warmup_value: float = 0) -> np.ndarray:
-    """One value per iteration, ``[epochs * niter_per_ep]`` float64: a linear warm-up from
-    ``start_warmup_value`` to ``base_value`` (both ends included) over ``warmup_epochs`` epochs,
-    then ``final + (base - final) * (1 + cos(pi * i / n)) / 2`` for ``i = 0 .. n - 1`` over the
-    ``n`` remaining iterations (so it starts at ``base_value`` and never quite reaches
-    ``final_value``), as DINO's ``utils.cosine_scheduler``."""
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    schedule = np.concatenate((warmup_schedule, schedule))
-    if len(schedule) != epochs * niter_per_ep:
-        raise ValueError(f"cosine_scheduler: warmup_epochs={warmup_epochs} exceeds epochs={epochs}")
-    return schedule
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (its parameters are the same, ``module.`` aside)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``t <- m * t + (1 - m) * s`` for every parameter pair, in ``parameters()`` order (as
-    upstream; buffers such as BatchNorm statistics are not averaged). DDP wrappers are unwrapped."""
-    t_params, s_params = list(_unwrap(teacher).parameters()), list(_unwrap(student).parameters())
-    if len(t_params) != len(s_params) or any(t.shape != s.shape for t, s in zip(t_params, s_params)):
-        raise ValueError("ema_update: teacher and student must have the same parameters "
-                         f"({len(t_params)} vs {len(s_params)} tensors, or different shapes)")
-    if not t_params:
-        return
-    # One fused kernel per group instead of two per tensor (a ViT has ~150 parameter tensors).
-    s_data = [s.detach() for s in s_params]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_data, alpha=1 - momentum)
-
-
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """Drop the gradients of the head's ``last_layer`` while ``epoch < freeze_last_layer``
-    (upstream freezes it during epoch 0: training is more stable)."""
-    if epoch >= freeze_last_layer:
-        return
-    for name, p in model.named_parameters():
-        if "last_layer" in name:
-            p.grad = None
-
-
-@torch.no_grad()
-def clip_gradients(model: nn.Module, clip: float) -> List[float]:
-    """Clip each parameter's gradient to L2 norm ``clip`` on its own (not a global norm): scaled by
-    ``clip / (norm + 1e-6)`` when that is below 1. Returns the norms before clipping, in
-    ``named_parameters()`` order of the parameters that have a gradient, as DINO's ``utils``."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return []
-    # Upstream syncs with the device once per parameter (.item()); the norms are the same
-    # computed together and read back once.
-    norms = torch.stack([g.detach().norm(2).to(grads[0].device) for g in grads]).tolist()
-    for g, norm in zip(grads, norms):
-        clip_coef = clip / (norm + 1e-6)
-        if clip_coef < 1:
-            g.mul_(clip_coef)
-    return norms
-
-
-def get_params_groups(model: nn.Module) -> List[Dict]:
-    """``[{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]``: biases and
-    1-D parameters (norm weights) get no weight decay; frozen parameters are left out. Group 0 is
-    the one whose weight decay the schedule sets."""
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or len(param.shape) == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.}]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .correspondence import EMBEDDING
+
 METRICS = ("euclidean", "cosine")
 
 Projected = tuple[Tensor, Tensor]  # (float32 embeddings [n, D], their squared norms [n])
@@ -39,6 +41,8 @@ class EmbeddingDistance(nn.Module):
     the cost here is one GEMM per block, not worth the ranks it would scramble.
     """
 
+    feature_layout = EMBEDDING
+
     def __init__(self, metric: str = "euclidean", normalize: bool = True):
         super().__init__()
         if metric not in METRICS:
@@ -50,6 +54,11 @@ class EmbeddingDistance(nn.Module):
         # No weights, but the engine (evaluate_features, match) finds a comparer's device with
         # next(parameters()); an empty frozen parameter follows .to(device) and answers it.
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    @property
+    def label(self) -> str:
+        """What the pictures call it: "Euclidean distance" or "cosine distance"."""
+        return "Euclidean distance" if self.metric == "euclidean" else "cosine distance"
 
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}, normalize={self.normalize}"

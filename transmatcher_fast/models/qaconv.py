@@ -8,7 +8,7 @@ Both upstream protocols work: ``make_kernel(probe)`` + ``forward(gallery)`` (up 
 
 The matcher's parameters (``bn``, ``fc``, ``logit_bn``) are the same in QAConv 2.0 and 2.1+; what
 changed is the feature model's neck (2.0: conv without bias + ``neck_bn``; 2.1+: conv with bias,
-no BatchNorm). ``models.checkpoint.qaconv_neck_layout`` tells them apart from a state_dict,
+no BatchNorm). ``models.upstream_checkpoint.qaconv_neck_layout`` tells them apart from a state_dict,
 ``set_qaconv_neck_layout`` builds either, and ``load_upstream_checkpoint`` loads both.
 """
 
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..ops import max_sim
 from . import memory
+from .correspondence import CHANNELS_FIRST, Correspondence, check_pair, in_eval_mode, one_pair
 from .transmatcher import _check_positive, _uses_batch_stats
 
 
@@ -31,6 +32,10 @@ class QAConv(nn.Module):
     ``S[r, s]`` the dot product of gallery location r and probe location s, ``bn`` a scalar
     ``BatchNorm1d(1)``, ``fc`` a ``Linear(height*width, 1)`` initialised to the mean.
     """
+
+    label = "QAConv"
+    matcher_name = "qaconv"  # build_model(matcher=...)'s name for it
+    feature_layout = CHANNELS_FIRST
 
     def __init__(self, num_features: int, height: int, width: int):
         super().__init__()
@@ -43,6 +48,13 @@ class QAConv(nn.Module):
         self.logit_bn = nn.BatchNorm1d(1)
         self.kernel = None
         self.reset_parameters()
+
+    @staticmethod
+    def locations_in(state_dict) -> Optional[int]:
+        """``height * width`` of a QAConv state_dict (``fc.weight``); None for another matcher's."""
+        if "fc.weight" in state_dict and "logit_bn.weight" in state_dict:
+            return int(state_dict["fc.weight"].shape[-1])
+        return None
 
     def reset_running_stats(self) -> None:
         self.bn.reset_running_stats()
@@ -101,6 +113,23 @@ class QAConv(nn.Module):
         """``[p, g]`` scores of ``project``-ed features; blocks of pairs scored separately equal
         one pass only when no BatchNorm uses batch statistics."""
         return self._score(probe, gallery)
+
+    def correspondences(self, probe_features: Tensor, gallery_features: Tensor) -> list[Correspondence]:
+        """Where each location of one probe image ``[1, C, h, w]`` found its best match in one
+        gallery image (``max_sim``'s argmax indices, no projection, no gate): one panel, "QAConv"."""
+        expected = (f"[1, num_features, height, width] = [1, {self.num_features}, "
+                    f"{self.height}, {self.width}]")
+        check_pair(probe_features, gallery_features, expected)
+        if tuple(probe_features.shape[1:]) != (self.num_features, self.height, self.width):
+            raise ValueError(f"probe_features and gallery_features must be {expected}, got "
+                             f"{tuple(probe_features.shape)}")
+
+        def compute():
+            p = self._locations(probe_features, "probe_features")
+            g = self._locations(gallery_features, "gallery_features")
+            return [one_pair(*max_sim(p, g, None, return_indices=True), self.height, self.width, None,
+                             self.label)]
+        return in_eval_mode(self, compute)
 
     def bytes_per_pair(self) -> int:
         """Temporaries per probe/gallery pair: q_best, g_best, indices, pooled copy, BN output."""

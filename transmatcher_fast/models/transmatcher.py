@@ -24,6 +24,7 @@ from torch.nn.init import xavier_uniform_
 
 from ..ops import max_sim
 from . import memory
+from .correspondence import CHANNELS_LAST, Correspondence, check_pair, in_eval_mode, one_pair
 from .head import matching_head
 
 
@@ -151,6 +152,10 @@ class TransMatcher(nn.Module):
     ``[n, h, w, N * d_model]``. ``match(probe, gallery)`` gives the same scores in bounded memory.
     """
 
+    label = "TransMatcher"
+    matcher_name = "transmatcher"  # build_model(matcher=...)'s name for it
+    feature_layout = CHANNELS_LAST
+
     def __init__(self, seq_len: int, d_model: int = 512, num_decoder_layers: int = 3,
                  dim_feedforward: int = 2048):
         super().__init__()
@@ -163,6 +168,15 @@ class TransMatcher(nn.Module):
         self.decoder = TransformerDecoder(self.decoder_layer, num_decoder_layers, decoder_norm)
         self.memory = None
         self.reset_parameters()
+
+    @staticmethod
+    def locations_in(state_dict) -> Optional[int]:
+        """``seq_len`` of a TransMatcher state_dict (ours or upstream's: the ``score_embed``
+        shape); None for another matcher's."""
+        for key in ("decoder.layers.0.score_embed", "decoder_layer.score_embed"):
+            if key in state_dict:
+                return int(state_dict[key].shape[-1])
+        return None
 
     def reset_parameters(self) -> None:
         """xavier_uniform_ on every parameter with more than one dimension (score_embed included);
@@ -196,6 +210,32 @@ class TransMatcher(nn.Module):
             s = layer.score(p, g)
             score = s if score is None else score + s
         return self.decoder.normalize(score)
+
+    def correspondences(self, probe_features: Tensor, gallery_features: Tensor) -> list[Correspondence]:
+        """Per decoder layer, where each location of one probe image ``[1, h, w, N * d_model]``
+        found its best match in one gallery image: ``max_sim``'s argmax indices on the features
+        projected and gated exactly as the layer scores them (``project``, then
+        ``sigmoid(score_embed)``). Panels are titled "layer n"."""
+        decoder = self.decoder
+        expected = (f"[1, h, w, num_layers * d_model] = [1, h, w, {decoder.num_layers} * "
+                    f"{self.d_model}] with h*w = seq_len = {self.seq_len}")
+        check_pair(probe_features, gallery_features, expected)
+        _, h, w, c = probe_features.shape
+        if h * w != self.seq_len or c != decoder.num_layers * self.d_model:
+            raise ValueError(f"probe_features and gallery_features must be {expected}, got "
+                             f"{tuple(probe_features.shape)}")
+
+        def compute():
+            matches = []
+            probe_parts = decoder.split(probe_features, "probe_features")
+            gallery_parts = decoder.split(gallery_features, "gallery_features")
+            for n, (layer, p, g) in enumerate(zip(decoder.layers, probe_parts, gallery_parts), start=1):
+                gate = layer.score_embed.view(layer.seq_len, layer.seq_len)
+                best = max_sim(layer.project(p, "probe_features"), layer.project(g, "gallery_features"), gate,
+                               return_indices=True)
+                matches.append(one_pair(*best, h, w, n, f"layer {n}"))
+            return matches
+        return in_eval_mode(self, compute)
 
     def bytes_per_pair(self) -> int:
         """Temporaries one probe/gallery pair needs while scored: q_best, g_best, their indices,

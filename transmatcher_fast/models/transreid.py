@@ -178,6 +178,11 @@ class TransReID(nn.Module):
         the last layer is ``b1``'s block."""
         return self.base.attention_maps(x, cam_label, view_label, self.b1[0] if self.jpm else None)
 
+    def patch_groups(self) -> Optional[Tensor]:
+        """JPM's groups of patches for pictures (``jpm_index`` ``[k, P + 1]``: token indices, column
+        0 the cls token); None without JPM."""
+        return self.jpm_index if self.jpm else None
+
     def load_param(self, trained_path: str) -> None:
         """Load a trained TransReID checkpoint (ours or upstream's, ``module.`` prefixes of
         DataParallel stripped), strictly: a missing, unexpected or misshapen key raises a

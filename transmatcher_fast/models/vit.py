@@ -15,8 +15,9 @@ order) and outputs; what differs is how a block computes them:
   runs its query, projection and MLP on the cls token alone (``Block.forward_cls``).
 
 Also here: pretrained loading (``load_pretrained``: ImageNet ViT/DeiT, DeiT distilled, DINO
-teachers, TransReID-SSL's ``hw_ratio``), ``resize_pos_embed``, attention maps for pictures and
-``ViTMatchingFeatures``, which turns the patch tokens into the feature maps TransMatcher and QAConv
+teachers, TransReID-SSL's ``hw_ratio``), the position embedding resized (``resize_pos_embed`` for
+weights of another grid, :class:`MultiResolutionViT` for DINO's crops of another size), attention
+maps for pictures and ``ViTMatchingFeatures``, which turns the patch tokens into the feature maps TransMatcher and QAConv
 take. Nothing is downloaded: pretrained weights come from local files.
 
 Shapes: B images, D = embed_dim, N = num_y * num_x patch tokens, T = N + 1 tokens with the cls.
@@ -538,24 +539,66 @@ def build_vit(arch: str = "vit_base_patch16", **kwargs) -> VisionTransformer:
 # Pretrained weights.
 
 
+def _patch_grid(posemb: Tensor, grid: tuple) -> Tensor:
+    """The patch entries of ``posemb`` ``[1, 1 + gy * gx, D]`` as an image ``[1, D, gy, gx]``."""
+    return posemb[:, 1:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
+
+
+def _with_cls(posemb: Tensor, patch_grid: Tensor) -> Tensor:
+    """``posemb``'s cls entry followed by ``patch_grid`` ``[1, D, gy, gx]``: ``[1, 1 + gy * gx, D]``."""
+    return torch.cat((posemb[:, :1], patch_grid.flatten(2).transpose(1, 2)), dim=1)
+
+
 def resize_pos_embed(posemb: Tensor, num_y: int, num_x: int, hw_ratio: int = 1) -> Tensor:
-    """Upstream's ``resize_pos_embed``: ``[1, 1 + n, D] -> [1, 1 + num_y * num_x, D]``. The cls
-    entry is kept; the grid, taken as ``gs_h = int(sqrt(n * hw_ratio))`` by ``gs_h // hw_ratio``
-    (square for ``hw_ratio`` 1, 16x8 for a 256x128 DINO checkpoint with ``hw_ratio`` 2), is
-    resized bilinearly (``align_corners=False``)."""
+    """Upstream's ``resize_pos_embed`` (loading weights of another grid): ``[1, 1 + n, D] ->
+    [1, 1 + num_y * num_x, D]``. The cls entry is kept; the grid, taken as
+    ``gs_h = int(sqrt(n * hw_ratio))`` by ``gs_h // hw_ratio`` (square for ``hw_ratio`` 1, 16x8
+    for a 256x128 DINO checkpoint with ``hw_ratio`` 2), is resized bilinearly
+    (``align_corners=False``)."""
     if posemb.dim() != 3 or posemb.shape[0] != 1:
         raise ValueError(f"posemb must be [1, 1 + n, D], got shape {tuple(posemb.shape)}")
-    token, grid = posemb[:, :1], posemb[0, 1:]
-    n = grid.shape[0]
+    n = posemb.shape[1] - 1
     gs_h = int(math.sqrt(n * hw_ratio))
     gs_w = gs_h // hw_ratio
     if gs_h * gs_w != n:
         raise ValueError(f"a position embedding of {n} patches is not a grid of height/width "
                          f"ratio hw_ratio={hw_ratio} (taken as {gs_h}x{gs_w})")
-    grid = grid.reshape(1, gs_h, gs_w, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(num_y, num_x), mode="bilinear", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, num_y * num_x, -1)
-    return torch.cat([token, grid], dim=1)
+    grid = F.interpolate(_patch_grid(posemb, (gs_h, gs_w)), size=(num_y, num_x), mode="bilinear",
+                         align_corners=False)
+    return _with_cls(posemb, grid)
+
+
+class MultiResolutionViT(VisionTransformer):
+    """The ViT of DINO's multi-crop: an image of another size than ``img_size`` (a local crop,
+    128 x 64 for a 256 x 128 model) gets the position embedding resized to its grid, bicubically
+    with upstream's scale factor ``(n + 0.1) / N`` per axis (DINO's ``vision_transformer.py``,
+    ``interpolate_pos_encoding``). At ``img_size`` it is exactly :class:`VisionTransformer`,
+    whose parameters and names it has."""
+
+    def embed(self, x: Tensor, cam_label=None, view_label=None) -> Tensor:
+        """Images ``[B, 3, h, w]`` (any size the patch embedding takes) -> tokens ``[B, 1 + n, D]``."""
+        if x.dim() != 4 or tuple(x.shape[-2:]) == tuple(self.img_size):
+            return super().embed(x, cam_label, view_label)  # (which also names a bad shape)
+        embedding = self.patch_embed
+        grid = embedding.proj(embedding.conv(x) if embedding.stem_conv else x)  # [B, D, gy, gx]
+        tokens = grid.flatten(2).transpose(1, 2)
+        tokens = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
+        tokens = tokens + self.resized_pos_embed(*grid.shape[-2:])
+        sie = self._sie(cam_label, view_label, x.device)
+        if sie is not None:
+            tokens = tokens + self.sie_coe * sie
+        return self.pos_drop(tokens)
+
+    def resized_pos_embed(self, num_y: int, num_x: int) -> Tensor:
+        """``pos_embed`` ``[1, 1 + N, D]`` for a ``num_y x num_x`` grid: ``[1, 1 + num_y * num_x, D]``."""
+        # The 0.1 keeps floor(N * scale) at n despite rounding (facebookresearch/dino#8).
+        scale = ((num_y + 0.1) / self.num_y, (num_x + 0.1) / self.num_x)
+        grid = F.interpolate(_patch_grid(self.pos_embed, (self.num_y, self.num_x)), scale_factor=scale,
+                             mode="bicubic")
+        if tuple(grid.shape[-2:]) != (num_y, num_x):
+            raise ValueError(f"position embedding resized to {tuple(grid.shape[-2:])}, not the "
+                             f"{(num_y, num_x)} grid of the input")
+        return _with_cls(self.pos_embed, grid)
 
 
 def read_pretrained(path: str) -> dict:
@@ -664,5 +707,5 @@ class ViTMatchingFeatures(nn.Module):
 
 __all__ = ["ARCHS", "UPSTREAM_ARCHS", "VisionTransformer", "ViTMatchingFeatures", "AttentionMaps",
            "Attention", "Block", "PatchEmbed", "IBN", "DropPath", "Mlp", "arch_config", "build_vit",
-           "grid_size", "load_pretrained", "read_pretrained", "resize_pos_embed", "gem",
+           "grid_size", "load_pretrained", "read_pretrained", "resize_pos_embed", "MultiResolutionViT", "gem",
            "norm_linear", "norm_mlp"]

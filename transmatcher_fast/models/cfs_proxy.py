@@ -15,8 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 from torch import nn
 
 from .. import weights_io
-from ..models.vit import VisionTransformer, build_vit, load_pretrained
-from .dino import MultiResolutionViT
+from .vit import MultiResolutionViT, VisionTransformer, build_vit, load_pretrained
 
 
 class ProxyError(ValueError):

@@ -9,7 +9,7 @@ encoding), each layer's output one more level; the levels are concatenated chann
 QAConv: backbone to ``final_layer`` -> neck -> L2 normalisation over channels: ``[B, neck, h, w]``
 channels-first. The neck has QAConv's two layouts (``neck_layout``): ``"2.0"`` (default; QAConv
 up to 2.0) a 3x3 conv without bias -> BatchNorm2d, ``"2.1"`` (QAConv 2.1 and later) a 3x3 conv
-with bias and no BatchNorm (``models.checkpoint.set_qaconv_neck_layout`` builds either).
+with bias and no BatchNorm (``set_qaconv_neck_layout`` builds either).
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ class TransMatcherFeatures(nn.Module):
         return out
 
 
+QACONV_NECK_LAYOUTS = ("2.0", "2.1")
+
+
 class QAConvFeatures(nn.Module):
     """Upstream's ``resmap.ResNet``: ``[B, 3, H, W]`` -> L2-normalised ``[B, neck, H/s, W/s]``.
 
@@ -108,8 +111,6 @@ class QAConvFeatures(nn.Module):
     def __init__(self, depth: int = 50, ibn: Optional[str] = "b", final_layer: str = "layer3",
                  neck: int = 128, pretrained: Optional[str] = None, neck_layout: str = "2.0"):
         super().__init__()
-        from .checkpoint import QACONV_NECK_LAYOUTS, set_qaconv_neck_layout  # (imports this module)
-
         if neck_layout not in QACONV_NECK_LAYOUTS:
             raise ValueError(f"neck_layout must be one of {QACONV_NECK_LAYOUTS}, got {neck_layout!r}")
         self.depth, self.final_layer, self.neck, self.pretrained = depth, final_layer, neck, pretrained
@@ -120,6 +121,8 @@ class QAConvFeatures(nn.Module):
             out_planes = neck
             self.neck_bn = nn.BatchNorm2d(out_planes)
             self.neck_layout: Optional[str] = "2.0"
+            # Built as 2.0 first, then rebuilt: a seeded 2.1 model draws the same random numbers
+            # (and so gets the same initial weights) as it always has.
             if neck_layout != "2.0":
                 set_qaconv_neck_layout(self, neck_layout)
         else:
@@ -131,6 +134,31 @@ class QAConvFeatures(nn.Module):
         if self.neck > 0:
             x = self.neck_bn(self.neck_conv(x))
         return F.normalize(x)
+
+
+def set_qaconv_neck_layout(model: QAConvFeatures, layout: str) -> QAConvFeatures:
+    """Rebuild the neck of ``model`` (a ``QAConvFeatures`` with ``neck > 0``) in ``layout``
+    ``"2.0"`` (conv without bias + ``neck_bn`` BatchNorm2d) or ``"2.1"`` (conv with bias,
+    ``neck_bn`` an ``nn.Identity``, so the state_dict holds no ``neck_bn.*`` keys), in place;
+    returns ``model``. The rebuilt modules are freshly initialised (load weights afterwards), on
+    the device and dtype of the old conv; ``model.neck_layout`` records the layout."""
+    if layout not in QACONV_NECK_LAYOUTS:
+        raise ValueError(f"layout must be one of {QACONV_NECK_LAYOUTS}, got {layout!r}")
+    if not isinstance(model, QAConvFeatures):
+        raise TypeError(f"model must be a QAConvFeatures, got {type(model).__name__}")
+    if model.neck <= 0:
+        raise ValueError("model has no neck (neck=0): there is no neck layout to set")
+    old = model.neck_conv
+    conv = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=3, padding=1,
+                     bias=layout == "2.1")
+    model.neck_conv = conv.to(device=old.weight.device, dtype=old.weight.dtype)
+    if layout == "2.1":
+        model.neck_bn = nn.Identity()
+    else:
+        model.neck_bn = nn.BatchNorm2d(old.out_channels).to(device=old.weight.device,
+                                                            dtype=old.weight.dtype)
+    model.neck_layout = layout
+    return model
 
 
 def parse_arch(arch: Union[str, int]) -> int:

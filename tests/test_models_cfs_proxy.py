@@ -1,10 +1,10 @@
-"""CFS proxies (methods/cfs_proxy.py): a plain ViT's cls token; other models refused in one line."""
+"""CFS proxies (models/cfs_proxy.py): a plain ViT's cls token; other models refused in one line."""
 
 import pytest
 import torch
 from torch import nn
 
-from transmatcher_fast.methods.cfs_proxy import ClsToken, ProxyError, proxy_of_trained
+from transmatcher_fast.models.cfs_proxy import ClsToken, ProxyError, proxy_of_trained
 from transmatcher_fast.models.vit import build_vit
 
 

@@ -14,8 +14,12 @@ state_dict keys (``qaconv_neck_layout``):
 - ``"2.1"`` (resmap V1.2 of July 2021, shipped with QAConv 2.1 and later): ``neck_conv`` 3x3
   with bias and no BatchNorm: keys ``neck_conv.weight``, ``neck_conv.bias``.
 
-Both are L2-normalised over channels afterwards. ``set_qaconv_neck_layout`` turns a
-``QAConvFeatures`` into either layout; ``load_upstream_checkpoint`` does it from the keys.
+Both are L2-normalised over channels afterwards. ``set_qaconv_neck_layout`` (in
+``matcher_features``, beside the model) turns a ``QAConvFeatures`` into either layout;
+``load_upstream_checkpoint`` does it from the keys.
+
+(The run's own checkpoints, ``checkpoint.pt`` of ``transmatcher-fast train``, are
+``engine/checkpoint.py``'s.)
 """
 
 from __future__ import annotations
@@ -27,14 +31,11 @@ from typing import Optional
 from torch import nn
 
 from .. import weights_io
-from .feature import (QAConvFeatures, TransMatcherFeatures, backbone_channels, feature_map_size,
-                      parse_arch)
+from .matcher_features import (QAConvFeatures, TransMatcherFeatures, backbone_channels, feature_map_size,
+                               parse_arch, set_qaconv_neck_layout)
 from .qaconv import QAConv
 from .resnet import DEPTHS, FINAL_LAYERS, STAGES, describe
 from .transmatcher import TransMatcher
-
-
-QACONV_NECK_LAYOUTS = ("2.0", "2.1")
 
 
 def qaconv_neck_layout(state: dict, source: str = "state_dict") -> Optional[str]:
@@ -57,29 +58,19 @@ def qaconv_neck_layout(state: dict, source: str = "state_dict") -> Optional[str]
                      "(neck_conv.weight + neck_conv.bias, no neck_bn)")
 
 
-def set_qaconv_neck_layout(model: QAConvFeatures, layout: str) -> QAConvFeatures:
-    """Rebuild the neck of ``model`` (a ``QAConvFeatures`` with ``neck > 0``) in ``layout``
-    ``"2.0"`` (conv without bias + ``neck_bn`` BatchNorm2d) or ``"2.1"`` (conv with bias,
-    ``neck_bn`` an ``nn.Identity``, so the state_dict holds no ``neck_bn.*`` keys), in place;
-    returns ``model``. The rebuilt modules are freshly initialised (load weights afterwards), on
-    the device and dtype of the old conv; ``model.neck_layout`` records the layout."""
-    if layout not in QACONV_NECK_LAYOUTS:
-        raise ValueError(f"layout must be one of {QACONV_NECK_LAYOUTS}, got {layout!r}")
-    if not isinstance(model, QAConvFeatures):
-        raise TypeError(f"model must be a QAConvFeatures, got {type(model).__name__}")
-    if model.neck <= 0:
-        raise ValueError("model has no neck (neck=0): there is no neck layout to set")
-    old = model.neck_conv
-    conv = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=3, padding=1,
-                     bias=layout == "2.1")
-    model.neck_conv = conv.to(device=old.weight.device, dtype=old.weight.dtype)
-    if layout == "2.1":
-        model.neck_bn = nn.Identity()
-    else:
-        model.neck_bn = nn.BatchNorm2d(old.out_channels).to(device=old.weight.device,
-                                                            dtype=old.weight.dtype)
-    model.neck_layout = layout
-    return model
+def criterion_matcher(criterion: dict) -> dict:
+    """The matcher's state_dict inside upstream's ``criterion`` (its ``matcher.*`` keys)."""
+    return weights_io.select(weights_io.strip_prefix(criterion), "matcher.")
+
+
+def matcher_locations(matcher_state: dict) -> Optional[int]:
+    """The feature-map locations a TransMatcher or QAConv state_dict (ours or upstream's) was
+    built for; None for any other."""
+    for matcher in (TransMatcher, QAConv):
+        locations = matcher.locations_in(matcher_state)
+        if locations is not None:
+            return locations
+    return None
 
 
 def _count(state: dict, prefix: str) -> int:
@@ -163,7 +154,7 @@ def load_upstream_checkpoint(path: str, *, arch: Optional[str] = None, nhead: in
                          f"'model' and 'criterion' state_dicts, got {keys}")
     state = weights_io.strip_prefix(checkpoint["model"])
     criterion = weights_io.strip_prefix(checkpoint["criterion"])
-    matcher_state = weights_io.select(criterion, "matcher.")
+    matcher_state = criterion_matcher(criterion)
     if not matcher_state:
         raise ValueError(f"checkpoint {path!r}: 'criterion' holds no 'matcher.*' keys "
                          f"(got {sorted(criterion)[:8]}); QAConv 1.x class-memory losses are "
