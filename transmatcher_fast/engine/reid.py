@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import IMAGE_EXTENSIONS
-from ..data.images import ImageReadError, find_unreadable
+from ..data.images import find_unreadable
 from ..data.multicrop import list_images
 from . import evaluate
 from .features import Features, extract_features, skipped_summary
