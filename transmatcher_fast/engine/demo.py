@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..data import build_dataset, generate_synthetic
-from ..methods import get_method
+from ..methods import DEFAULT_METHOD, get_method
 from . import attention_pictures, visualize
 from .evaluate import eval_transform, evaluate, load_trained, results_table
 from .trainer import Trainer, TrainConfig
@@ -22,7 +22,7 @@ from .trainer import Trainer, TrainConfig
 
 @dataclass
 class DemoConfig:
-    method: str = "transmatcher"
+    method: str = DEFAULT_METHOD
     out: str = "demo_out"
     ids: int = 60  # half train, half test
     cams: int = 6

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from ..data import build_test_transform
-from ..methods import get_method
+from ..methods import DEFAULT_METHOD, get_method
 from ..models import load_upstream_checkpoint
 from . import checkpoint as checkpoints
 from . import export, matching
+from .config import TrainConfig
 from .features import Features, checked_loader, extract_features, skipped_summary
 from .metrics import RankingMetrics, topk_margin
 from .rerank import k_reciprocal_rerank
@@ -55,8 +56,6 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     matcher or embedding distances) or from upstream's TransMatcher / QAConv
     ``checkpoint.pth.tar``; both in eval mode. ``config`` is the resolved training configuration
     (a dict; QAConv's ``neck_layout`` added)."""
-    from .trainer import TrainConfig
-
     state = checkpoints.load(path)
     if "config" in state and "model" in state and "matcher" in state:
         resolved = TrainConfig.from_dict({k: v for k, v in state["config"].items()
@@ -79,13 +78,13 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
 def default_eval_amp(config: Dict[str, Any]) -> Optional[str]:
     """The evaluation autocast of a model trained with ``config`` when none is asked for: its
     method's (TransReID: float32, as upstream), else None (bf16 on CUDA)."""
-    return get_method(config.get("method", "transmatcher")).eval_amp
+    return get_method(config.get("method", DEFAULT_METHOD)).eval_amp
 
 
 def eval_transform(config: Dict[str, Any], height: int, width: int):
     """The evaluation transform of a model trained with ``config`` (what :func:`load_trained`
     returns), at ``height`` x ``width``."""
-    return get_method(config.get("method", "transmatcher")).test_transform(config, height, width)
+    return get_method(config.get("method", DEFAULT_METHOD)).test_transform(config, height, width)
 
 
 def extract(model: nn.Module, items: Sequence[Item], *, height: int, width: int, batch_size: int = 128,

@@ -1,5 +1,7 @@
 """Re-ID methods on one engine: each module says how its model is built, trained and compared
-(see :mod:`.base`); ``get_method(name)`` returns the registered one.
+(see :mod:`.base`) and declares its own options (a dataclass of :func:`..options.option`
+fields); ``get_method(name)`` returns the registered one. A new method is a new module here,
+imported below.
 
 - ``transmatcher``: TransMatcher (fused matching of feature maps; ResNet or ViT features)
 - ``qaconv``: QAConv (fused matching without gate or projection)
@@ -7,7 +9,12 @@
 - ``dino``: DINO self-supervised pre-training (TransReID-SSL; student, EMA teacher, multi-crop)
 """
 
-from .base import METHOD_DEFAULTED, Method, Parts, get_method, method_names, register_method
-from . import dino, qaconv, transmatcher, transreid  # noqa: F401  (registers the methods)
+from .base import (FROM_METHOD, METHOD_DEFAULTED, Method, ModelOptions, Parts, all_losses, get_method,
+                   method_names, option_classes, register_method)
+# Registration order is the order of their options and losses in --help.
+from . import transmatcher, qaconv, transreid, dino  # noqa: F401,E402  (registers the methods)
 
-__all__ = ["Method", "Parts", "METHOD_DEFAULTED", "get_method", "method_names", "register_method"]
+DEFAULT_METHOD = "transmatcher"  # what a run trains when it names no method
+
+__all__ = ["Method", "ModelOptions", "Parts", "DEFAULT_METHOD", "FROM_METHOD", "METHOD_DEFAULTED",
+           "all_losses", "get_method", "method_names", "option_classes", "register_method"]
