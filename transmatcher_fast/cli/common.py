@@ -10,6 +10,7 @@ import re
 import sys
 
 from ..engine.validate import UserError  # noqa: F401  (the commands' bad-input error)
+from ..options import optional_positive_int_arg, optional_str_arg, positive_int_arg
 
 PROG = "transmatcher-fast"
 # Namespace entries that are not options of the command's engine configuration.
@@ -19,11 +20,8 @@ EVAL_AMP_CHOICES = ("auto", "bf16", "fp16", "fp32", "none")
 MAX_RANK = 50
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+# The option types of the training options' fields, shared by every command.
+_positive_int, _optional_int, _optional_str = positive_int_arg, optional_positive_int_arg, optional_str_arg
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -118,14 +116,6 @@ def _set_choices(parser: argparse.ArgumentParser) -> None:
             action.choices = table[action.dest]
         if action.dest == "workers" and action.type is int:
             action.type = _workers_count
-
-
-def _optional_int(text: str):
-    return None if text.lower() == "none" else _positive_int(text)
-
-
-def _optional_str(text: str):
-    return None if text.lower() == "none" else text
 
 
 class _Parser(argparse.ArgumentParser):

@@ -25,7 +25,7 @@ def load_config(path: str) -> dict:
                         + (f" (line {where.line + 1}, column {where.column + 1})" if where else "")) from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: must hold a mapping of option: value, got {type(values).__name__}")
-    from ..engine.trainer import upgrade_options
+    from ..engine.config import upgrade_options
 
     return upgrade_options({str(key).replace("-", "_"): value for key, value in values.items()})
 
@@ -51,7 +51,7 @@ def _drop_other_commands_defaults(values: dict, known: set, args) -> dict:
     they do not (they would be ignored)."""
     import dataclasses
 
-    from ..engine.trainer import TrainConfig
+    from ..engine.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     other = {k for k in values if k not in known and k in defaults}
@@ -66,42 +66,14 @@ def _drop_other_commands_defaults(values: dict, known: set, args) -> dict:
 
 
 def _typed_config(parser: argparse.ArgumentParser, values: dict, path: str) -> dict:
-    """YAML values through the same type and choices as their flags: ``lr: 1e-3`` is a float,
-    ``arch: resnet9`` an error, and a flag like ``--freeze-bn`` takes a real boolean
-    (true/false, yes/no, on/off, 1/0, any case); anything else is an error naming the file and
-    the key, never a truthy string."""
+    """YAML values through the same type and choices as their flags (see
+    :func:`..options.typed_values`): ``lr: 1e-3`` is a float, ``arch: resnet9`` an error, a
+    switch like ``--freeze-bn`` takes a real boolean; a bad value is an error naming the file and
+    the key."""
     from ..engine.validate import parse_bool
+    from ..options import typed_values
 
-    actions = {action.dest: action for action in parser._actions}
-    typed = {}
-    for key, value in values.items():
-        action = actions[key]
-        where = f"--config {path}: {key}"
-        if action.nargs == 0:  # a flag: store_true / store_false / --x/--no-x
-            try:
-                typed[key] = parse_bool(value, where)
-            except ValueError as error:
-                raise UserError(str(error)) from None
-            continue
-        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-        items = value if many and isinstance(value, list) else [value]
-        if not many and isinstance(value, (list, dict)):
-            raise UserError(f"{where}: expects one value, got {value!r}")
-        converted = []
-        for item in items:
-            if isinstance(item, bool) or isinstance(item, (list, dict)):
-                raise UserError(f"{where}: expects a value like its flag --{key.replace('_', '-')}, got {item!r}")
-            if item is None:  # YAML null: unset, as the flag's "none"
-                converted.append(None)
-                continue
-            text = str(item)
-            try:
-                result = action.type(text) if action.type is not None else text
-            except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
-                raise UserError(f"{where}: invalid value {item!r} ({error})") from None
-            if action.choices is not None and result not in action.choices:
-                raise UserError(f"{where}: invalid choice {item!r} (choose from "
-                                f"{', '.join(map(str, action.choices))})")
-            converted.append(result)
-        typed[key] = converted if many else converted[0]
-    return typed
+    try:
+        return typed_values(parser._actions, values, path, parse_bool)
+    except ValueError as error:
+        raise UserError(str(error)) from None

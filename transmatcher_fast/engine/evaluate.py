@@ -24,6 +24,7 @@ from ..methods import DEFAULT_METHOD, get_method, method_of_matcher
 from ..models import load_upstream_checkpoint
 from . import checkpoint as checkpoints
 from . import export, matching
+from .config import TrainConfig
 from .features import Features, checked_loader, extract_features, skipped_summary
 from .metrics import RankingMetrics, topk_margin
 from .rerank import k_reciprocal_rerank
@@ -55,8 +56,6 @@ def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     matcher or embedding distances) or from upstream's TransMatcher / QAConv
     ``checkpoint.pth.tar``; both in eval mode. ``config`` is the resolved training configuration
     (a dict; QAConv's ``neck_layout`` added)."""
-    from .trainer import TrainConfig
-
     state = checkpoints.load(path)
     if "config" in state and "model" in state and "matcher" in state:
         resolved = TrainConfig.from_dict({k: v for k, v in state["config"].items()

@@ -14,9 +14,9 @@ each sample's augmentation from (seed, rank, epoch, position, index), whatever t
 
 EXP_DIR holds ``config.yaml`` (the resolved configuration, written atomically at a fresh start and
 kept on resume), ``checkpoint.pt``, ``best.pt`` (with ``--eval-every``: the model of the best mAP so
-far), ``log.jsonl`` and ``tensorboard/``. A resume applies the options of
-:data:`RESUME_MAY_CHANGE` (logged as a ``"resume"`` record) and refuses any other difference from
-the checkpoint's configuration (:class:`ResumeConfigError`).
+far), ``log.jsonl`` and ``tensorboard/``. A resume applies the options that
+:mod:`.config` lets it change (logged as a ``"resume"`` record) and refuses any other difference
+from the checkpoint's configuration (:class:`~.config.ResumeConfigError`).
 
 Under ``torchrun`` the method's training step (holding every trained part) is one
 DistributedDataParallel module; each rank takes whole batches of the sampler's plan.
@@ -29,7 +29,6 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,284 +41,18 @@ from .. import weights_io
 from .._version import __version__
 from ..data import dataset_root
 from ..data.images import find_unreadable
-from ..methods import METHOD_DEFAULTED, TrainingHook, get_method
-from ..methods.schedules import SCHEDULES, build_schedule
+from ..methods import TrainingHook, get_method
+from ..methods.schedules import build_schedule
 from . import checkpoint, matching, rundir
+from .config import _START_OPTIONS, ResumeConfigError, TrainConfig, check_resume  # noqa: F401  (ResumeConfigError: re-exported)
 from .evaluate import extract
 from .features import SKIPPED_SHOWN, autocast, parse_dtype
 from .hooks import CheckpointHook, ClipGradients, EvalHook, ExportsHook, LogHook, RunFolderHook
 from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler, ShuffledBatchSampler
 
-SAMPLERS = ("graph", "pk", "pk_all", "random")
-LOSSES = ("pairwise", "triplet", "softmax_triplet", "dino")
-NECK_FEATS = ("before", "after")
-AMP_CHOICES = ("auto", "none", "fp16", "bf16")
 CHECKPOINT_NAME, LOG_NAME = rundir.CHECKPOINT_NAME, rundir.LOG_NAME
 BEST_NAME, CONFIG_NAME = rundir.BEST_NAME, rundir.CONFIG_NAME
 EVAL_PROTOCOL = "market"  # evaluation during training: upstream's protocol
-# Options that a resume may change: how long to train, how the run is watched, how much memory the
-# matching takes and where things are. Every other option must equal the checkpoint's.
-RESUME_MAY_CHANGE = frozenset({
-    "epochs", "max_epochs", "max_steps_per_epoch", "workers", "log_every", "progress", "tensorboard",
-    "eval_every", "test_batch", "test_prob_batch", "test_gal_batch", "device", "data_dir", "exp_dir"})
-# How a run starts, not what it is: never compared, never logged.
-_START_OPTIONS = frozenset({"resume", "overwrite"})
-
-
-class _FromMethod:
-    """The default of an option of :data:`~..methods.METHOD_DEFAULTED`: the method's value."""
-
-    def __repr__(self) -> str:
-        return "the method's"
-
-
-FROM_METHOD = _FromMethod()
-
-
-def upgrade_options(values: Dict[str, Any]) -> Dict[str, Any]:
-    """Options as an older version wrote them, renamed: ``matcher`` (transmatcher / qaconv) is
-    now ``method``."""
-    values = dict(values)
-    if "matcher" in values:
-        legacy = values.pop("matcher")
-        values.setdefault("method", legacy)
-    return values
-
-
-class ResumeConfigError(rundir.RunDirError, ValueError):
-    """``--resume`` with options that differ from the checkpoint's where they may not; ``str`` is
-    one line naming each differing option with the checkpoint's value and the given one."""
-
-
-def resume_changes(saved: Dict[str, Any], config: "TrainConfig") -> Dict[str, List[Any]]:
-    """``{option: [checkpoint's value, given value]}`` for every option that differs, the start
-    options excepted. An option the checkpoint lacks (written by an older version) counts as
-    its default."""
-    saved = upgrade_options(saved)
-    defaults = dataclasses.asdict(TrainConfig(method=saved.get("method", "transmatcher")))
-    current = dataclasses.asdict(config)
-    changes = {}
-    for name, value in current.items():
-        if name in _START_OPTIONS:
-            continue
-        old = saved.get(name, defaults[name])
-        if old != value:
-            changes[name] = [old, value]
-    return changes
-
-
-def check_resume(saved: Dict[str, Any], config: "TrainConfig", folder: Any = "") -> Dict[str, List[Any]]:
-    """The changes of :func:`resume_changes`, once all of them are in :data:`RESUME_MAY_CHANGE`;
-    raises :class:`ResumeConfigError` otherwise."""
-    changes = resume_changes(saved, config)
-    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
-    if refused:
-        listed = ", ".join(f"{k.replace('_', '-')} (checkpoint {old!r}, given {new!r})"
-                           for k, (old, new) in sorted(refused.items()))
-        raise ResumeConfigError(
-            f"--resume in {folder}: the checkpoint was trained with other options: {listed}; give "
-            f"the checkpoint's values (they are in {Path(str(folder)) / CONFIG_NAME}), or start "
-            f"afresh with --overwrite or another --exp-dir (only "
-            f"{', '.join(sorted(o.replace('_', '-') for o in RESUME_MAY_CHANGE))} may change)")
-    return changes
-
-
-@dataclass
-class TrainConfig:
-    """Every training option. The options of :data:`~..methods.METHOD_DEFAULTED` default to the
-    method's recipe (``FROM_METHOD``, resolved at construction: TransMatcher's ``main.py`` for
-    ``transmatcher`` / ``qaconv``, TransReID's configs for ``transreid``, TransReID-SSL's
-    ``main_dino.py`` for ``dino``); the others are
-    upstream TransMatcher's or TransReID's, each used only by the methods it concerns."""
-    method: str = "transmatcher"
-    # data
-    dataset: str = "market1501"
-    data_dir: str = "data"
-    height: Any = FROM_METHOD
-    width: Any = FROM_METHOD
-    workers: int = 4
-    skip_bad_images: bool = False  # check every training image first; leave unreadable ones out
-    # model
-    arch: Any = FROM_METHOD
-    ibn: Any = FROM_METHOD
-    final_layer: str = "layer3"
-    neck: Optional[int] = None  # 512 for TransMatcher, 128 for QAConv
-    nhead: int = 1
-    num_trans_layers: int = 3
-    dim_feedforward: int = 2048
-    dropout: float = 0.0
-    pretrained: Optional[str] = None
-    # ViT (TransReID; a ViT's token map for the matchers)
-    stride: int = 16  # overlapping patch embedding: 16 (none), 12 (TransReID*)
-    sie_camera: bool = False
-    sie_view: bool = False
-    sie_coe: float = 3.0
-    jpm: bool = False
-    shift_num: int = 5
-    shuffle_groups: int = 2
-    divide_length: int = 4
-    rearrange: bool = True
-    drop_path: float = 0.1
-    neck_feat: str = "before"
-    stem_conv: bool = False  # TransReID-SSL's IBN convolution stem (ICS)
-    pretrain_hw_ratio: int = 1  # TransReID-SSL: 2 for DINO weights pre-trained at 256 x 128
-    gem_pooling: bool = False
-    # unlabelled data (DINO): a CFS-ranked list of the images to keep (TransReID-SSL's --filter_path)
-    filter_list: Optional[str] = None  # cfs_list.txt or upstream's CFS_list.pkl
-    keep_num: Optional[int] = None  # the first N of the list (upstream's --keep_num) ...
-    keep_ratio: Optional[float] = None  # ... or this fraction of it (0.6: 2,508,146 of LUPerson)
-    # DINO pre-training (main_dino.py's options; TransReID-SSL's values)
-    dino_out_dim: int = 65536
-    dino_norm_last_layer: bool = True
-    dino_use_bn_in_head: bool = False
-    dino_momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
-    dino_warmup_teacher_temp: float = 0.04
-    dino_teacher_temp: float = 0.04
-    dino_warmup_teacher_temp_epochs: int = 0
-    dino_student_temp: float = 0.1
-    dino_center_momentum: float = 0.9
-    dino_local_crops: int = 8
-    dino_local_height: Optional[int] = None  # None: height // 2 (128 for 256)
-    dino_local_width: Optional[int] = None  # None: width // 2 (64 for 128)
-    dino_global_scale: Tuple[float, float] = (0.4, 1.0)
-    dino_local_scale: Tuple[float, float] = (0.05, 0.4)
-    dino_warmup_epochs: int = 10  # linear lr warm-up from 0, per iteration
-    dino_min_lr: float = 1e-6
-    dino_weight_decay_end: float = 0.4  # weight decay: weight_decay -> this, cosine
-    dino_clip_grad: float = 3.0  # each parameter's gradient norm on its own (0: off)
-    dino_freeze_last_layer: int = 1  # epochs during which the head's last layer does not train
-    # batches and loss
-    sampler: Any = FROM_METHOD
-    batch_size: int = 64
-    num_instances: int = 4
-    loss: Any = FROM_METHOD
-    margin: float = 16.0
-    id_loss_weight: float = 1.0
-    triplet_loss_weight: float = 1.0
-    label_smoothing: float = 0.0
-    erasing_p: float = 0.5  # TransReID's random erasing probability
-    # optimisation
-    lr: Any = FROM_METHOD
-    backbone_lr_factor: float = 0.1
-    bias_lr_factor: float = 2.0
-    momentum: float = 0.9
-    weight_decay: Any = FROM_METHOD
-    epochs: Any = FROM_METHOD
-    schedule: Any = FROM_METHOD
-    step_size: int = 10
-    gamma: float = 0.1
-    step_factor: float = 0.7
-    max_epochs: int = 60
-    warmup_epochs: int = 5
-    warmup_factor: float = 0.01
-    lr_min_factor: float = 0.002
-    schedule_offset: int = 1  # cosine: epoch e runs at lr(e + offset) (TransReID 1, SSL 0)
-    clip_value: Any = FROM_METHOD
-    amp: str = "auto"  # fp16 + GradScaler on CUDA (upstream), none on CPU
-    freeze_bn: Any = FROM_METHOD
-    # graph sampler matching (upstream's --test_prob_batch / --test_gal_batch)
-    test_batch: int = 64
-    test_prob_batch: Optional[int] = None
-    test_gal_batch: Optional[int] = None
-    # bookkeeping
-    exp_dir: str = "runs/train"
-    resume: bool = False
-    overwrite: bool = False  # start afresh in an exp_dir that holds a run, removing its files
-    seed: int = 0
-    device: Optional[str] = None
-    log_every: int = 10
-    max_steps_per_epoch: Optional[int] = None
-    eval_every: int = 0  # epochs between evaluations on query/gallery (0: none)
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self):
-        method = get_method(self.method)
-        for name in METHOD_DEFAULTED:
-            if getattr(self, name) is FROM_METHOD:
-                setattr(self, name, method.defaults[name])
-        for name, choices in (("sampler", SAMPLERS), ("loss", LOSSES), ("schedule", SCHEDULES),
-                              ("amp", AMP_CHOICES), ("neck_feat", NECK_FEATS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "num_instances", "epochs", "step_size", "max_epochs", "test_batch",
-                     "log_every", "height", "width", "stride", "shift_num", "shuffle_groups",
-                     "divide_length", "warmup_epochs", "pretrain_hw_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(f"eval_every must be a non-negative integer, got {self.eval_every!r}")
-        self._check_dino_options()
-        if self.sampler != "random" and self.batch_size % self.num_instances:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_instances "
-                             f"({self.num_instances})")
-        for name in ("lr", "clip_value", "margin", "sie_coe", "drop_path", "label_smoothing",
-                     "bias_lr_factor", "warmup_factor", "lr_min_factor", "id_loss_weight",
-                     "triplet_loss_weight", "schedule_offset"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
-        if not 0 <= self.erasing_p <= 1:
-            raise ValueError(f"erasing_p must be a probability in [0, 1], got {self.erasing_p!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("resume (continue the run in exp_dir) and overwrite (replace it) "
-                             "exclude each other")
-        method.check(self)
-
-    def _check_dino_options(self) -> None:
-        """Types and ranges of the unlabelled-data and DINO options (what they must satisfy
-        together with the rest is the DINO method's check)."""
-        value = self.dino_out_dim
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"dino_out_dim must be a positive integer, got {value!r}")
-        for name in ("dino_local_crops", "dino_warmup_teacher_temp_epochs", "dino_warmup_epochs",
-                     "dino_freeze_last_layer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("keep_num", "dino_local_height", "dino_local_width"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        for name in ("dino_warmup_teacher_temp", "dino_teacher_temp", "dino_student_temp"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("dino_momentum_teacher", "dino_center_momentum"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        for name in ("dino_min_lr", "dino_weight_decay_end", "dino_clip_grad"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
-        for name in ("dino_global_scale", "dino_local_scale"):
-            value = getattr(self, name)
-            try:
-                low, high = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name} must be a pair (min, max) of crop areas, got {value!r}") from None
-            if not 0 < low <= high <= 1:
-                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {value!r}")
-            # One type whatever the source (CLI list, YAML list, default tuple): resume compares.
-            setattr(self, name, (low, high))
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
-        if self.keep_num is not None and self.keep_ratio is not None:
-            raise ValueError("keep_num (the first N of filter_list) and keep_ratio (a fraction of it) "
-                             "exclude each other: give one")
-        if (self.keep_num is not None or self.keep_ratio is not None) and self.filter_list is None:
-            raise ValueError("keep_num / keep_ratio keep the top of a CFS list: give filter_list too")
-        if self.schedule == "dino" and self.method != "dino":
-            raise ValueError(f"schedule 'dino' is DINO pre-training's per-iteration schedule (method "
-                             f"dino), not one for method {self.method!r}")
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        """From a mapping of option: value (unknown names refused; older names upgraded)."""
-        values = upgrade_options(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def _init_distributed() -> tuple[int, int, int, bool]:

@@ -1,5 +1,7 @@
 """Re-ID methods on one engine: each module says how its model is built, trained and compared
-(see :mod:`.base`); ``get_method(name)`` returns the registered one.
+(see :mod:`.base`) and declares its own options (a dataclass of :func:`..options.option`
+fields); ``get_method(name)`` returns the registered one. A new method is a new module here,
+imported below.
 
 - ``transmatcher``: TransMatcher (fused matching of feature maps; ResNet or ViT features)
 - ``qaconv``: QAConv (fused matching without gate or projection)
@@ -13,9 +15,11 @@ weight loading) goes to ``models``; training utilities shared by methods live he
 (``losses``, ``schedules``, ``optim_utils``).
 """
 
-from .base import (DEFAULT_METHOD, METHOD_DEFAULTED, Method, Parts, TrainingHook, get_method, method_names,
-                   method_of_matcher, register_method)
-from . import dino, qaconv, transmatcher, transreid  # noqa: F401  (registers the methods)
+from .base import (DEFAULT_METHOD, FROM_METHOD, METHOD_DEFAULTED, Method, ModelOptions, Parts, TrainingHook,
+                   all_losses, get_method, method_names, method_of_matcher, option_classes, register_method)
+# Registration order is the order of their options and losses in --help.
+from . import transmatcher, qaconv, transreid, dino  # noqa: F401,E402  (registers the methods)
 
-__all__ = ["Method", "Parts", "TrainingHook", "DEFAULT_METHOD", "METHOD_DEFAULTED", "get_method",
-           "method_names", "method_of_matcher", "register_method"]
+__all__ = ["Method", "ModelOptions", "Parts", "TrainingHook", "DEFAULT_METHOD", "FROM_METHOD",
+           "METHOD_DEFAULTED", "all_losses", "get_method", "method_names", "method_of_matcher",
+           "option_classes", "register_method"]

@@ -23,14 +23,15 @@ the optimizer step (DINO: gradient clipping, a frozen layer, a teacher's EMA) is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from torch import nn
-
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data import build_dataset, build_test_transform, build_train_transform, dataset_root, make_loader
+from ..models.transreid import NECK_FEATS
+from ..options import non_negative, option, optional_str_arg, positive_int, positive_int_arg
 
 Parts = Dict[str, nn.Module]
 
@@ -69,6 +70,64 @@ class TrainingHook:
         """Once, when training ends or raises (the hooks in reverse order)."""
 
 
+class _FromMethod:
+    """The default of an option of :data:`METHOD_DEFAULTED`: the method's value."""
+
+    def __repr__(self) -> str:
+        return "the method's"
+
+
+FROM_METHOD = _FromMethod()
+
+MODEL, VIT = "model", "ViT and TransReID"  # their help groups
+
+
+@dataclass
+class ModelOptions:
+    """The feature model's options, shared by the methods (a ResNet with the matchers' neck and
+    encoder, or a ViT: TransReID's, or its token map for the matchers); each method uses those
+    that concern its model. Upstream TransMatcher's and TransReID's values."""
+    arch: Any = option(FROM_METHOD, flags=("-a", "--arch"), group=MODEL,
+                       help="resnet18/34/50/101/152 or a ViT (vit_base_patch16, vit_small_patch16, "
+                            "deit_small_patch16, ...; a ViT feeds the matchers its token map)")
+    ibn: Any = option(FROM_METHOD, group=MODEL, type=optional_str_arg, help="'b' (IBN-Net-b) or none")
+    final_layer: str = option("layer3", flags=("--final-layer", "--final_layer"), group=MODEL,
+                              help="last backbone stage: layer2, layer3 or layer4")
+    neck: Optional[int] = option(None, group=MODEL, type=int,
+                                 help="neck channels = d_model (default 512 TransMatcher, 128 QAConv)")
+    nhead: int = option(1, group=MODEL, type=positive_int_arg, help="encoder heads")
+    num_trans_layers: int = option(3, flags=("--num-trans-layers", "--num_trans_layers"), group=MODEL,
+                                   type=positive_int_arg, help="N: N-1 encoder layers and N decoder layers")
+    dim_feedforward: int = option(2048, flags=("--dim-feedforward", "--dim_feedforward"), group=MODEL,
+                                  type=positive_int_arg, help="encoder FFN and decoder MLP width")
+    dropout: float = option(0.0, group=MODEL, type=float, help="encoder dropout")
+    pretrained: Optional[str] = option(
+        None, group=MODEL, type=optional_str_arg,
+        help="local backbone weights: torchvision / IBN-Net state_dict, or an ImageNet ViT / DeiT / DINO "
+             "checkpoint (nothing is downloaded)")
+    stride: int = option(16, group=VIT, type=positive_int_arg, check=positive_int,
+                         help="patch-embedding stride (16: no overlap; 12: TransReID*)")
+    sie_camera: bool = option(False, group=VIT, switch="pair", help="side information embedding of the camera")
+    sie_view: bool = option(False, group=VIT, switch="pair",
+                            help="side information embedding of the viewpoint")
+    sie_coe: float = option(3.0, group=VIT, type=float, check=non_negative, help="SIE weight lambda")
+    jpm: bool = option(False, group=VIT, switch="pair", help="jigsaw patch module (transreid)")
+    shift_num: int = option(5, group=VIT, type=positive_int_arg, check=positive_int,
+                            help="JPM shift m (moves m-1 patches; 5 persons, 8 vehicles)")
+    shuffle_groups: int = option(2, group=VIT, type=positive_int_arg, check=positive_int)
+    divide_length: int = option(4, group=VIT, type=positive_int_arg, check=positive_int,
+                                help="JPM local groups k")
+    rearrange: bool = option(True, group=VIT, switch="pair", help="JPM shift + shuffle (off: contiguous groups)")
+    drop_path: float = option(0.1, group=VIT, type=float, check=non_negative, help="stochastic depth")
+    neck_feat: str = option("before", group=VIT, choices=NECK_FEATS,
+                            help="test feature before or after the BNNeck")
+    stem_conv: bool = option(False, group=VIT, switch="pair", help="TransReID-SSL's IBN convolution stem (ICS)")
+    pretrain_hw_ratio: int = option(
+        1, group=VIT, type=positive_int_arg, check=positive_int,
+        help="height/width ratio of the pre-trained position grid (2: DINO on LUPerson)")
+    gem_pooling: bool = option(False, group=VIT, switch="pair", help="TransReID-SSL: cls + GeM of the patch tokens")
+
+
 class Method:
     """One re-ID method; subclasses override what differs. ``defaults`` must give a value for
     every option of :data:`METHOD_DEFAULTED`."""
@@ -77,6 +136,13 @@ class Method:
     # The fused matcher it trains, by the models' name for it (``matcher.matcher_name``), if any.
     matcher: Optional[str] = None
     defaults: Mapping[str, Any] = {}
+    # This method's own options (a dataclass of options.option fields), beside ModelOptions and
+    # the engine's; None: it has none. TrainConfig holds them all, flat.
+    options: Optional[type] = None
+    # The command that trains it (transmatcher-fast train / pretrain): its options' flags are there.
+    command: str = "train"
+    # Schedules only this method can run: {name: what it is}, for the other methods' refusal.
+    own_schedules: Mapping[str, str] = {}
     # The options that define the model: recorded in results' provenance.
     model_options: Tuple[str, ...] = ()
     losses: Tuple[str, ...] = ()
@@ -87,6 +153,10 @@ class Method:
 
     def check(self, config) -> None:
         """Refuse option values this method cannot train with (a ValueError naming them)."""
+        for other in _REGISTRY.values():
+            if other is not self and config.schedule in other.own_schedules:
+                raise ValueError(f"schedule {config.schedule!r} is {other.own_schedules[config.schedule]} "
+                                 f"(method {other.name}), not one for method {self.name!r}")
         if self.losses and config.loss not in self.losses:
             raise ValueError(f"loss {config.loss!r} is not a loss of method {self.name!r}: choose "
                              f"from {self.losses}")
@@ -180,6 +250,21 @@ def method_of_matcher(matcher: nn.Module) -> str:
         if name is not None and method.matcher == name:
             return method.name
     raise ValueError(f"no method trains a {type(matcher).__name__} matcher")
+
+
+def option_classes() -> List[type]:
+    """The option dataclasses of the methods: :class:`ModelOptions`, then each registered
+    method's own (registration order, each class once)."""
+    classes = [ModelOptions]
+    for method in _REGISTRY.values():
+        if method.options is not None and method.options not in classes:
+            classes.append(method.options)
+    return classes
+
+
+def all_losses() -> Tuple[str, ...]:
+    """Every registered method's losses (registration order, each once): ``loss``'s choices."""
+    return tuple(dict.fromkeys(loss for method in _REGISTRY.values() for loss in method.losses))
 
 
 def get_method(name: Optional[str]) -> Method:

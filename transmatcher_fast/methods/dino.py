@@ -41,7 +41,8 @@ from (seed, rank, epoch, position, index).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,12 +55,86 @@ from ..data.unlabelled import UNLABELLED_DATASETS, restrict_to_list
 from ..models.dino import DINOHead, DINOLoss, MultiCropWrapper
 from ..models.embedding import EmbeddingDistance
 from ..models.vit import ARCHS as VIT_ARCHS, PATCH, MultiResolutionViT, arch_config, load_pretrained
+from ..options import (area_range, non_negative, non_negative_int, non_negative_int_arg, option,
+                       optional_fraction, optional_positive_int, optional_positive_int_arg,
+                       optional_str_arg, positive, positive_int, positive_int_arg, unit_interval)
 from .base import Method, Parts, TrainingHook, register_method
 from .optim_utils import cancel_gradients_last_layer, clip_gradients, ema_update, get_params_groups
 from .schedules import dino_peak_lr, dino_teacher_momentum
 
 __all__ = ["DINOMethod", "DINOStep", "DINOStepHook", "load_dino_weights", "teacher_checkpoint",
            "view_agreement"]
+
+
+_LIST, _DINO = "unlabelled images: CFS list", "DINO"  # their help groups (pretrain's)
+
+
+@dataclass
+class DINOOptions:
+    """The unlabelled data's CFS list (TransReID-SSL's ``--filter_path``) and DINO pre-training's
+    options (``main_dino.py``'s, TransReID-SSL's values)."""
+    filter_list: Optional[str] = option(
+        None, flags=("--filter-list", "--filter_path"), group=_LIST, type=optional_str_arg,
+        help="a CFS-ranked list of the images to keep (cfs_list.txt or upstream's CFS_list.pkl; names "
+             "relative to the dataset's folder)")
+    keep_num: Optional[int] = option(None, flags=("--keep", "--keep-num", "--keep_num"), group=_LIST,
+                                     type=optional_positive_int_arg, check=optional_positive_int,
+                                     help="keep the first N of the list (upstream 2508146: 60 %%)")
+    keep_ratio: Optional[float] = option(None, group=_LIST, type=float, check=optional_fraction,
+                                         help="keep this fraction of the list (0.6 or 0.5 upstream)")
+    dino_out_dim: int = option(65536, flags=("--out-dim", "--out_dim"), group=_DINO, type=positive_int_arg,
+                               check=positive_int, help="DINO head's output width (prototypes)")
+    dino_norm_last_layer: bool = option(True, flags=("--norm-last-layer",), group=_DINO, switch="pair",
+                                        help="weight-normalised last layer with its norm frozen")
+    dino_use_bn_in_head: bool = option(False, flags=("--use-bn-in-head",), group=_DINO, switch="pair",
+                                       help="BatchNorm in the head's MLP")
+    dino_momentum_teacher: float = option(0.996, flags=("--momentum-teacher",), group=_DINO, type=float,
+                                          check=unit_interval,
+                                          help="teacher EMA momentum at the start (cosine to 1)")
+    dino_warmup_teacher_temp: float = option(0.04, flags=("--warmup-teacher-temp",), group=_DINO,
+                                             type=float, check=positive)
+    dino_teacher_temp: float = option(0.04, flags=("--teacher-temp",), group=_DINO, type=float, check=positive)
+    dino_warmup_teacher_temp_epochs: int = option(0, flags=("--warmup-teacher-temp-epochs",), group=_DINO,
+                                                  type=non_negative_int_arg, check=non_negative_int)
+    dino_student_temp: float = option(0.1, flags=("--student-temp",), group=_DINO, type=float, check=positive)
+    dino_center_momentum: float = option(0.9, flags=("--center-momentum",), group=_DINO, type=float,
+                                         check=unit_interval, help="momentum of the teacher's centre")
+    dino_local_crops: int = option(8, flags=("--local-crops", "--local-crops-number"), group=_DINO,
+                                   type=non_negative_int_arg, check=non_negative_int,
+                                   help="local crops per image (besides the 2 global ones)")
+    dino_local_height: Optional[int] = option(None, flags=("--local-height", "--crop-height"), group=_DINO,
+                                              type=optional_positive_int_arg, check=optional_positive_int,
+                                              help="local crop height (default: half the height)")
+    dino_local_width: Optional[int] = option(None, flags=("--local-width", "--crop-width"), group=_DINO,
+                                             type=optional_positive_int_arg, check=optional_positive_int,
+                                             help="local crop width (default: half the width)")
+    dino_global_scale: Tuple[float, float] = option(
+        (0.4, 1.0), flags=("--global-scale", "--global-crops-scale"), group=_DINO, type=float, nargs=2,
+        metavar=("MIN", "MAX"), check=area_range, help="area range of the global crops")
+    dino_local_scale: Tuple[float, float] = option(
+        (0.05, 0.4), flags=("--local-scale", "--local-crops-scale"), group=_DINO, type=float, nargs=2,
+        metavar=("MIN", "MAX"), check=area_range, help="area range of the local crops")
+    dino_warmup_epochs: int = option(10, flags=("--dino-warmup-epochs",), group=_DINO, type=non_negative_int_arg,
+                                     check=non_negative_int,
+                                     help="linear learning-rate warm-up from 0 (per iteration)")
+    dino_min_lr: float = option(1e-6, flags=("--min-lr",), group=_DINO, type=float, check=non_negative,
+                                help="the cosine's end")
+    dino_weight_decay_end: float = option(0.4, flags=("--weight-decay-end",), group=_DINO, type=float,
+                                          check=non_negative)
+    dino_clip_grad: float = option(3.0, flags=("--clip-grad",), group=_DINO, type=float, check=non_negative,
+                                   help="each parameter's gradient norm, on its own (0: off)")
+    dino_freeze_last_layer: int = option(1, flags=("--freeze-last-layer",), group=_DINO,
+                                         type=non_negative_int_arg, check=non_negative_int,
+                                         help="epochs during which the head's last layer stays")
+
+    @staticmethod
+    def check_together(config) -> None:
+        """What these options must satisfy together, whatever the method."""
+        if config.keep_num is not None and config.keep_ratio is not None:
+            raise ValueError("keep_num (the first N of filter_list) and keep_ratio (a fraction of it) "
+                             "exclude each other: give one")
+        if (config.keep_num is not None or config.keep_ratio is not None) and config.filter_list is None:
+            raise ValueError("keep_num / keep_ratio keep the top of a CFS list: give filter_list too")
 
 
 @torch.no_grad()
@@ -167,6 +242,9 @@ class DINOMethod(Method):
                      "dino_out_dim", "dino_norm_last_layer", "dino_use_bn_in_head", "pretrained",
                      "pretrain_hw_ratio", "filter_list", "keep_num", "keep_ratio")
     losses = ("dino",)
+    options = DINOOptions
+    command = "pretrain"
+    own_schedules = {"dino": "DINO pre-training's per-iteration schedule"}
     eval_amp = "none"  # upstream's kNN evaluation (eval_knn.py) extracts features in float32
     # A tiny ViT and head (the demo sets lr, batch and epochs).
     demo_options = {"arch": "vit_tiny_patch16", "drop_path": 0.0, "dino_out_dim": 1024,

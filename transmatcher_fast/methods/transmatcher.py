@@ -9,6 +9,7 @@ the last ``num_trans_layers`` blocks as the matcher's levels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
 from torch import Tensor, nn
@@ -16,7 +17,17 @@ from torch import Tensor, nn
 from ..models import QAConv, TransMatcher, build_model
 from ..models.vit import ARCHS as VIT_ARCHS, ViTMatchingFeatures
 from .base import Method, Parts, register_method
+from ..options import non_negative, option
 from .losses import PairwiseMatchingLoss, TripletLoss
+
+
+@dataclass
+class TransMatcherOptions:
+    """The matchers' own options (TransMatcher and QAConv); the model's are ModelOptions'."""
+    margin: float = option(16.0, group="batches and loss", type=float, check=non_negative,
+                           help="triplet margin (matchers)")
+    backbone_lr_factor: float = option(0.1, group="optimisation", type=float, after="lr",
+                                       help="matchers: backbone lr = lr x this")
 
 
 class MatchingStep(nn.Module):
@@ -44,6 +55,7 @@ class TransMatcherMethod(Method):
                      "dim_feedforward", "dropout", "height", "width", "stride", "sie_camera",
                      "sie_view", "sie_coe", "drop_path", "pretrained")
     losses = ("pairwise", "triplet")
+    options = TransMatcherOptions
     demo_options = {"arch": "resnet18", "ibn": None, "freeze_bn": False}
 
     def check(self, config) -> None:

@@ -10,6 +10,7 @@ preset (``configs/transreid_ssl_*.yaml``: lr 4e-4, 20 warm-up epochs, no JPM/SIE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
 from torch import Tensor, nn
@@ -19,9 +20,25 @@ from ..models.embedding import EmbeddingDistance
 from ..models.transreid import TransReID
 from ..models.vit import ARCHS as VIT_ARCHS
 from .base import Method, Parts, register_method
+from ..options import non_negative, option, probability
 from .losses import TransReIDLoss
 
 PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)
+_LOSS = "batches and loss"  # their help group
+
+
+@dataclass
+class TransReIDOptions:
+    """TransReID's own loss, augmentation and optimizer options (upstream's values); the
+    model's are ModelOptions'."""
+    id_loss_weight: float = option(1.0, group=_LOSS, type=float, check=non_negative)
+    triplet_loss_weight: float = option(1.0, group=_LOSS, type=float, check=non_negative)
+    label_smoothing: float = option(0.0, group=_LOSS, type=float, check=non_negative,
+                                    help="cross-entropy label smoothing (TransReID's configs: off)")
+    erasing_p: float = option(0.5, group=_LOSS, type=float, check=probability,
+                              help="TransReID's random erasing probability")
+    bias_lr_factor: float = option(2.0, group="optimisation", type=float, check=non_negative,
+                                   after="backbone_lr_factor", help="transreid: bias lr = lr x this")
 
 
 class TransReIDStep(nn.Module):
@@ -47,6 +64,7 @@ class TransReIDMethod(Method):
                      "drop_path", "neck_feat", "stem_conv", "pretrain_hw_ratio", "gem_pooling",
                      "pretrained")
     losses = ("softmax_triplet",)
+    options = TransReIDOptions
     eval_amp = "none"  # upstream's inference is float32 (do_inference has no autocast)
     # A tiny ViT from scratch with camera SIE and JPM (the whole model, small).
     demo_options = {"arch": "vit_tiny_patch16", "sie_camera": True, "jpm": True, "drop_path": 0.0,
