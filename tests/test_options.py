@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -43,14 +44,34 @@ def _parsed(argv) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS})
 
 
-def test_train_help_is_unchanged(monkeypatch):
-    assert _help("train", monkeypatch) == (BEFORE / "help_train.txt").read_text()
+# Options added since the fixtures were written (issue 23: train --init-from), as --help shows them.
+ADDED = ("init-from",)
+
+
+def _without_added(text: str) -> str:
+    """--help without the added options: the usage as its words (an added option re-wraps it),
+    then the option paragraphs with the added ones' left out."""
+    usage, _, body = text.partition("\n\n")
+    for name in ADDED:
+        usage = re.sub(rf"\[--{name} [A-Z_]+\]", "", usage)
+        body = re.sub(rf"\n  --{name} [A-Z_]+ .*\n(?: {{24}}.*\n)*", "\n", body)
+    return " ".join(usage.split()) + "\n\n" + body
+
+
+def _before(name: str) -> str:
+    return _without_added((BEFORE / name).read_text())
+
+
+def test_train_help_is_unchanged_but_for_the_added_options(monkeypatch):
+    new = _help("train", monkeypatch)
+    assert all(f"--{name}" in new for name in ADDED)
+    assert _without_added(new) == _before("help_train.txt")
 
 
 def test_pretrain_help_is_unchanged_but_resume_and_overwrite_sit_in_run_as_in_train(monkeypatch):
     """The old pretrain parser copied train's through argparse ``parents``, which moved the
     --resume | --overwrite pair into "options:"; generated, they stay in "run:" as in train."""
-    new, old = _help("pretrain", monkeypatch), (BEFORE / "help_pretrain.txt").read_text()
+    new, old = _without_added(_help("pretrain", monkeypatch)), _before("help_pretrain.txt")
     assert sorted(new.splitlines()) == sorted(old.splitlines())
     run = new.index("\nrun:\n")
     assert run < new.index("\n  --resume ") < new.index("\n  --overwrite ") < new.index("\n  --seed ")
@@ -61,7 +82,9 @@ def test_every_shipped_config_resolves_as_before(name):
     before = json.loads((BEFORE / "configs_resolved.json").read_text())
     command = "pretrain" if name.startswith("dino") else "train"
     config = _parsed([command, "--config", str(CONFIGS / name)])
-    assert json.loads(json.dumps(dataclasses.asdict(config))) == before[name]
+    resolved = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert {k: resolved.pop(k.replace("-", "_")) for k in ADDED} == {k: None for k in ADDED}
+    assert resolved == before[name]
 
 
 @pytest.mark.parametrize("method", ["transmatcher", "transreid", "dino"])
@@ -77,7 +100,7 @@ def test_a_run_folders_config_yaml_from_before_reads_back_and_resumes(method, tm
     assert config.method == method and config.resume
     assert check_resume(saved, config, tmp_path) == {}
     assert check_resume({**saved, "resume": False, "overwrite": False}, config, tmp_path) == {}
-    assert options.flat(config) == saved
+    assert options.flat(config) == {**saved, "init_from": None}
     # What a resume may change is still what it was.
     later = _parsed([command, "--config", str(path), "--resume", "--epochs", str(config.epochs + 1)])
     assert check_resume(saved, later, tmp_path) == {"epochs": [config.epochs, config.epochs + 1]}
@@ -86,7 +109,8 @@ def test_a_run_folders_config_yaml_from_before_reads_back_and_resumes(method, tm
 def test_resume_rule_is_the_one_before():
     assert RESUME_MAY_CHANGE == {
         "epochs", "max_epochs", "max_steps_per_epoch", "workers", "log_every", "progress", "tensorboard",
-        "eval_every", "test_batch", "test_prob_batch", "test_gal_batch", "device", "data_dir", "exp_dir"}
+        "eval_every", "test_batch", "test_prob_batch", "test_gal_batch", "device", "data_dir", "exp_dir",
+        "init_from"}  # added since: a resumed run continues from its own checkpoint
     saved = {"matcher": "qaconv", "lr": 0.005}  # an older version: matcher, few options
     assert resume_changes(saved, TrainConfig(method="qaconv")) == {}
     assert resume_changes(saved, TrainConfig(method="qaconv", seed=3)) == {"seed": [0, 3]}

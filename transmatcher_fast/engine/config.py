@@ -124,6 +124,12 @@ class EngineOptions:
         help="start afresh in an EXP_DIR that holds a run: removes its checkpoint.pt, best.pt, config.yaml, "
              "log.jsonl and tensorboard/ event files (nothing else). Without --resume or --overwrite, "
              "training refuses a folder that holds a run")
+    init_from: Optional[str] = option(
+        None, flags=("--init-from",), group=_MODEL, type=optional_str_arg, metavar="CKPT",
+        resume_may_change=True,  # a resumed run continues from its own checkpoint
+        help="start from the weights of a trained model (a checkpoint of train, or upstream's TransMatcher / "
+             "QAConv checkpoint.pth.tar): a new classifier when the identity count differs, a new "
+             "optimizer and schedule; a model of another architecture is refused")
     seed: int = option(0, group=_RUN, type=int)
     device: Optional[str] = option(None, group=_RUN, type=optional_str_arg, resume_may_change=True,
                                    help="default: cuda[:LOCAL_RANK] if available, else cpu")

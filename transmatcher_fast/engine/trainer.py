@@ -46,6 +46,7 @@ from ..methods.schedules import build_schedule
 from . import checkpoint, matching, rundir
 from .config import _START_OPTIONS, ResumeConfigError, TrainConfig, check_resume  # noqa: F401  (ResumeConfigError: re-exported)
 from .evaluate import extract
+from .init_from import init_parts_from
 from .features import SKIPPED_SHOWN, autocast, parse_dtype
 from .hooks import CheckpointHook, ClipGradients, EvalHook, ExportsHook, LogHook, RunFolderHook
 from .samplers import AllImagesIdentitySampler, GraphSampler, RandomIdentitySampler, ShuffledBatchSampler
@@ -130,6 +131,10 @@ class Trainer:
         self.skipped_images = self._leave_out_unreadable() if config.skip_bad_images else []
         self.model_args = self.method.model_args(config, self.dataset)
         self.parts = self.method.build(config, self.model_args)
+        if config.init_from and not (config.resume and self.checkpoint_path.is_file()):
+            notes = init_parts_from(self.parts, config.init_from, num_classes=self.model_args.get("num_classes"))
+            if self.is_main:
+                print("\n".join(notes))
         for part in self.parts.values():
             part.to(self.device)
         self.model, self.matcher = self.parts["model"], self.parts["matcher"]
