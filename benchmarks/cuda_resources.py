@@ -190,6 +190,11 @@ class TileSpec:
 def tile_spec(name: str) -> TileSpec | None:
     """The tile of a forward kernel from its demangled name, at REFERENCE; None for others."""
     l, d = REFERENCE["l"], REFERENCE["d"]
+    # The wgmma kernel's benchmark ablations (max_sim_cuda.cuh) have its N = 192 tile with a
+    # gate. (The mma.sync ones get none: their scans' trip counts, inferred from the shared loads
+    # per loop body, would not be comparable.)
+    name = re.sub(r"^max_sim_forward_wgmma_ablation_kernel<(\w+), \d>",
+                  r"max_sim_forward_wgmma_kernel<\1, 192, true>", name)
     m = re.match(r"max_sim_forward_wgmma_kernel<(\w+), (\d+), (\w+)>", name)
     if m:
         n = int(m.group(2))

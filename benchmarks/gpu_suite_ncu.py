@@ -9,14 +9,17 @@ sweep, each also with ablations inside the same kernel structure, and the two sa
 baselines (cuBLAS, which writes the scores, and the tile-sum GEMM that does not):
 
 - ``gate_off``: no score_embed (the kernels' no-gate specialisation): always available;
-- ``max_only`` (max without argmax) and ``mma_only`` (the MMA main loop, no epilogue): through a
-  hook the kernels' owners provide; an ablation whose hook is missing is recorded as
-  "not available" with the hook it needs:
+- ``max_only`` (max without argmax) and ``mma_only`` (the MMA main loop, each score tile
+  reduced to one add a score, no epilogue): switches inside each kernel (Triton constexpr,
+  CUDA template), reached through these hooks (an ablation whose hook is missing, as in an
+  older checkout or build, is recorded as "not available" with the hook it needs):
     Triton: ``kernels.max_sim.ABLATIONS`` (names it supports) and
             ``kernels.max_sim.forward(..., ablation=name)`` (outputs may be left unwritten);
     CUDA:   ``torch.ops.transmatcher_fast_C.max_sim_forward_ablation(query, gallery,
             score_embed, q_best, g_best, q_index, g_index, allow_tf32, query_group, ablation)``
-            for query_group launches.
+            for query_group launches (mma.sync and wgmma; bf16 with a gate, the case here).
+  ``ablations_in_source`` says, before the build, which of them this checkout provides (the
+  plan prints it).
 
 Every case is also timed with events in the suite's process first: where ncu cannot read the
 counters (seen on gVisor machines), the ablations' times alone say where the time goes.
@@ -80,6 +83,20 @@ def ncu_cases(sweep: dict | None, backends, cls="large-bf16") -> list:
     cases += [{"name": "gemm-cublas", "backend": "gemm", "ablation": "full"},
               {"name": "gemm-no-scores", "backend": "gemm_no_scores", "ablation": "full"}]
     return cases
+
+
+def ablations_in_source(kernels=None) -> dict:
+    """Per backend, the ablations of ABLATIONS this checkout's sources provide (read without
+    building or importing the package): Triton from ``kernels`` (kernels/max_sim.py, loaded
+    from the source tree; None: not counted), CUDA from the op's schema and its registration."""
+    found = {"triton": []}
+    if kernels is not None:
+        found["triton"] = [a for a in ABLATIONS[1:] if a in getattr(kernels, "ABLATIONS", ())]
+    csrc = common.REPO / "csrc"
+    sources = [csrc / "max_sim.cpp", csrc / "cuda" / "max_sim_cuda.cpp"]
+    hooked = all(p.exists() and "max_sim_forward_ablation" in p.read_text() for p in sources)
+    found["cuda"] = list(ABLATIONS[1:]) if hooked else ["gate_off"]
+    return found
 
 
 def _launch_of(backend, row):

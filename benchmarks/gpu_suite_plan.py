@@ -66,7 +66,7 @@ def counts(backends=BACKENDS, kernels=None, order_variants=False, build_jobs=Non
     the build (default: the GPU box's, COSTS)."""
     from gpu_suite_compile import jobs
     from gpu_suite_correctness import CORRECTNESS_CASES, TIES_SHAPES
-    from gpu_suite_ncu import ABLATIONS, ncu_cases
+    from gpu_suite_ncu import ABLATIONS, ablations_in_source, ncu_cases
     from gpu_suite_variants import SWEEP_CLASSES, cuda_candidates, triton_candidates
 
     cuda_files = glob.glob(str(REPO / "csrc" / "cuda" / "*.cu"))
@@ -94,6 +94,7 @@ def counts(backends=BACKENDS, kernels=None, order_variants=False, build_jobs=Non
         "nan_checks": n_backends * 4,
         "sweep_launches": launches, "table_checks": len(SWEEP_CLASSES),
         "ncu_cases": ncu,
+        "ncu_ablations": {b: a for b, a in ablations_in_source(kernels).items() if b in backends},
         "training_methods": n_backends + 5,  # tuned, reference, compiled, gemm, gemm_no_scores
         "evaluation_methods": 2 * (n_backends + 3) + 1,  # + tuned, gemms; fp32: reference_tf32
         "evaluation_references": 3, "torch_compiles": 2,
@@ -127,7 +128,9 @@ def estimates(c: dict) -> dict:
         ("variants", sweep, " + ".join(f"{n} {cls}" for cls, n in c["sweep_launches"].items())
                             + f" launches, {c['table_checks']} table checks"),
         ("ncu", k["ncu_fixed_s"] + c["ncu_cases"] * (k["ncu_case_s"] + k["ncu_timed_case_s"])
-         + k["ncu_compile_kernels"] * k["triton_kernel_s"], f"{c['ncu_cases']} cases, timed and profiled"),
+         + k["ncu_compile_kernels"] * k["triton_kernel_s"],
+         f"{c['ncu_cases']} cases, timed and profiled; ablations available: "
+         + ", ".join(f"{b} {'/'.join(a) or 'none'}" for b, a in c.get("ncu_ablations", {}).items())),
         ("training", c["training_methods"] * k["method_s"] + k["torch_compile_s"],
          f"{c['training_methods']} methods, 1 torch.compile"),
         ("evaluation", c["evaluation_methods"] * k["method_s"]

@@ -20,10 +20,13 @@ elements of one tile-loop iteration). An H100 SM issues 128 thread-instructions 
 does 2048 fp16 FMA a clock, so at D = 512 the MMA of one score element takes the time of ~32:
 a measure well under 32 leaves the issue slots to the tensor cores. Also
 ``mma_instructions_per_score`` (same units), and the analytic bytes a candidate's tiling reads
-and writes through L2 per FLOP (every tile load counted, none assumed to hit L1).
+and writes through L2 per FLOP (every tile load counted, none assumed to hit L1). The JSON
+entry also breaks the epilogue figure down by opcode (``epilogue_breakdown``).
 
     python benchmarks/triton_resources.py                # table
     python benchmarks/triton_resources.py --json out.json --target sm_90 --precision fp16
+    python benchmarks/triton_resources.py --target sm_90 --precision bf16 --geometry aligned \
+        --ablation gate_off --ablation max_only --ablation mma_only   # the ncu ablations
 
 Run it without TRITON_INTERPRET (the interpreter has nothing to compile).
 """
@@ -93,17 +96,21 @@ def _launch_attrs(fn, constexprs: dict, ints: dict) -> dict:
     return attrs
 
 
-def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict):
+def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict, ablation: str | None = None):
     """(name, jit function, pointer types, constexprs, num_warps, num_stages, label, forward
     config or None, integer arguments beyond ``geometry``) of every kernel as the launch
-    wrappers run them for ``geometry``; every forward candidate."""
+    wrappers run them for ``geometry``; every forward candidate. With ``ablation`` (one of
+    kernels.ABLATIONS, the GPU suite's ncu cases), the forward candidates alone, as
+    ``forward(..., ablation=...)`` launches them."""
     feature = _TRITON_TYPE[dtype]
+    code = kernels._ABLATION_CODES[ablation] if ablation else kernels.FULL.value
     ints = {"q_index_ptr": "i32", "g_index_ptr": "i32"}
     len_q, len_g, dim = geometry["len_q"], geometry["len_g"], geometry["dim"]
     for fwd in kernels.forward_candidates(len_q, len_g, dim, dtype):
         num_s = triton.cdiv(len_g, fwd.block_s)
-        constexprs = dict(HAS_GATE=True, BLOCK_S=fwd.block_s, BLOCK_T=fwd.block_t,
-                          BLOCK_K=fwd.block_k, INPUT_PRECISION=precision)
+        constexprs = dict(HAS_GATE=ablation != "gate_off", BLOCK_S=fwd.block_s,
+                          BLOCK_T=fwd.block_t, BLOCK_K=fwd.block_k, INPUT_PRECISION=precision,
+                          ABLATION=code)
         if fwd.variant == "pairs":  # as kernels.forward launches it
             fn = kernels._max_sim_forward_pairs_kernel
             constexprs.update(kernels.pairs_constexprs(fwd, len_q, len_g, dim))
@@ -114,7 +121,10 @@ def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict):
             fn = kernels._max_sim_forward_kernel
             constexprs.update(GROUP_Q=fwd.group_q)
         yield ("forward", fn, {"q_ptr": feature, "g_ptr": feature, **ints}, constexprs,
-               fwd.num_warps, fwd.num_stages, fwd.name, fwd, {"group_g": fwd.group_g})
+               fwd.num_warps, fwd.num_stages, fwd.name + (f"-{ablation}" if ablation else ""),
+               fwd, {"group_g": fwd.group_g})
+    if ablation:
+        return
     bwd = kernels.backward_config(len_q, len_g, dim, dtype)
     # d query and d gallery: one gather kernel, launched once per side (max_sim_gather.launch).
     gather = kernels.max_sim_gather._max_sim_backward_gather_kernel
@@ -131,7 +141,8 @@ def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict):
                dict(HAS_GATE=True, HAS_OWN=True, HAS_OTH=True, BLOCK_D=bwd.block_d,
                     CHUNK=bwd.chunk), bwd.num_warps, 1, label, None, values)
     if dtype == torch.float32 and precision == "ieee":  # reads no features: one dtype is enough
-        yield ("backward_score_embed", kernels._max_sim_backward_score_embed_kernel, ints,
+        yield ("backward_score_embed",
+               kernels.max_sim_score_embed._max_sim_backward_score_embed_kernel, ints,
                dict(BLOCK_S=bwd.block_s, BLOCK_T=bwd.block_t, HAS_GRAD_Q=True, HAS_GRAD_G=True),
                8, 1, f"{bwd.block_s}x{bwd.block_t}-w8-s1", None, {})
 
@@ -183,7 +194,14 @@ def tile_loop_measure(sass: str, k_iterations: int, threads: int, scores_per_til
                                       iterations=iterations)
 
     other, tensor_core = sass_measure.OTHER, sass_measure.TENSOR_CORE
+    breakdown = {}  # the epilogue by opcode (modifiers dropped), most frequent first
+    for ins in tile_loop.instructions:
+        if ins.kind == other and not k_loop.start <= ins.address <= k_loop.end:
+            breakdown[ins.base] = breakdown.get(ins.base, 0) + 1
+    breakdown = {op: round(per_score(n), 2)
+                 for op, n in sorted(breakdown.items(), key=lambda item: -item[1])}
     return {"epilogue_instructions_per_score": round(per_score(whole[other] - in_k[other]), 2),
+            "epilogue_breakdown": breakdown,
             "k_loop_instructions_per_score": round(per_score(in_k[other], k_iterations), 2),
             "mma_instructions_per_score": round(
                 per_score(whole[tensor_core] - in_k[tensor_core])
@@ -253,7 +271,19 @@ def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16
     return row
 
 
-def compile_all(precisions=None, targets=None, geometries=None):
+def _first_of_each_variant(specs):
+    """The first forward candidate of each variant (an ablation switch is the same for all the
+    tile shapes of a variant, so one compile per variant checks it)."""
+    seen = set()
+    for spec in specs:
+        if spec[7].variant not in seen:
+            seen.add(spec[7].variant)
+            yield spec
+
+
+def compile_all(precisions=None, targets=None, geometries=None, ablations=None):
+    """Rows for every kernel; with ``ablations``, the forward alone under each ablation, one
+    candidate per variant."""
     rows = []
     for target_name, target in TARGETS.items():
         if targets and target_name not in targets:
@@ -264,10 +294,15 @@ def compile_all(precisions=None, targets=None, geometries=None):
             for geometry_name, geometry in GEOMETRIES.items():
                 if geometries and geometry_name not in geometries:
                     continue
-                for spec in kernel_specs(dtype, precision, geometry):
-                    rows.append({"target": target_name, "precision": label,
-                                 "geometry": geometry_name,
-                                 **compile_one(target, geometry, spec, dtype)})
+                runs = [(None, kernel_specs(dtype, precision, geometry))]
+                if ablations:
+                    runs = [(a, _first_of_each_variant(kernel_specs(dtype, precision, geometry, a)))
+                            for a in ablations]
+                for ablation, specs in runs:
+                    for spec in specs:
+                        rows.append({"target": target_name, "precision": label,
+                                     "geometry": geometry_name, "ablation": ablation,
+                                     **compile_one(target, geometry, spec, dtype)})
     return rows
 
 
@@ -299,10 +334,13 @@ def main(argv=None) -> int:
                         help="only these targets (repeatable; default: all)")
     parser.add_argument("--geometry", action="append", choices=sorted(GEOMETRIES),
                         help="only these geometries (repeatable; default: all)")
+    parser.add_argument("--ablation", action="append", choices=kernels.ABLATIONS,
+                        help="instead: the forward under these benchmark ablations, one "
+                             "candidate per variant (repeatable)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    rows = compile_all(args.precision, args.target, args.geometry)
+    rows = compile_all(args.precision, args.target, args.geometry, args.ablation)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

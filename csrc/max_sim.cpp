@@ -21,6 +21,12 @@ TORCH_LIBRARY(transmatcher_fast_C, m) {
       "max_sim_forward(Tensor query, Tensor gallery, Tensor? score_embed, Tensor(a!) q_best, "
       "Tensor(b!) g_best, Tensor(c!) q_index, Tensor(d!) g_index, bool allow_tf32=False, "
       "int query_group=0) -> ()");
+  // Benchmarks only (the GPU suite's ncu ablations; CUDA only, cuda/max_sim_cuda.cpp): the
+  // forward with ablation "full", "gate_off", "max_only" (no argmax) or "mma_only" (no epilogue).
+  m.def(
+      "max_sim_forward_ablation(Tensor query, Tensor gallery, Tensor? score_embed, "
+      "Tensor(a!) q_best, Tensor(b!) g_best, Tensor(c!) q_index, Tensor(d!) g_index, "
+      "bool allow_tf32, int query_group, str ablation) -> ()");
   m.def(
       "max_sim_backward(Tensor? grad_q_best, Tensor? grad_g_best, Tensor query, Tensor gallery, "
       "Tensor? score_embed, Tensor q_best, Tensor g_best, Tensor q_index, Tensor g_index, "

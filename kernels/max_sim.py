@@ -34,7 +34,21 @@ import torch
 import triton
 import triton.language as tl
 
-from . import max_sim_gather
+from . import max_sim_gather, max_sim_score_embed
+
+# Benchmark-only ablations inside each forward kernel's own structure (the GPU suite's ncu
+# section, benchmarks/gpu_suite_ncu.py; the op never passes one): "gate_off" is the no-gate
+# specialisation (HAS_GATE=False), "max_only" keeps both maxima but no argmax (the index
+# outputs are left unwritten), "mma_only" keeps the loads and MMAs and reduces every score tile
+# to one add a score into a running tile (written once per program into q_best), so the MMAs
+# stay live but no epilogue runs.
+ABLATIONS = ("gate_off", "max_only", "mma_only")
+FULL: tl.constexpr = tl.constexpr(0)
+MAX_ONLY: tl.constexpr = tl.constexpr(1)
+MMA_ONLY: tl.constexpr = tl.constexpr(2)
+_ABLATION_CODES = {"gate_off": 0, "max_only": 1, "mma_only": 2}
+# tl.assume (triton >= 3.3 has it here; older ones compile without the hint).
+HAS_ASSUME: tl.constexpr = tl.constexpr(hasattr(tl, "assume"))
 
 # --------------------------------------------------------------------------------------------
 # Argmax helpers: torch.max semantics (the first NaN wins, then the larger, then the lower index).
@@ -97,7 +111,7 @@ def _max_sim_forward_kernel(
     num_query, num_gallery, len_q, len_g, dim,
     HAS_GATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr, ABLATION: tl.constexpr = FULL,
 ):
     # One program per (query image, gallery image) pair, one [BLOCK_S, BLOCK_T] score tile at a
     # time; the running g_best across query blocks lives in the output itself.
@@ -108,6 +122,7 @@ def _max_sim_forward_kernel(
     arange_s = tl.arange(0, BLOCK_S)
     arange_t = tl.arange(0, BLOCK_T)
     arange_k = tl.arange(0, BLOCK_K)
+    keep = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # MMA_ONLY's running tile
 
     for t0 in range(0, len_q, BLOCK_T):
         offs_t = t0 + arange_t
@@ -126,33 +141,45 @@ def _max_sim_forward_kernel(
                 q = tl.load(q_image + offs_t[:, None] * dim + offs_k[None, :],
                             mask=t_in[:, None] & k_in[None, :], other=0.0)
                 acc = tl.dot(g, tl.trans(q), acc, input_precision=INPUT_PRECISION)
-            acc = _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE)
+            if ABLATION == MMA_ONLY:
+                keep += acc
+            elif ABLATION == MAX_ONLY:
+                acc = _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE)
+                q_run = _max_nan(q_run, tl.reduce(acc, 0, _max_nan))
+                row_max = tl.reduce(acc, 1, _max_nan)
+                g_offs = pair * len_g + offs_s
+                if t0 > 0:
+                    row_max = _max_nan(row_max, tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0))
+                tl.store(g_best_ptr + g_offs, row_max, mask=s_in)
+            else:
+                acc = _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE)
+                # Best gallery location per query location: this block's, then the running one.
+                block_max, block_arg = _max_with_index(
+                    acc, tl.broadcast_to(offs_s[:, None], (BLOCK_S, BLOCK_T)), 0)
+                take = _follows(block_max, q_run)
+                q_run = tl.where(take, block_max, q_run)
+                q_arg = tl.where(take, block_arg, q_arg)
 
-            # Best gallery location per query location: this block's, then the running one.
-            block_max, block_arg = _max_with_index(
-                acc, tl.broadcast_to(offs_s[:, None], (BLOCK_S, BLOCK_T)), 0)
-            take = _follows(block_max, q_run)
-            q_run = tl.where(take, block_max, q_run)
-            q_arg = tl.where(take, block_arg, q_arg)
-
-            # Best query location per gallery location. With several query blocks, the running
-            # value lives in the output itself (this program alone owns these elements).
-            row_max, row_arg = _max_with_index(
-                acc, tl.broadcast_to(offs_t[None, :], (BLOCK_S, BLOCK_T)), 1)
-            g_offs = pair * len_g + offs_s
-            if t0 > 0:
-                old_max = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
-                old_arg = tl.load(g_index_ptr + g_offs, mask=s_in, other=0)
-                take_row = _follows(row_max, old_max)
-                row_max = tl.where(take_row, row_max, old_max)
-                row_arg = tl.where(take_row, row_arg, old_arg)
-            tl.store(g_best_ptr + g_offs, row_max, mask=s_in)
-            tl.store(g_index_ptr + g_offs, row_arg, mask=s_in)
-        q_offs = pair * len_q + offs_t
-        tl.store(q_best_ptr + q_offs, q_run, mask=t_in)
-        tl.store(q_index_ptr + q_offs, q_arg, mask=t_in)
+                # Best query location per gallery location. With several query blocks, the
+                # running value lives in the output itself (this program alone owns them).
+                row_max, row_arg = _max_with_index(
+                    acc, tl.broadcast_to(offs_t[None, :], (BLOCK_S, BLOCK_T)), 1)
+                g_offs = pair * len_g + offs_s
+                if t0 > 0:
+                    old_max = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
+                    old_arg = tl.load(g_index_ptr + g_offs, mask=s_in, other=0)
+                    take_row = _follows(row_max, old_max)
+                    row_max = tl.where(take_row, row_max, old_max)
+                    row_arg = tl.where(take_row, row_arg, old_arg)
+                tl.store(g_best_ptr + g_offs, row_max, mask=s_in)
+                tl.store(g_index_ptr + g_offs, row_arg, mask=s_in)
+        if ABLATION != MMA_ONLY:
+            _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_run, q_arg,
+                        ABLATION)
         # The next query block reads back the g_best just written, maybe by other threads.
         tl.debug_barrier()
+    if ABLATION == MMA_ONLY:
+        _store_kept(q_best_ptr, pair * len_q + arange_t, arange_t < len_q, keep)
 
 
 @triton.jit
@@ -165,10 +192,15 @@ def _strip_dot(g_image, offs_s, s_in, offs_k, k_in, q_t, acc, dim,
 
 @triton.jit
 def _strip_epilogue(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, q_run, q_arg, g_run, g_arg,
-                    HAS_GATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+                    HAS_GATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+                    ABLATION: tl.constexpr):
     """Folds one gallery block's score tile into the query tile's running q_best and into the
     block's running g_best (both in registers; later blocks have higher indices)."""
     acc = _gated(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, HAS_GATE)
+    if ABLATION == MAX_ONLY:
+        q_run = _max_nan(q_run, tl.reduce(acc, 0, _max_nan))
+        g_run = _max_nan(g_run, tl.reduce(acc, 1, _max_nan))
+        return q_run, q_arg, g_run, g_arg
     col_max, col_arg = _max_with_index(acc, tl.broadcast_to(offs_s[:, None], (BLOCK_S, BLOCK_T)), 0)
     take = _follows(col_max, q_run)
     q_run = tl.where(take, col_max, q_run)
@@ -181,9 +213,29 @@ def _strip_epilogue(acc, sig_ptr, offs_s, offs_t, s_in, t_in, len_q, q_run, q_ar
 
 
 @triton.jit
-def _store_best(best_ptr, index_ptr, offs, mask, best, arg):
+def _store_best(best_ptr, index_ptr, offs, mask, best, arg, ABLATION: tl.constexpr = FULL):
     tl.store(best_ptr + offs, best, mask=mask)
-    tl.store(index_ptr + offs, arg, mask=mask)
+    if ABLATION != MAX_ONLY:
+        tl.store(index_ptr + offs, arg, mask=mask)
+
+
+@triton.jit
+def _kept(keep, acc0, acc1, acc2, acc3, NUM_S: tl.constexpr):
+    """MMA_ONLY: the accumulators added into the running tile, one add a score."""
+    keep += acc0
+    if NUM_S > 1:
+        keep += acc1
+    if NUM_S > 2:
+        keep += acc2
+    if NUM_S > 3:
+        keep += acc3
+    return keep
+
+
+@triton.jit
+def _store_kept(q_best_ptr, offs, mask, keep):
+    """MMA_ONLY: the program's running tile, summed over rows, into q_best (keeps the MMAs)."""
+    tl.store(q_best_ptr + offs, tl.sum(keep, 0), mask=mask)
 
 
 @triton.jit
@@ -193,7 +245,7 @@ def _max_sim_forward_strip_kernel(
     num_query, num_gallery, len_q, len_g, dim,
     HAS_GATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NUM_S: tl.constexpr,
-    GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr, ABLATION: tl.constexpr = FULL,
 ):
     # One program per image pair, as the tiled kernel, but each query tile meets the whole
     # gallery image at once: NUM_S (<= 4) accumulators, one per gallery block, share every query
@@ -214,6 +266,7 @@ def _max_sim_forward_strip_kernel(
     g_run1, g_run2, g_run3 = g_run0, g_run0, g_run0
     g_arg0 = tl.zeros((BLOCK_S,), tl.int32)
     g_arg1, g_arg2, g_arg3 = g_arg0, g_arg0, g_arg0
+    keep = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # MMA_ONLY's running tile
 
     for t0 in range(0, len_q, BLOCK_T):
         offs_t = t0 + arange_t
@@ -236,33 +289,40 @@ def _max_sim_forward_strip_kernel(
             if NUM_S > 3:
                 acc3 = _strip_dot(g_image, offs_s3, s_in3, offs_k, k_in, q_t, acc3, dim,
                                   INPUT_PRECISION)
-        q_run = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-        q_arg = tl.zeros((BLOCK_T,), tl.int32)
-        q_run, q_arg, g_run0, g_arg0 = _strip_epilogue(
-            acc0, sig_ptr, offs_s0, offs_t, s_in0, t_in, len_q, q_run, q_arg, g_run0, g_arg0,
-            HAS_GATE, BLOCK_S, BLOCK_T)
-        if NUM_S > 1:
-            q_run, q_arg, g_run1, g_arg1 = _strip_epilogue(
-                acc1, sig_ptr, offs_s1, offs_t, s_in1, t_in, len_q, q_run, q_arg, g_run1, g_arg1,
-                HAS_GATE, BLOCK_S, BLOCK_T)
-        if NUM_S > 2:
-            q_run, q_arg, g_run2, g_arg2 = _strip_epilogue(
-                acc2, sig_ptr, offs_s2, offs_t, s_in2, t_in, len_q, q_run, q_arg, g_run2, g_arg2,
-                HAS_GATE, BLOCK_S, BLOCK_T)
-        if NUM_S > 3:
-            q_run, q_arg, g_run3, g_arg3 = _strip_epilogue(
-                acc3, sig_ptr, offs_s3, offs_t, s_in3, t_in, len_q, q_run, q_arg, g_run3, g_arg3,
-                HAS_GATE, BLOCK_S, BLOCK_T)
-        _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_run, q_arg)
+        if ABLATION == MMA_ONLY:
+            keep = _kept(keep, acc0, acc1, acc2, acc3, NUM_S)
+        else:
+            q_run = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+            q_arg = tl.zeros((BLOCK_T,), tl.int32)
+            q_run, q_arg, g_run0, g_arg0 = _strip_epilogue(
+                acc0, sig_ptr, offs_s0, offs_t, s_in0, t_in, len_q, q_run, q_arg, g_run0, g_arg0,
+                HAS_GATE, BLOCK_S, BLOCK_T, ABLATION)
+            if NUM_S > 1:
+                q_run, q_arg, g_run1, g_arg1 = _strip_epilogue(
+                    acc1, sig_ptr, offs_s1, offs_t, s_in1, t_in, len_q, q_run, q_arg, g_run1,
+                    g_arg1, HAS_GATE, BLOCK_S, BLOCK_T, ABLATION)
+            if NUM_S > 2:
+                q_run, q_arg, g_run2, g_arg2 = _strip_epilogue(
+                    acc2, sig_ptr, offs_s2, offs_t, s_in2, t_in, len_q, q_run, q_arg, g_run2,
+                    g_arg2, HAS_GATE, BLOCK_S, BLOCK_T, ABLATION)
+            if NUM_S > 3:
+                q_run, q_arg, g_run3, g_arg3 = _strip_epilogue(
+                    acc3, sig_ptr, offs_s3, offs_t, s_in3, t_in, len_q, q_run, q_arg, g_run3,
+                    g_arg3, HAS_GATE, BLOCK_S, BLOCK_T, ABLATION)
+            _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_run, q_arg,
+                        ABLATION)
 
     g_offs = pair * len_g
-    _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s0, s_in0, g_run0, g_arg0)
-    if NUM_S > 1:
-        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s1, s_in1, g_run1, g_arg1)
-    if NUM_S > 2:
-        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s2, s_in2, g_run2, g_arg2)
-    if NUM_S > 3:
-        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s3, s_in3, g_run3, g_arg3)
+    if ABLATION == MMA_ONLY:
+        _store_kept(q_best_ptr, pair * len_q + arange_t, arange_t < len_q, keep)
+    else:
+        _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s0, s_in0, g_run0, g_arg0, ABLATION)
+        if NUM_S > 1:
+            _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s1, s_in1, g_run1, g_arg1, ABLATION)
+        if NUM_S > 2:
+            _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s2, s_in2, g_run2, g_arg2, ABLATION)
+        if NUM_S > 3:
+            _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s3, s_in3, g_run3, g_arg3, ABLATION)
 
 
 @triton.jit
@@ -322,26 +382,33 @@ def _pairs_dot(g_image, offs_s, s_in, offs_k, k_in, q_t, acc, dim,
 
 @triton.jit
 def _pairs_block(score, q_at, offs_s, s_in, offs_t, first, g_offs, t0, len_q, g_best_ptr,
-                 g_index_ptr):
+                 g_index_ptr, ABLATION: tl.constexpr):
     """One accumulator's share of both argmaxes. An argmax is the lowest index whose score has
     the bit pattern of the NaN-propagating max (one integer compare a score: zeros are +0.0 and
     NaNs canonical, _pairs_scores). Query direction: ``first`` takes this block's rows that
     reach the column max ``q_at`` (blocks come highest first, so a lower block's hit
     overrides). Gallery direction: this block's row max and its first column, folded into the
     pair's g_best of the earlier query blocks (written by this program; later blocks have
-    higher indices)."""
-    bits = score.to(tl.int32, bitcast=True)
+    higher indices). MAX_ONLY: the row max alone."""
     best = tl.reduce(score, 1, _max_nan)
+    if ABLATION == MAX_ONLY:
+        if t0 > 0:
+            best = _max_nan(best, tl.load(g_best_ptr + g_offs + offs_s, mask=s_in, other=0.0))
+        tl.store(g_best_ptr + g_offs + offs_s, best, mask=s_in)
+        return first
+    bits = score.to(tl.int32, bitcast=True)
     first = tl.where(bits == q_at, offs_s[:, None], first)
     arg = tl.min(tl.where(bits == best.to(tl.int32, bitcast=True)[:, None], offs_t[None, :],
                           0x7FFFFFFF), 1)
     arg = tl.minimum(arg, len_q - 1)  # in range even if a NaN came with another payload
     if t0 > 0:
+        # The earlier blocks' maximum stays unless the NaN-propagating max changes its bits
+        # (a tie or a second NaN keeps the lower index): 3 instructions a row, not 5.
         old = tl.load(g_best_ptr + g_offs + offs_s, mask=s_in, other=0.0)
         old_arg = tl.load(g_index_ptr + g_offs + offs_s, mask=s_in, other=0)
-        take = _follows(best, old)
-        best = tl.where(take, best, old)
-        arg = tl.where(take, arg, old_arg)
+        best = _max_nan(best, old)
+        arg = tl.where(best.to(tl.int32, bitcast=True) == old.to(tl.int32, bitcast=True),
+                       old_arg, arg)
     _store_best(g_best_ptr, g_index_ptr, g_offs + offs_s, s_in, best, arg)
     return first
 
@@ -354,6 +421,7 @@ def _max_sim_forward_pairs_kernel(
     HAS_GATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NUM_S: tl.constexpr,
     EVEN_L: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ABLATION: tl.constexpr = FULL,
 ):
     # Persistent: the grid is about one program per SM, each takes work items (query image i,
     # group_g consecutive gallery images) in turn. Within one, a query block of BLOCK_T
@@ -374,6 +442,7 @@ def _max_sim_forward_pairs_kernel(
     offs_s2 = offs_s1 + BLOCK_S
     offs_s3 = offs_s2 + BLOCK_S
     s_in0, s_in1, s_in2, s_in3 = offs_s0 < len_g, offs_s1 < len_g, offs_s2 < len_g, offs_s3 < len_g
+    keep = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # MMA_ONLY's running tile
     for work in range(pid, num_query * num_chunks, tl.num_programs(0)):
         i = work // num_chunks
         j_first = (work % num_chunks) * group_g
@@ -394,6 +463,8 @@ def _max_sim_forward_pairs_kernel(
             for _ in range(j_first, j_end):
                 acc0 = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
                 acc1, acc2, acc3 = acc0, acc0, acc0
+                if HAS_ASSUME:  # no zero-trip guard, so no second zeroing of the accumulators
+                    tl.assume(dim > 0)
                 for k0 in range(0, dim, BLOCK_K):
                     offs_k = k0 + arange_k
                     k_in = offs_k < dim
@@ -414,109 +485,45 @@ def _max_sim_forward_pairs_kernel(
                     if NUM_S > 3:
                         acc3 = _pairs_dot(g_image, offs_s3, s_in3, offs_k, k_in, q_t, acc3, dim,
                                           EVEN_L, EVEN_K, INPUT_PRECISION)
-                g_offs = pair * len_g
-                # The column maxima (best gallery location per query location): elementwise over
-                # the accumulators, then one reduction over rows.
-                score0 = _pairs_scores(acc0, sig0, s_in0, t_in, HAS_GATE, EVEN_L)
-                col = score0
-                if NUM_S > 1:
-                    score1 = _pairs_scores(acc1, sig1, s_in1, t_in, HAS_GATE, EVEN_L)
-                    col = _max_nan(col, score1)
-                if NUM_S > 2:
-                    score2 = _pairs_scores(acc2, sig2, s_in2, t_in, HAS_GATE, EVEN_L)
-                    col = _max_nan(col, score2)
-                if NUM_S > 3:
-                    score3 = _pairs_scores(acc3, sig3, s_in3, t_in, HAS_GATE, EVEN_L)
-                    col = _max_nan(col, score3)
-                q_max = tl.reduce(col, 0, _max_nan)
-                at = q_max.to(tl.int32, bitcast=True)[None, :]
-                first = tl.full((BLOCK_S, BLOCK_T), 0x7FFFFFFF, tl.int32)
-                if NUM_S > 3:
-                    first = _pairs_block(score3, at, offs_s3, s_in3, offs_t, first, g_offs, t0,
-                                         len_q, g_best_ptr, g_index_ptr)
-                if NUM_S > 2:
-                    first = _pairs_block(score2, at, offs_s2, s_in2, offs_t, first, g_offs, t0,
-                                         len_q, g_best_ptr, g_index_ptr)
-                if NUM_S > 1:
-                    first = _pairs_block(score1, at, offs_s1, s_in1, offs_t, first, g_offs, t0,
-                                         len_q, g_best_ptr, g_index_ptr)
-                first = _pairs_block(score0, at, offs_s0, s_in0, offs_t, first, g_offs, t0,
-                                     len_q, g_best_ptr, g_index_ptr)
-                _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_max,
-                            tl.minimum(tl.min(first, 0), len_g - 1))
+                if ABLATION == MMA_ONLY:
+                    keep = _kept(keep, acc0, acc1, acc2, acc3, NUM_S)
+                else:
+                    g_offs = pair * len_g
+                    # The column maxima (best gallery location per query location): elementwise
+                    # over the accumulators, then one reduction over rows.
+                    score0 = _pairs_scores(acc0, sig0, s_in0, t_in, HAS_GATE, EVEN_L)
+                    col = score0
+                    if NUM_S > 1:
+                        score1 = _pairs_scores(acc1, sig1, s_in1, t_in, HAS_GATE, EVEN_L)
+                        col = _max_nan(col, score1)
+                    if NUM_S > 2:
+                        score2 = _pairs_scores(acc2, sig2, s_in2, t_in, HAS_GATE, EVEN_L)
+                        col = _max_nan(col, score2)
+                    if NUM_S > 3:
+                        score3 = _pairs_scores(acc3, sig3, s_in3, t_in, HAS_GATE, EVEN_L)
+                        col = _max_nan(col, score3)
+                    q_max = tl.reduce(col, 0, _max_nan)
+                    at = q_max.to(tl.int32, bitcast=True)[None, :]
+                    first = tl.full((BLOCK_S, BLOCK_T), 0x7FFFFFFF, tl.int32)
+                    if NUM_S > 3:
+                        first = _pairs_block(score3, at, offs_s3, s_in3, offs_t, first, g_offs, t0,
+                                             len_q, g_best_ptr, g_index_ptr, ABLATION)
+                    if NUM_S > 2:
+                        first = _pairs_block(score2, at, offs_s2, s_in2, offs_t, first, g_offs, t0,
+                                             len_q, g_best_ptr, g_index_ptr, ABLATION)
+                    if NUM_S > 1:
+                        first = _pairs_block(score1, at, offs_s1, s_in1, offs_t, first, g_offs, t0,
+                                             len_q, g_best_ptr, g_index_ptr, ABLATION)
+                    first = _pairs_block(score0, at, offs_s0, s_in0, offs_t, first, g_offs, t0,
+                                         len_q, g_best_ptr, g_index_ptr, ABLATION)
+                    _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_max,
+                                tl.minimum(tl.min(first, 0), len_g - 1), ABLATION)
                 g_image += len_g * dim
                 pair += 1
             # The next query block reads back the g_best just written, maybe by other threads.
             tl.debug_barrier()
-
-
-# --------------------------------------------------------------------------------------------
-# Backward.
-
-
-@triton.jit
-def _routed_tile(
-    pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
-    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, q_best_ptr, g_best_ptr,
-    HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr, NEED_WEIGHTED: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """The routed gradient of one [BLOCK_S, BLOCK_T] tile of S_pair, before the gate, and (when
-    NEED_WEIGHTED) the same routing weighted by the saved maxima, for d score_embed (no D
-    dimension: cheap)."""
-    routed = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
-    weighted = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
-    if HAS_GRAD_Q:
-        q_offs = pair * len_q + offs_t
-        grad = tl.load(grad_q_ptr + q_offs, mask=t_in, other=0.0)
-        arg = tl.load(q_index_ptr + q_offs, mask=t_in, other=-1)
-        hit = (arg[None, :] == offs_s[:, None]) & s_in[:, None]
-        routed += tl.where(hit, grad[None, :], 0.0)
-        if NEED_WEIGHTED:
-            best = tl.load(q_best_ptr + q_offs, mask=t_in, other=0.0)
-            weighted += tl.where(hit, (grad * best)[None, :], 0.0)
-    if HAS_GRAD_G:
-        g_offs = pair * len_g + offs_s
-        grad = tl.load(grad_g_ptr + g_offs, mask=s_in, other=0.0)
-        arg = tl.load(g_index_ptr + g_offs, mask=s_in, other=-1)
-        hit = (arg[:, None] == offs_t[None, :]) & t_in[None, :]
-        routed += tl.where(hit, grad[:, None], 0.0)
-        if NEED_WEIGHTED:
-            best = tl.load(g_best_ptr + g_offs, mask=s_in, other=0.0)
-            weighted += tl.where(hit, (grad * best)[:, None], 0.0)
-    return routed, weighted
-
-
-@triton.jit
-def _max_sim_backward_score_embed_kernel(
-    grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, q_best_ptr, g_best_ptr,
-    partial_ptr,
-    num_query, num_gallery, len_q, len_g,
-    HAS_GRAD_Q: tl.constexpr, HAS_GRAD_G: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    # Program (partial p, gallery block, query block): partial_p[s, t] = sum of grad * best over
-    # the pairs of query images p, p + P, p + 2P, ... routed to (s, t). No D dimension: cheap.
-    p = tl.program_id(0)
-    num_partials = tl.num_programs(0)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_in = offs_s < len_g
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_in = offs_t < len_q
-    acc = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
-    pair = p.to(tl.int64) * num_gallery
-    for _ in range(p, num_query, num_partials):
-        for _ in range(0, num_gallery):
-            _, weighted = _routed_tile(
-                pair, offs_s, offs_t, s_in, t_in, len_q, len_g,
-                grad_q_ptr, grad_g_ptr, q_index_ptr, g_index_ptr, q_best_ptr, g_best_ptr,
-                HAS_GRAD_Q, HAS_GRAD_G, True, BLOCK_S, BLOCK_T,
-            )
-            acc += weighted
-            pair += 1
-        pair += (num_partials - 1) * num_gallery
-    tl.store(partial_ptr + p.to(tl.int64) * len_g * len_q + offs_s[:, None] * len_q
-             + offs_t[None, :], acc, mask=s_in[:, None] & t_in[None, :])
+    if ABLATION == MMA_ONLY:  # into pair pid's row (pid < work items <= pairs)
+        _store_kept(q_best_ptr, pid * len_q + arange_t, arange_t < len_q, keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,12 +675,21 @@ def _check(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tenso
 
 def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tensor],
             outputs: tuple, config: Optional[ForwardConfig] = None,
-            precision: Optional[str] = None) -> tuple:
+            precision: Optional[str] = None, ablation: Optional[str] = None) -> tuple:
     """Fills ``outputs = (q_best, g_best, q_index, g_index)`` and returns them.
 
     ``sig`` is ``sigmoid(score_embed)`` as contiguous float32 ``[Lg, Lq]``, or None for no gate.
-    ``precision`` ("tf32" / "ieee") applies to float32 inputs; default exact.
+    ``precision`` ("tf32" / "ieee") applies to float32 inputs; default exact. ``ablation``: one
+    of ABLATIONS, for benchmarks only (the GPU suite's ncu section; the op never passes one):
+    the outputs it does not compute are left as they were, and "gate_off" drops ``sig``.
     """
+    code = FULL.value
+    if ablation is not None:
+        if ablation not in ABLATIONS:
+            raise ValueError(f"Triton max_sim: ablation must be one of {ABLATIONS}, "
+                             f"got {ablation!r}")
+        sig = None if ablation == "gate_off" else sig
+        code = _ABLATION_CODES[ablation]
     _check(query, gallery, sig)
     num_query, len_q, dim = query.shape
     num_gallery, len_g, _ = gallery.shape
@@ -700,7 +716,7 @@ def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tens
             num_query, num_gallery, len_q, len_g, dim, *args,
             HAS_GATE=sig is not None,
             BLOCK_S=config.block_s, BLOCK_T=config.block_t, BLOCK_K=config.block_k, **extra,
-            INPUT_PRECISION=precision or input_precision(query.dtype, False),
+            INPUT_PRECISION=precision or input_precision(query.dtype, False), ABLATION=code,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return outputs
@@ -749,7 +765,7 @@ def backward(grad_q_best: Optional[torch.Tensor], grad_g_best: Optional[torch.Te
                                   device=query.device)
             grid = (num_partials, triton.cdiv(len_g, config.block_s),
                     triton.cdiv(len_q, config.block_t))
-            _max_sim_backward_score_embed_kernel[grid](
+            max_sim_score_embed._max_sim_backward_score_embed_kernel[grid](
                 q_index_ptr=q_index, g_index_ptr=g_index, q_best_ptr=q_best, g_best_ptr=g_best,
                 partial_ptr=partial, num_query=num_query, num_gallery=num_gallery,
                 len_q=len_q, len_g=len_g, BLOCK_S=config.block_s, BLOCK_T=config.block_t,

@@ -31,6 +31,9 @@ FP32_FORWARDS = [f"max_sim_forward_kernel<float, 2, {v}>" for v in ("true", "fal
 # max_sim_forward_wgmma_kernel<T, N, gate>: the sm_90a wgmma forward (a stub elsewhere).
 WGMMA_FORWARDS = [f"max_sim_forward_wgmma_kernel<{t}, {n}, {g}>" for t in ("__half", "__nv_bfloat16")
                   for n in (64, 128, 192) for g in ("true", "false")]
+# The GPU suite's ncu ablations (max_sim_cuda.cuh): 1 = max without argmax, 2 = MMA only; bf16.
+MMA_ABLATIONS = [f"max_sim_forward_ablation_kernel<__nv_bfloat16, {a}>" for a in (1, 2)]
+WGMMA_ABLATIONS = [f"max_sim_forward_wgmma_ablation_kernel<__nv_bfloat16, {a}>" for a in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,9 @@ def test_forward_uses_tensor_cores(compiled, arch):
         assert name in kernels, f"{name} missing from sm_{arch}: {sorted(kernels)}"
         counts = kernels[name].sass_counts
         assert counts["HMMA"] + counts["HGMMA"] > 0, f"{name} sm_{arch}: no tensor-core op {counts}"
+    for name in MMA_ABLATIONS:  # the ablations keep the kernel's MMA main loop
+        assert name in kernels, f"{name} missing from sm_{arch}: {sorted(kernels)}"
+        assert kernels[name].sass_counts["HMMA"] > 0, (name, kernels[name].sass_counts)
     # The exact-FP32 path must not be silently TF32 (and the check can tell them apart).
     for name in FP32_FORWARDS:
         counts = kernels[name].sass_counts
@@ -78,6 +84,10 @@ def test_wgmma_forward_uses_hgmma(compiled):
     if cuda_resources.find_cuobjdump(NVCC) is None:
         pytest.skip("cuobjdump not found")
     kernels = _kernels(compiled, "90a")
+    for name in WGMMA_ABLATIONS:  # the ablations keep the kernel's HGMMA main loop
+        assert name in kernels, f"{name} missing from sm_90a: {sorted(kernels)}"
+        counts = kernels[name].sass_counts
+        assert counts["HGMMA"] > 0 and counts["HMMA"] == 0, (name, counts)
     for name in WGMMA_FORWARDS:
         assert name in kernels, f"{name} missing from sm_90a: {sorted(kernels)}"
         k = kernels[name]
@@ -109,7 +119,8 @@ def test_static_measures_recorded(compiled):
 @pytest.mark.parametrize("arch", cuda_resources.ARCHS)
 def test_forward_has_no_spills(compiled, arch):
     forwards = [k for name, k in _kernels(compiled, arch).items() if "max_sim_forward" in name]
-    assert len(forwards) == len(TENSOR_CORE_FORWARDS) + len(FP32_FORWARDS) + len(WGMMA_FORWARDS)
+    assert len(forwards) == (len(TENSOR_CORE_FORWARDS) + len(FP32_FORWARDS) + len(WGMMA_FORWARDS)
+                             + len(MMA_ABLATIONS) + len(WGMMA_ABLATIONS))
     for k in forwards:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack == 0, (
             f"{k.name} sm_{arch}: {k.registers} registers, {k.stack} B stack, "

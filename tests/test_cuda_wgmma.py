@@ -106,3 +106,40 @@ def test_wgmma_agrees_with_mma_sync():
     scale = max(a[0].abs().max().item(), 1e-30)
     assert (a[0] - b[0]).abs().max().item() <= 1e-4 * scale
     assert (a[1] - b[1]).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("query_group", [0, WGMMA], ids=["mma_sync", "wgmma"])
+def test_benchmark_ablations_inside_both_forward_kernels(query_group):
+    """The GPU suite's ncu ablations (max_sim_forward_ablation, never reached from the op), bf16
+    with a gate at Lg = 192: max_only gives the full forward's maxima bit for bit and leaves the
+    index outputs alone; mma_only leaves g_best and both index outputs alone; gate_off is the
+    no-gate forward; an unbuilt case (float16) is refused with a clear error."""
+    ablation_op = getattr(getattr(torch.ops, "transmatcher_fast_C", None), "max_sim_forward_ablation",
+                          None)
+    if ablation_op is None:
+        pytest.skip("transmatcher_fast._C has no CUDA forward ablations")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 200, 64, generator=g).to("cuda", torch.bfloat16)
+    gal = torch.randn(4, 192, 64, generator=g).to("cuda", torch.bfloat16)
+    e = torch.randn(192, 200, generator=g).cuda()
+
+    def run(ablation, q=q, gal=gal):
+        outs = [torch.full((3, 4, 200), float("nan"), device="cuda"),
+                torch.full((3, 4, 192), float("nan"), device="cuda"),
+                torch.full((3, 4, 200), -7, device="cuda", dtype=torch.int32),
+                torch.full((3, 4, 192), -7, device="cuda", dtype=torch.int32)]
+        ablation_op(q, gal, e, *outs, False, query_group, ablation)
+        torch.cuda.synchronize()
+        return [t.cpu() for t in outs]
+
+    full = _run(q, gal, e, query_group)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(full, run("full")))
+    max_only = run("max_only")
+    assert torch.equal(max_only[0], full[0].cpu()) and torch.equal(max_only[1], full[1].cpu())
+    assert (max_only[2] == -7).all() and (max_only[3] == -7).all()
+    mma_only = run("mma_only")
+    assert mma_only[1].isnan().all() and (mma_only[2] == -7).all() and (mma_only[3] == -7).all()
+    no_gate = _run(q, gal, None, query_group)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(no_gate, run("gate_off")))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        run("max_only", q=q.half(), gal=gal.half())

@@ -517,6 +517,19 @@ def test_missing_ablation_hooks_are_reported_as_not_available():
     assert cuda.startswith("not available") and "max_sim_forward_ablation" in cuda
 
 
+def test_the_plan_lists_the_ncu_ablations_this_checkout_provides():
+    """Both backends' kernels carry the gate-off / max-only / MMA-only switches (issue 24): the
+    plan, made before the build, says so in the ncu row."""
+    kernels = plan_mod.source_kernels()
+    if kernels is None:
+        pytest.skip("needs triton")
+    found = ncu.ablations_in_source(kernels)
+    assert found == {"triton": list(ncu.ABLATIONS[1:]), "cuda": list(ncu.ABLATIONS[1:])}
+    basis = plan_mod.make_plan(common.DEFAULT_DEADLINE_S, kernels=kernels)["sections"]["ncu"]["basis"]
+    assert "triton gate_off/max_only/mma_only" in basis and "cuda gate_off/max_only/mma_only" in basis
+    assert ncu.ablations_in_source(None)["triton"] == []
+
+
 def test_without_ncu_the_cases_are_still_timed(on_cpu, tmp_path, monkeypatch):
     monkeypatch.setattr(ncu, "find_ncu", lambda: None)
     cases = ncu.ncu_cases(None, ["triton"])
@@ -524,7 +537,8 @@ def test_without_ncu_the_cases_are_still_timed(on_cpu, tmp_path, monkeypatch):
     assert result["profile"] == "skipped: ncu not found"
     assert result["cases"]["triton-default-full"]["ms"] > 0
     assert result["cases"]["triton-default-gate_off"]["tflops"] > 0
-    assert "ms" not in result["cases"]["triton-default-mma_only"]  # no hook: not available
+    assert result["cases"]["triton-default-mma_only"]["ms"] > 0  # the kernels' switch (issue 24)
+    assert result["cases"]["triton-default-max_only"]["ms"] > 0
     assert ncu.run_ncu(tmp_path, _quiet, [], 10) == {"skipped": "no cases"}
 
 
@@ -828,7 +842,7 @@ def test_market_section_times_each_backend_and_compares_their_distances(on_cpu, 
 
 def test_ncu_target_launches_every_available_case(on_cpu, monkeypatch, tmp_path):
     """The profiled process's code on CPU tensors (interpreter, float32 for bf16): every case
-    with a hook is warmed up and launched, the ablations without one are recorded as such."""
+    with a hook is warmed up and launched (since issue 24 every Triton ablation has one)."""
     sweep = {"classes": {"large-bf16": {"variants": [dict(v, config=TILED) for v in
                                                      SWEEP["classes"]["large-bf16"]["variants"]
                                                      if v["backend"] == "triton"]}}}
@@ -836,9 +850,10 @@ def test_ncu_target_launches_every_available_case(on_cpu, monkeypatch, tmp_path)
     (tmp_path / "cases.json").write_text(json.dumps({"shape": [2, 3, 9, 7, 32], "cases": cases}))
     assert ncu.target(tmp_path / "cases.json", tmp_path / "manifest.json") == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["order"] == ["triton-default-full", "triton-default-gate_off", "gemm-cublas",
-                                 "gemm-no-scores"]
-    assert manifest["cases"]["triton-default-mma_only"]["status"].startswith("not available")
+    assert manifest["order"] == ["triton-default-full", "triton-default-gate_off",
+                                 "triton-default-max_only", "triton-default-mma_only",
+                                 "gemm-cublas", "gemm-no-scores"]
+    assert not any("status" in case for case in manifest["cases"].values())
 
 
 AOT_TILE_SUMS = textwrap.dedent("""
@@ -951,5 +966,6 @@ def test_ncu_section_end_to_end_with_a_stand_in_ncu(on_cpu, monkeypatch, tmp_pat
     assert full["kernel"] == "kernel_of_triton-default-full" and full["metrics"]["duration_ns"] > 0
     assert full["ms"] > 0  # timed with events beside the counters
     assert "tensor_pipe_wgmma_pct" not in full["metrics"]
-    assert result["cases"]["triton-default-max_only"]["status"].startswith("not available")
+    max_only = result["cases"]["triton-default-max_only"]  # the kernels' switch (issue 24)
+    assert max_only["kernel"] == "kernel_of_triton-default-max_only" and max_only["ms"] > 0
     assert result["cases"]["gemm-no-scores"]["kernel"] == "kernel_of_gemm-no-scores"

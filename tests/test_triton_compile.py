@@ -144,3 +144,23 @@ def test_the_measure_reads_the_tile_loop_off_the_back_branches():
     assert measure["epilogue_instructions_per_score"] == 4 * 2 / 8
     assert measure["k_loop_instructions_per_score"] == 2 * 4 * 2 / 8
     assert measure["mma_instructions_per_score"] == 1 * 4 * 2 / 8
+
+
+def test_the_ncu_ablations_compile_for_hopper_without_spills(tmp_path_factory):
+    """The GPU suite's ncu ablations (kernels.max_sim.ABLATIONS: constexpr switches inside each
+    forward kernel) compile for sm_90 in bf16 (the ncu cases' dtype) for every variant, with
+    wgmma, no spills, and an epilogue that shrinks as the ablations leave work out."""
+    from transmatcher_fast.kernels import max_sim as kernels
+
+    flags = ["--target", "sm_90", "--precision", "bf16", "--geometry", "aligned"]
+    for ablation in kernels.ABLATIONS:
+        flags += ["--ablation", ablation]
+    rows = _compile(tmp_path_factory, *flags)
+    assert {(r["ablation"], r["variant"]) for r in rows} == {
+        (a, v) for a in kernels.ABLATIONS for v in kernels.VARIANTS}
+    epilogue = {(r["ablation"], r["variant"]): r["epilogue_instructions_per_score"] for r in rows}
+    for row in rows:
+        assert row["kernel"] == "forward" and row["wgmma"] and not row["spills"], row
+    for variant in kernels.VARIANTS:
+        assert (epilogue[("mma_only", variant)] < epilogue[("max_only", variant)]
+                < epilogue[("gate_off", variant)]), (variant, epilogue)

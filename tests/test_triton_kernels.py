@@ -395,3 +395,65 @@ def test_float64_on_the_triton_device_falls_back_to_reference():
         with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
             max_sim(torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE),
                     torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
+def test_g_best_fold_across_query_blocks_keeps_the_first_nan_and_the_lowest_tie(rng, variant):
+    """Three full 64-location query blocks (L = 192): g_best is folded across blocks. A NaN
+    only in the second block's query locations must replace the first block's number, a NaN
+    in both the first and the third must keep the first's index, and ties at 0 keep the
+    lowest query location."""
+    k = kernels()
+    query, gallery, embed = inputs(rng, (3, 2, 192, 64, 32), True, torch.float32)
+    query[0, 100, 1] = float("nan")  # image 0: the NaN first appears in block 1
+    query[1, 10, 2] = query[1, 150, 3] = float("nan")  # image 1: blocks 0 and 2
+    gallery[1] = 0.0  # query image 2 (no NaN) ties at 0 with gallery image 1 everywhere
+    gallery[1, 5] = -0.0
+    config = k.ForwardConfig(block_k=32, variant=variant)
+    outs = k.forward(query, gallery, torch.sigmoid(embed).contiguous(),
+                     tuple(dispatch.new_output(shape, dt, query.device) for shape, dt in (
+                         ((3, 2, 192), torch.float32), ((3, 2, 64), torch.float32),
+                         ((3, 2, 192), torch.int32), ((3, 2, 64), torch.int32))), config, "ieee")
+    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()),
+                                 return_indices=True)
+    for ours, theirs in zip(outs[:2], expected[:2]):
+        ours = ours.cpu()
+        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+        assert rel_err(ours[~theirs.isnan()], theirs[~theirs.isnan()]) < 1e-5
+    for ours, theirs in zip(outs[2:], expected[2:]):
+        assert torch.equal(ours.cpu(), theirs.int())
+    assert (outs[3][2, 1] == 0).all()  # the ties: the lowest query location
+
+
+@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
+@pytest.mark.parametrize("ablation", ["gate_off", "max_only", "mma_only"])
+def test_forward_ablations(rng, variant, ablation):
+    """The GPU suite's ncu ablations (kernels.forward(..., ablation=...), never from the op):
+    gate_off gives the no-gate op's values and argmax; max_only the gated maxima and leaves the
+    index outputs alone; mma_only leaves g_best and both index outputs alone. Small tiles, so
+    every running maximum crosses blocks."""
+    k = kernels()
+    forward, _ = small_configs(variant)
+    query, gallery, embed = inputs(rng, (2, 3, 37, 21, 40), True, torch.float32)
+    sig = torch.sigmoid(embed).contiguous()
+    outs = (torch.full((2, 3, 37), float("nan"), device=DEVICE),
+            torch.full((2, 3, 21), float("nan"), device=DEVICE),
+            torch.full((2, 3, 37), -7, dtype=torch.int32, device=DEVICE),
+            torch.full((2, 3, 21), -7, dtype=torch.int32, device=DEVICE))
+    k.forward(query, gallery, sig, outs, forward, "ieee", ablation=ablation)
+    gate = None if ablation == "gate_off" else embed.cpu()
+    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu()), None if gate is None
+                                 else gate.double(), return_indices=True)
+    untouched = [False, False, True, True] if ablation == "max_only" else [False] * 4
+    if ablation == "mma_only":
+        untouched = [False, True, True, True]
+    for i, (ours, theirs) in enumerate(zip(outs, expected)):
+        ours = ours.cpu()
+        if untouched[i]:
+            assert (ours.isnan() if i < 2 else ours == -7).all(), (ablation, i)
+        elif ablation != "mma_only" and i < 2:
+            assert rel_err(ours, theirs) < 1e-5, (ablation, i)
+    if ablation == "gate_off":
+        check_indices_select_the_max(query, gallery, None, outs[2], outs[3], rtol=1e-5)
+    with pytest.raises(ValueError, match="ablation"):
+        k.forward(query, gallery, sig, outs, forward, "ieee", ablation="argmax_only")

@@ -97,10 +97,10 @@ std::optional<at::Tensor> gate_of(const std::optional<at::Tensor>& score_embed,
   return gate;
 }
 
-void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
-                          const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
-                          at::Tensor g_best, at::Tensor q_index, at::Tensor g_index,
-                          bool allow_tf32, int64_t query_group) {
+void forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
+                  const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
+                  at::Tensor g_best, at::Tensor q_index, at::Tensor g_index, bool allow_tf32,
+                  int64_t query_group, int ablation) {
   TORCH_CHECK(query_group >= 0 || query_group == cuda::kForwardWgmma,
               "max_sim cuda kernel: query_group must be >= 0 (mma.sync kernel, launch order) or ",
               cuda::kForwardWgmma, " (wgmma kernel), got ", query_group);
@@ -129,7 +129,42 @@ void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
   args.allow_tf32 = allow_tf32;
   args.gate_t = gate_t.defined() ? gate_t.mutable_data_ptr<float>() : nullptr;
   args.query_group = query_group;
+  args.ablation = ablation;
+  TORCH_CHECK(cuda::forward_ablation_supported(args),
+              "max_sim_forward_ablation: max_only / mma_only are built for bfloat16 features with "
+              "a score_embed, 16-byte aligned rows, and for the wgmma kernel (query_group ",
+              cuda::kForwardWgmma, ") 128 < Lg <= 192");
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
+}
+
+void max_sim_forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
+                          const std::optional<at::Tensor>& score_embed, at::Tensor q_best,
+                          at::Tensor g_best, at::Tensor q_index, at::Tensor g_index,
+                          bool allow_tf32, int64_t query_group) {
+  forward_cuda(query, gallery, score_embed, q_best, g_best, q_index, g_index, allow_tf32,
+               query_group, cuda::kAblationFull);
+}
+
+// The GPU suite's ncu ablations (benchmarks/gpu_suite_ncu.py; the user-facing op never calls
+// this): "full", "gate_off" (no score_embed), "max_only", "mma_only" (max_sim_cuda.cuh).
+void max_sim_forward_ablation_cuda(const at::Tensor& query, const at::Tensor& gallery,
+                                   const std::optional<at::Tensor>& score_embed,
+                                   at::Tensor q_best, at::Tensor g_best, at::Tensor q_index,
+                                   at::Tensor g_index, bool allow_tf32, int64_t query_group,
+                                   c10::string_view ablation) {
+  int code = cuda::kAblationFull;
+  if (ablation == "max_only") {
+    code = cuda::kAblationMaxOnly;
+  } else if (ablation == "mma_only") {
+    code = cuda::kAblationMmaOnly;
+  } else {
+    TORCH_CHECK(ablation == "full" || ablation == "gate_off",
+                "max_sim_forward_ablation: ablation must be full, gate_off, max_only or mma_only, "
+                "got ", ablation);
+  }
+  const std::optional<at::Tensor> gate = ablation == "gate_off" ? std::nullopt : score_embed;
+  forward_cuda(query, gallery, gate, q_best, g_best, q_index, g_index, allow_tf32, query_group,
+               code);
 }
 
 void max_sim_backward_cuda(const std::optional<at::Tensor>& grad_q_best,
@@ -195,6 +230,7 @@ void max_sim_backward_cuda(const std::optional<at::Tensor>& grad_q_best,
 
 TORCH_LIBRARY_IMPL(transmatcher_fast_C, CUDA, m) {
   m.impl("max_sim_forward", &max_sim_forward_cuda);
+  m.impl("max_sim_forward_ablation", &max_sim_forward_ablation_cuda);
   m.impl("max_sim_backward", &max_sim_backward_cuda);
 }
 

@@ -31,7 +31,18 @@ struct ForwardArgs {
                         // sigmoid(score_embed)^T [lq, lg] plus padding), or null
   int64_t query_group;  // >= 0: the mma.sync kernel, query regions per gallery strip (0 =
                         // default); kForwardWgmma: the sm_90a wgmma kernel
+  int ablation;         // kAblationFull, except in the GPU suite's ncu ablations (below)
 };
+
+// Benchmark-only ablations inside the forward kernels' own structure (the GPU suite's ncu
+// section calls them through the op max_sim_forward_ablation; the user-facing op never does).
+// kAblationMaxOnly: both maxima without the argmax (the index outputs are not written).
+// kAblationMmaOnly: the loads and MMAs with each score tile reduced to one add a score into a
+// per-thread sum (written once per thread into q_best, so the MMAs stay live), no epilogue.
+// Built for bfloat16 with a gate only (the suite's ncu shape): forward_ablation_supported.
+constexpr int kAblationFull = 0;
+constexpr int kAblationMaxOnly = 1;
+constexpr int kAblationMmaOnly = 2;
 
 // ForwardArgs::query_group value that selects the wgmma kernel (max_sim_forward_wgmma.cu). Where it
 // cannot run (no sm_90a code for the device, float32, Lg > 192, D % 8 != 0, unaligned rows) the
@@ -68,6 +79,10 @@ int64_t wgmma_gate_floats(const Shape& shape);
 cudaError_t launch_sigmoid(const float* logits, float* gate, int64_t n, cudaStream_t stream);
 
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
+
+// Whether launch_forward can run args.ablation != kAblationFull (bfloat16, a gate; the wgmma
+// kernel also Lg in (128, 192]): the glue checks it first for a clear error.
+bool forward_ablation_supported(const ForwardArgs& args);
 
 // The wgmma kernel alone: *launched = false where it cannot run (then nothing was launched).
 bool wgmma_forward_supports(const ForwardArgs& args);

@@ -21,6 +21,7 @@
 // and writes outputs no other block touches, so the results are bit-identical for every
 // query_group (1 = the plain gallery sweep of earlier versions).
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "max_sim_cuda.cuh"
@@ -213,6 +214,19 @@ __device__ __forceinline__ void compute_stage(Acc<kMath>& acc, const unsigned ch
   }
 }
 
+// kAblationMmaOnly: the tile's accumulators of this thread added up (the 16-bit path).
+template <int kMath>
+__device__ __forceinline__ float acc_sum(const Acc<kMath>& acc) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sum += acc.v[mi][ni][e];
+  return sum;
+}
+
 template <int kMath>
 __device__ __forceinline__ void zero_acc(Acc<kMath>& acc) {
   if constexpr (kMath == kSimt) {
@@ -289,17 +303,20 @@ __device__ __forceinline__ void store_scores(const Acc<kMath>& acc, float* cs,
 // Merges a segment maximum into the output this block owns. `first`: the segment starts at
 // location 0, so nothing was written before (outputs may hold poison); otherwise the stored
 // value came from lower locations and wins ties.
+// kIndex false (kAblationMaxOnly): the value alone.
+template <bool kIndex>
 __device__ __forceinline__ void merge_max(float* best_out, int32_t* index_out, int64_t k,
                                           float best, int index, bool first) {
   if (first || beats(best, best_out[k])) {
     best_out[k] = best;
-    index_out[k] = index;
+    if constexpr (kIndex) index_out[k] = index;
   }
 }
 
 // Threads 0..127: row r0 + tid of the tile, max over its gallery locations, one segment per
-// gallery image. Threads 128..255: column c0 + tid - 128, max over query locations.
-template <typename T>
+// gallery image. Threads 128..255: column c0 + tid - 128, max over query locations. kIndex
+// false (kAblationMaxOnly): the maxima alone.
+template <typename T, bool kIndex>
 __device__ __forceinline__ void reduce_tile(const FwdParams<T>& p, const float* cs, int64_t i0,
                                             int64_t j0, int r0, int c0, int rows, int cols) {
   const int tid = threadIdx.x;
@@ -318,11 +335,11 @@ __device__ __forceinline__ void reduce_tile(const FwdParams<T>& p, const float* 
         const float v = row[c + k];
         if (beats(v, best)) {
           best = v;
-          best_s = s + k;
+          if constexpr (kIndex) best_s = s + k;
         }
       }
       const int64_t out = ((i0 + i_loc) * p.ng + j0 + j_loc) * p.lq + t;
-      merge_max(p.q_best, p.q_index, out, best, best_s, s == 0);
+      merge_max<kIndex>(p.q_best, p.q_index, out, best, best_s, s == 0);
       c += len;
     }
   } else {
@@ -339,11 +356,11 @@ __device__ __forceinline__ void reduce_tile(const FwdParams<T>& p, const float* 
         const float v = cs[(r + k) * kCStride + c];
         if (beats(v, best)) {
           best = v;
-          best_t = t + k;
+          if constexpr (kIndex) best_t = t + k;
         }
       }
       const int64_t out = ((i0 + i_loc) * p.ng + j0 + j_loc) * p.lg + s;
-      merge_max(p.g_best, p.g_index, out, best, best_t, t == 0);
+      merge_max<kIndex>(p.g_best, p.g_index, out, best, best_t, t == 0);
       r += len;
     }
   }
@@ -360,11 +377,9 @@ using RegionIndex = uint32_t;
 using RegionIndex = int64_t;
 #endif
 
-// Two resident blocks per SM for the tensor-core paths (one block's epilogue overlaps the
-// other's main loop); the SIMT path and the element-wise loader need the registers of one.
-template <typename T, int kMath, bool kVec>
-__global__ void __launch_bounds__(kThreads, kMath == kSimt || !kVec ? 1 : 2)
-    max_sim_forward_kernel(const FwdParams<T> p) {
+// The kernel body; kAbl: kAblationFull, or a benchmark ablation (max_sim_cuda.cuh).
+template <typename T, int kMath, bool kVec, int kAbl>
+__device__ __forceinline__ void forward_body(const FwdParams<T>& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   using I = RegionIndex;
   const BlockRegion<I> region = grouped_block_region<I>(
@@ -379,6 +394,7 @@ __global__ void __launch_bounds__(kThreads, kMath == kSimt || !kVec ? 1 : 2)
   constexpr int kBk = kRowBytes / sizeof(T);
   const int k_tiles = (p.d + kBk - 1) / kBk;
   float* cs = reinterpret_cast<float*>(smem);
+  float kept = 0.0f;  // kAblationMmaOnly: every accumulator added up
 
   for (int r0 = 0; r0 < rows; r0 += kTile) {
     for (int c0 = 0; c0 < cols; c0 += kTile) {
@@ -404,12 +420,34 @@ __global__ void __launch_bounds__(kThreads, kMath == kSimt || !kVec ? 1 : 2)
       }
       cp_async_wait<0>();
       __syncthreads();  // the score tile reuses the operand stages
+      if constexpr (kAbl == kAblationMmaOnly) {
+        kept += acc_sum(acc);
+        continue;  // the barrier above also protects the stages from the next tile's loads
+      }
       store_scores<kMath>(acc, cs, p.gate, r0, c0, rows, cols, p.lq, p.lg);
       __syncthreads();
-      reduce_tile<T>(p, cs, i0, j0, r0, c0, rows, cols);
+      reduce_tile<T, kAbl != kAblationMaxOnly>(p, cs, i0, j0, r0, c0, rows, cols);
       __syncthreads();  // before the next tile's loads overwrite the score tile
     }
   }
+  if constexpr (kAbl == kAblationMmaOnly) {
+    const int64_t at = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+    if (at < p.nq * p.ng * p.lq) p.q_best[at] = kept;
+  }
+}
+
+// Two resident blocks per SM for the tensor-core paths (one block's epilogue overlaps the
+// other's main loop); the SIMT path and the element-wise loader need the registers of one.
+template <typename T, int kMath, bool kVec>
+__global__ void __launch_bounds__(kThreads, kMath == kSimt || !kVec ? 1 : 2)
+    max_sim_forward_kernel(const FwdParams<T> p) {
+  forward_body<T, kMath, kVec, kAblationFull>(p);
+}
+
+// The benchmark ablations (max_sim_cuda.cuh): the 16-bit tensor-core path, aligned rows.
+template <typename T, int kAbl>
+__global__ void __launch_bounds__(kThreads, 2) max_sim_forward_ablation_kernel(const FwdParams<T> p) {
+  forward_body<T, kMma16, true, kAbl>(p);
 }
 
 // Images per block region: the smallest count (<= 8) whose rows fill 128-row tiles to within
@@ -459,6 +497,10 @@ cudaError_t launch_typed(const ForwardArgs& a, cudaStream_t stream) {
                    reinterpret_cast<uintptr_t>(a.query) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(a.gallery) % 16 == 0;
   auto kernel = vec ? max_sim_forward_kernel<T, kMath, true> : max_sim_forward_kernel<T, kMath, false>;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // benchmark ablations (vec: checked)
+    if (a.ablation == kAblationMaxOnly) kernel = max_sim_forward_ablation_kernel<T, kAblationMaxOnly>;
+    if (a.ablation == kAblationMmaOnly) kernel = max_sim_forward_ablation_kernel<T, kAblationMmaOnly>;
+  }
   TMF_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
@@ -467,9 +509,20 @@ cudaError_t launch_typed(const ForwardArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+bool forward_ablation_supported(const ForwardArgs& a) {
+  if (a.ablation == kAblationFull) return true;
+  const Shape& sh = a.shape;
+  const bool known = a.ablation == kAblationMaxOnly || a.ablation == kAblationMmaOnly;
+  const bool aligned = (sh.d * 2) % 16 == 0 && reinterpret_cast<uintptr_t>(a.query) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.gallery) % 16 == 0;
+  const bool wgmma_shape = a.query_group != kForwardWgmma || (sh.lg > 128 && sh.lg <= 192);
+  return known && a.dtype == DType::kBFloat16 && a.gate != nullptr && aligned && wgmma_shape;
+}
+
 cudaError_t launch_forward(const ForwardArgs& in, cudaStream_t stream) {
   const Shape& sh = in.shape;
   if (sh.nq == 0 || sh.ng == 0) return cudaSuccess;
+  if (!forward_ablation_supported(in)) return cudaErrorInvalidValue;
   ForwardArgs args = in;
   if (args.query_group == kForwardWgmma) {
     bool launched = false;

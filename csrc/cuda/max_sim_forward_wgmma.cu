@@ -35,6 +35,7 @@
 // lowest-index NaN stays); per column, each thread folds its two rows, writes (value, row) to a
 // shared scratch, and two threads per column fold 48 entries each, then combine by one shuffle.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "max_sim_cuda.cuh"
@@ -228,9 +229,11 @@ __device__ __forceinline__ void combine(float v, int x, float& best, int& best_x
   best_x = take ? x : best_x;
 }
 
+// kIndex false (kAblationMaxOnly): the value alone.
+template <bool kIndex>
 __device__ __forceinline__ void store_now(float* value_out, int32_t* index_out, float v, int x) {
   asm volatile("st.global.f32 [%0], %1;\n" ::"l"(value_out), "f"(v) : "memory");
-  asm volatile("st.global.s32 [%0], %1;\n" ::"l"(index_out), "r"(x) : "memory");
+  if constexpr (kIndex) asm volatile("st.global.s32 [%0], %1;\n" ::"l"(index_out), "r"(x) : "memory");
 }
 
 // better_candidate for the column fold with rows 0..254 and kNoRow (255) as the empty row:
@@ -248,9 +251,11 @@ __device__ __forceinline__ bool beats_fast(float v, float best) {
 }
 #endif
 
-template <typename T, int N, bool kGate>
-__global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(const WgParams<T> p) {
+// The kernel body; kAbl: kAblationFull, or a benchmark ablation (max_sim_cuda.cuh).
+template <typename T, int N, bool kGate, int kAbl>
+__device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
 #ifdef TMF_WGMMA_ENABLED
+  constexpr bool kIndex = kAbl != kAblationMaxOnly;
   using S = WgmmaShape<N>;
   static_assert(sizeof(TileSrc<T, N>) * 2 * kThreadsW == S::kSrcBytes, "load sources area");
   static_assert(S::kScratchBytes % 8 == 0, "load sources follow the scratch, 8-byte aligned");
@@ -305,6 +310,7 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
   float acc[N / 2];
 #pragma unroll
   for (int e = 0; e < N / 2; ++e) acc[e] = 0.0f;  // warpgroups past Lq read, but never use, them
+  float kept = 0.0f;  // kAblationMmaOnly: every accumulator added up
   const uint32_t smem_base = smem_addr(smem);
   int stage_idx = 0;  // the math's stage
   for (; tile.n < my_pairs; tile = next_tile(tile)) {
@@ -341,6 +347,12 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
       stage_idx = stage_idx + 1 == kStagesW ? 0 : stage_idx + 1;
     }
     wgmma_wait<0>();
+    if constexpr (kAbl == kAblationMmaOnly) {  // no epilogue: one add a score
+#pragma unroll
+      for (int e = 0; e < N / 2; ++e) kept += acc[e];
+      srcs(0) = srcs(1);
+      continue;
+    }
 
     // ---- epilogue of tile (pair, t0) ----
     // Thread coordinates from an opaque copy of threadIdx.x: computed here, not hoisted out of
@@ -379,9 +391,11 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
           const bool take0 = col_ok && beats_fast(v0, best0);
           const bool take1 = col_ok && beats_fast(v1, best1);
           best0 = take0 ? v0 : best0;
-          at0 = take0 ? 8 * nb + e : at0;
           best1 = take1 ? v1 : best1;
-          at1 = take1 ? 8 * nb + e : at1;
+          if constexpr (kIndex) {
+            at0 = take0 ? 8 * nb + e : at0;
+            at1 = take1 ? 8 * nb + e : at1;
+          }
         }
       }
     }
@@ -392,13 +406,21 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
     // Rows: the quad (tq = 0..3) holds the row's columns; lane tq = 0 writes.
 #pragma unroll
     for (int m = 1; m <= 2; m <<= 1) {
-      combine(__shfl_xor_sync(0xffffffffu, best0, m), __shfl_xor_sync(0xffffffffu, at0, m), best0, at0);
-      combine(__shfl_xor_sync(0xffffffffu, best1, m), __shfl_xor_sync(0xffffffffu, at1, m), best1, at1);
+      if constexpr (kIndex) {
+        combine(__shfl_xor_sync(0xffffffffu, best0, m), __shfl_xor_sync(0xffffffffu, at0, m), best0, at0);
+        combine(__shfl_xor_sync(0xffffffffu, best1, m), __shfl_xor_sync(0xffffffffu, at1, m), best1, at1);
+      } else {  // Lg > 128 here (forward_ablation_supported): every thread has valid columns
+        const float o0 = __shfl_xor_sync(0xffffffffu, best0, m);
+        const float o1 = __shfl_xor_sync(0xffffffffu, best1, m);
+        best0 = beats_fast(o0, best0) ? o0 : best0;
+        best1 = beats_fast(o1, best1) ? o1 : best1;
+      }
     }
     // Stored now (volatile asm keeps them before the column stores; sunk, they spill).
-    if (tq == 0 && ok0) store_now(p.q_best + pair * p.lq + t0 + row0, p.q_index + pair * p.lq + t0 + row0, best0, at0);
+    if (tq == 0 && ok0)
+      store_now<kIndex>(p.q_best + pair * p.lq + t0 + row0, p.q_index + pair * p.lq + t0 + row0, best0, at0);
     if (tq == 0 && ok1)
-      store_now(p.q_best + pair * p.lq + t0 + row0 + 8, p.q_index + pair * p.lq + t0 + row0 + 8, best1, at1);
+      store_now<kIndex>(p.q_best + pair * p.lq + t0 + row0 + 8, p.q_index + pair * p.lq + t0 + row0 + 8, best1, at1);
     // Column candidates (after the row results, so the row state is dead: registers are short):
     // for columns 8 nb + 2 tq + {0, 1}, the better of rows row0 and row0 + 8 (row0 first: the
     // lower location; row0 + 8 is valid only if row0 is; no valid row: kNoRow).
@@ -416,10 +438,12 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
           const bool lower = ok1 && beats_fast(v1, v0);
           cand[e] = lower ? v1 : v0;
           crow[e] = lower ? row_hi : row_lo;
+          if constexpr (!kIndex) cand[e] = ok0 ? cand[e] : -INFINITY;  // no valid row: no value
         }
         // volatile asm: stored here, in order (plain stores are sunk to the end and spill).
         asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(sv + 8 * nb)),
                      "f"(cand[0]), "f"(cand[1]) : "memory");
+        if constexpr (!kIndex) continue;
         asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb)), "r"(crow[0]) : "memory");
         asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb + 1)), "r"(crow[1]) : "memory");
       }
@@ -436,6 +460,10 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
 #pragma unroll 8
         for (int e = e0; e < e0 + S::kScratchEntries / 2; ++e) {
           const float v = scratch_v()[e * S::kScratchStride + col];
+          if constexpr (!kIndex) {
+            cv = beats_fast(v, cv) ? v : cv;
+            continue;
+          }
           const uint32_t row = scratch_r()[e * S::kScratchStride + col];
           const bool take = column_take(v, row, cv, cr);
           cv = take ? v : cv;
@@ -443,6 +471,15 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
         }
       }
       const float ov = __shfl_xor_sync(0xffffffffu, cv, 1);
+      if constexpr (!kIndex) {
+        cv = beats_fast(ov, cv) ? ov : cv;
+        if (half == 0 && col < p.lg) {
+          const int64_t out = pair * p.lg + col;
+          if (t0 == 0 || beats(cv, p.g_best[out])) p.g_best[out] = cv;
+        }
+        srcs(0) = srcs(1);
+        continue;
+      }
       const uint32_t orow = __shfl_xor_sync(0xffffffffu, cr, 1);
       if (column_take(ov, orow, cv, cr)) {
         cv = ov;
@@ -461,6 +498,10 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
     // The next epilogue rewrites the scratch only after the next K loop's barriers.
     srcs(0) = srcs(1);  // the next tile's sources (its first loads were issued from [1])
   }
+  if constexpr (kAbl == kAblationMmaOnly) {
+    const int64_t at = static_cast<int64_t>(blockIdx.x) * kThreadsW + threadIdx.x;
+    if (at < p.nq * p.ng * p.lq) p.q_best[at] = kept;
+  }
   cp_async_wait<0>();
 #else
   (void)p;
@@ -469,8 +510,20 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(con
 }
 
 template <typename T, int N, bool kGate>
+__global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_kernel(const WgParams<T> p) {
+  wgmma_forward_body<T, N, kGate, kAblationFull>(p);
+}
+
+// The benchmark ablations (max_sim_cuda.cuh): N = 192 with a gate (the suite's ncu shape).
+template <typename T, int kAbl>
+__global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_ablation_kernel(const WgParams<T> p) {
+  wgmma_forward_body<T, 192, true, kAbl>(p);
+}
+
+template <typename T, int N, bool kGate, int kAbl = kAblationFull>
 cudaError_t launch_wgmma_typed(const ForwardArgs& a, cudaStream_t stream, bool* launched) {
   auto kernel = max_sim_forward_wgmma_kernel<T, N, kGate>;
+  if constexpr (kAbl != kAblationFull) kernel = max_sim_forward_wgmma_ablation_kernel<T, kAbl>;
   cudaFuncAttributes attr{};
   TMF_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, kernel));
   if (attr.binaryVersion != 90) return cudaSuccess;  // no sm_90a code for this device
@@ -506,6 +559,12 @@ cudaError_t launch_wgmma_typed(const ForwardArgs& a, cudaStream_t stream, bool* 
 template <typename T>
 cudaError_t launch_wgmma_dtype(const ForwardArgs& a, cudaStream_t stream, bool* launched) {
   const int64_t lg = a.shape.lg;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // (forward_ablation_supported: checked)
+    if (a.ablation == kAblationMaxOnly)
+      return launch_wgmma_typed<T, 192, true, kAblationMaxOnly>(a, stream, launched);
+    if (a.ablation == kAblationMmaOnly)
+      return launch_wgmma_typed<T, 192, true, kAblationMmaOnly>(a, stream, launched);
+  }
   if (a.gate != nullptr) {
     if (lg <= 64) return launch_wgmma_typed<T, 64, true>(a, stream, launched);
     if (lg <= 128) return launch_wgmma_typed<T, 128, true>(a, stream, launched);
