@@ -49,29 +49,35 @@ class Evaluation:
     camera_base: int = 0
 
 
-def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
-                 ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
-    """``(model, matcher, config)`` from a checkpoint of ``transmatcher-fast train`` (its method
-    rebuilds the parts from the configuration in it; ``matcher`` is the comparer: a fused
-    matcher or embedding distances) or from upstream's TransMatcher / QAConv
-    ``checkpoint.pth.tar``; both in eval mode. ``config`` is the resolved training configuration
-    (a dict; QAConv's ``neck_layout`` added)."""
+def load_trained_parts(path: Union[str, Path]) -> Tuple[Dict[str, nn.Module], Dict[str, Any]]:
+    """``(parts, config)`` of a checkpoint of ``transmatcher-fast train`` (its method rebuilds
+    every part, by name, from the configuration in it) or of upstream's TransMatcher / QAConv
+    ``checkpoint.pth.tar`` (parts ``model`` and ``matcher``), on the CPU, in training mode.
+    ``config`` is the resolved training configuration (a dict; QAConv's ``neck_layout`` added)."""
     state = checkpoints.load(path)
     if "config" in state and "model" in state and "matcher" in state:
         resolved = TrainConfig.from_dict({k: v for k, v in state["config"].items()
                                           if k not in ("resume", "overwrite")})
         parts = get_method(resolved.method).load(resolved, state, str(path))
-        model, matcher = parts["model"], parts["matcher"]
         config = dataclasses.asdict(resolved)
-        if getattr(model, "neck_layout", None) is not None:
-            config["neck_layout"] = model.neck_layout
+        if getattr(parts["model"], "neck_layout", None) is not None:
+            config["neck_layout"] = parts["model"].neck_layout
     elif "model" in state and "criterion" in state:
         model, matcher = load_upstream_checkpoint(str(path))
+        parts = {"model": model, "matcher": matcher}
         config = {"method": method_of_matcher(matcher), "height": 384, "width": 128}
     else:
         raise ValueError(f"{path}: neither a transmatcher-fast checkpoint (model, matcher, config) "
                          f"nor an upstream one (model, criterion); keys: {sorted(state)}")
-    return model.to(device).eval(), matcher.to(device).eval(), config
+    return parts, config
+
+
+def load_trained(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
+                 ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
+    """``(model, matcher, config)`` of :func:`load_trained_parts`, in eval mode on ``device``
+    (``matcher`` is the comparer: a fused matcher or embedding distances)."""
+    parts, config = load_trained_parts(path)
+    return parts["model"].to(device).eval(), parts["matcher"].to(device).eval(), config
 
 
 def default_eval_amp(config: Dict[str, Any]) -> Optional[str]:

@@ -1,9 +1,9 @@
 """``train --init-from``: a new run that starts from the weights of a trained model.
 
-The source is anything :func:`~.evaluate.load_trained` reads: a checkpoint of
+The source is anything :func:`~.evaluate.load_trained_parts` reads: a checkpoint of
 ``transmatcher-fast train`` (its parts are rebuilt from the configuration saved in it) or
-upstream's TransMatcher / QAConv ``checkpoint.pth.tar``. Every part of the new run takes the
-source part of the same name, tensor for tensor. The one difference accepted is the identity
+upstream's TransMatcher / QAConv ``checkpoint.pth.tar`` (parts ``model`` and ``matcher``).
+Every part of the new run takes the source part of the same name, tensor for tensor. The one difference accepted is the identity
 count: tensors whose first dimension is the new run's number of training identities and whose
 other dimensions match (the classifier's weights) keep their fresh initialisation when the
 source has another count. Anything else that does not fit refuses the run, naming the keys.
@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Union
 from torch import Tensor, nn
 
 from .. import weights_io
-from .evaluate import load_trained
+from .evaluate import load_trained_parts
 
 
 def _identity_sized(own: Tensor, source: Tensor, num_classes: Optional[int]) -> bool:
@@ -32,17 +32,16 @@ def _identity_sized(own: Tensor, source: Tensor, num_classes: Optional[int]) -> 
 
 def init_parts_from(parts: Mapping[str, nn.Module], path: Union[str, Path], *,
                     num_classes: Optional[int] = None) -> List[str]:
-    """Copy the weights of the trained model at ``path`` into the freshly built ``parts``
-    (``{"model": ..., "matcher": ...}``); ``num_classes``: the new run's training identities
-    (None: the method has no classifier). Returns lines to print (what started fresh).
+    """Copy the weights of the trained model at ``path`` into the freshly built ``parts`` (a
+    method's parts by name: ``model``, ``matcher`` and any other); ``num_classes``: the new
+    run's training identities (None: the method has no classifier). Returns lines to print.
     Raises ValueError naming the keys that do not fit, before anything is copied."""
-    model, matcher, _ = load_trained(path)
-    sources: Dict[str, Dict[str, Tensor]] = {"model": model.state_dict(),
-                                             "matcher": matcher.state_dict()}
+    source_parts, _ = load_trained_parts(path)
+    sources: Dict[str, Dict[str, Tensor]] = {name: part.state_dict() for name, part in source_parts.items()}
     missing = [name for name in parts if name not in sources]
     if missing:
-        raise ValueError(f"--init-from {path}: the checkpoint has no {missing} part "
-                         f"(it holds {sorted(sources)})")
+        raise ValueError(f"--init-from {path}: the checkpoint holds no part named "
+                         f"{', '.join(map(repr, missing))} (its parts: {', '.join(sorted(sources))})")
     plans = {}
     notes = []
     for name, part in parts.items():
