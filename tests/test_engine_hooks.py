@@ -132,3 +132,36 @@ def test_dino_supplies_its_step_hook():
     hooks = get_method("dino").training_hooks(parts, SimpleNamespace())
     assert [type(hook) for hook in hooks] == [DINOStepHook]
     assert get_method("transreid").training_hooks(parts, SimpleNamespace()) == []
+
+
+class StepCounter(TrainingHook):
+    """A method's hook with state: the steps it has seen and the sum of their losses."""
+
+    def __init__(self):
+        self.steps, self.loss_sum = 0, 0.0
+
+    def after_step(self, iteration, record):
+        self.steps += 1
+        self.loss_sum += record["loss"]
+
+    def state_dict(self):
+        return {"steps": self.steps, "loss_sum": self.loss_sum}
+
+    def load_state_dict(self, state):
+        self.steps, self.loss_sum = state["steps"], state["loss_sum"]
+
+
+def test_a_method_hooks_state_is_saved_and_resumed_exactly(data_dir, tmp_path, monkeypatch):
+    from helpers import fit_interrupted_in_epoch
+
+    monkeypatch.setattr(get_method("transmatcher"), "training_hooks", lambda parts, config: [StepCounter()])
+    args = ("--epochs", "2", "--max-steps-per-epoch", str(STEPS))
+    full = Trainer(tiny_config(data_dir, tmp_path / "full", *args))
+    full.fit()
+    interrupted = Trainer(tiny_config(data_dir, tmp_path / "cut", *args))
+    fit_interrupted_in_epoch(interrupted, 1)
+    assert interrupted.method_hooks[0].steps == STEPS
+    resumed = Trainer(tiny_config(data_dir, tmp_path / "cut", *args, "--resume"))
+    resumed.fit()
+    counted = [(t.method_hooks[0].steps, t.method_hooks[0].loss_sum) for t in (full, resumed)]
+    assert counted[0] == counted[1] and counted[0][0] == 2 * STEPS

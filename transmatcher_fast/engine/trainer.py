@@ -171,7 +171,8 @@ class Trainer:
         hooks: List[TrainingHook] = [self.run_folder, self.logger]
         if self.config.clip_value > 0:
             hooks.append(ClipGradients(self.parts, self.config.clip_value))
-        hooks += self.method.training_hooks(self.parts, self.config)
+        self.method_hooks = self.method.training_hooks(self.parts, self.config)
+        hooks += self.method_hooks
         hooks += [EvalHook(self, EVAL_PROTOCOL), CheckpointHook(self), ExportsHook(self)]
         return hooks
 
@@ -263,7 +264,7 @@ class Trainer:
                 "rng": checkpoint.rng_state(), "history": self.history,
                 "config": dataclasses.asdict(self.config), "world_size": self.world,
                 "best": self.best, "config_changes": self.config_changes,
-                "version": __version__}
+                "hooks": [hook.state_dict() for hook in self.method_hooks], "version": __version__}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for name, part in self.parts.items():
@@ -278,6 +279,8 @@ class Trainer:
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
         self.best = state.get("best")
         self.config_changes = list(state.get("config_changes", []))
+        for hook, hook_state in zip(self.method_hooks, state.get("hooks", [])):  # older checkpoints: none
+            hook.load_state_dict(hook_state)
 
     def resume(self) -> None:
         """Every rank: the state of ``checkpoint.pt``, when there is one; rank 0 also drops the

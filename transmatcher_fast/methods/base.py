@@ -69,6 +69,15 @@ class TrainingHook:
     def after_train(self) -> None:
         """Once, when training ends or raises (the hooks in reverse order)."""
 
+    def state_dict(self) -> Dict[str, Any]:
+        """What a method's hook carries from step to step (tensors and plain values): saved in
+        every checkpoint and given back on resume, so that a resumed run repeats its epoch
+        exactly. Empty for a hook that keeps nothing."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` gave."""
+
 
 class _FromMethod:
     """The default of an option of :data:`METHOD_DEFAULTED`: the method's value."""
