@@ -92,13 +92,6 @@ def _choices() -> dict:
             "ibn": _NoneChoices(("b", "none")), "final_layer": tuple(STRIDES)[1:]}
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def _workers_count(text: str) -> int:
     """``-j``/``--workers``: data loader worker processes, 0 = load in the main process."""
     value = int(text)
@@ -133,3 +126,15 @@ def _warnings_as_notes(where: str):
         text = (str(message).strip().splitlines() or [category.__name__])[0]
         print(f"{where}: note: {text}", file=sys.stderr if file is None else file)
     return show
+
+
+def add_extraction_options(parser, *, batch_size: int,
+                           amp_help: str = "autocast dtype; auto: bf16 on CUDA, none on CPU") -> None:
+    """How a checkpoint's features are extracted (eval, extract, visualize, search)."""
+    parser.add_argument("--height", type=_optional_int, default=None, help="input height (default: the checkpoint's)")
+    parser.add_argument("--width", type=_optional_int, default=None, help="input width (default: the checkpoint's)")
+    parser.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=batch_size,
+                        help="feature extraction batch")
+    parser.add_argument("-j", "--workers", type=_workers_count, default=2, help="data loader workers")
+    parser.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--amp", choices=EVAL_AMP_CHOICES, default="auto", help=amp_help)

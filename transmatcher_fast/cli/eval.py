@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from .common import (EVAL_AMP_CHOICES, MAX_RANK, UserError, _optional_int,
-                     _optional_str, _positive_int, _rank, _workers_count)
+from .common import MAX_RANK, UserError, _optional_int, _positive_int, _rank, add_extraction_options
 
 
 def _load_for_eval(args, with_data: bool = True):
@@ -174,15 +173,9 @@ def _add_model_and_data(parser, checkpoint_required: bool = True) -> None:
     parser.add_argument("-d", "--dataset", default="market1501")
     parser.add_argument("--data-dir", default="data",
                         help="folder of the dataset, or its parent holding a folder named like --dataset")
-    parser.add_argument("--height", type=_optional_int, default=None, help="input height (default: the checkpoint's)")
-    parser.add_argument("--width", type=_optional_int, default=None, help="input width (default: the checkpoint's)")
-    parser.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=128,
-                        help="feature extraction batch")
-    parser.add_argument("-j", "--workers", type=_workers_count, default=2, help="data loader workers")
-    parser.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--amp", choices=EVAL_AMP_CHOICES, default="auto",
-                        help="autocast dtype; auto: bf16 on CUDA, none on CPU")
+    add_extraction_options(parser, batch_size=128)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
 
 
 def _add_skip_bad_images(parser) -> None:

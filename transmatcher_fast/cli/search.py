@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EVAL_AMP_CHOICES, UserError, _non_negative_int, _optional_int, _optional_str, _positive_int
+from .common import UserError, _positive_int, add_extraction_options
 
 
 def _check_inputs(args):
@@ -98,14 +98,8 @@ def add_search_parser(commands) -> None:
                              "changed images (default: a temporary folder, removed afterwards)")
     search.add_argument("--pictures", default=None, metavar="DIR",
                         help="draw each query's ranked list (and correspondences for fused matchers) here")
-    search.add_argument("--height", type=_optional_int, default=None, help="input height (default: the checkpoint's)")
-    search.add_argument("--width", type=_optional_int, default=None, help="input width (default: the checkpoint's)")
-    search.add_argument("-b", "--batch-size", dest="batch_size", type=_positive_int, default=64,
-                        help="feature extraction batch")
-    search.add_argument("-j", "--workers", type=_non_negative_int, default=2, help="data loader workers")
-    search.add_argument("--device", type=_optional_str, default=None, help="default: cuda if available, else cpu")
-    search.add_argument("--amp", choices=EVAL_AMP_CHOICES, default="auto",
-                        help="autocast dtype; auto: the method's choice (bf16 on CUDA, none on CPU)")
+    add_extraction_options(search, batch_size=64,
+                           amp_help="autocast dtype; auto: the method's choice (bf16 on CUDA, none on CPU)")
     search.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true",
                         help="leave unreadable images out (listed) instead of stopping at the first")
     search.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
