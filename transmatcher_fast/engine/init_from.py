@@ -55,7 +55,7 @@ def init_parts_from(parts: Mapping[str, nn.Module], path: Union[str, Path], *,
         if fresh:
             rows = source[fresh[0]].shape[0]
             notes.append(f"--init-from: a new classifier for {num_classes} identities (the "
-                         f"checkpoint's has {rows}): {', '.join(fresh)} start fresh")
+                         f"checkpoint's has {rows}): {', '.join(f'{name}.{k}' for k in fresh)} start fresh")
     for name, taken in plans.items():
         parts[name].load_state_dict(taken, strict=False)
     notes.insert(0, f"--init-from: the weights of {path} (optimizer, schedule and epochs start anew)")
