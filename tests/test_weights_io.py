@@ -169,3 +169,18 @@ def test_weights_io_imports_nothing_of_the_package():
     imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
     assert not [m for m in imported if m is None or m.startswith("transmatcher_fast")]
     assert all(node.level == 0 for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_an_atomically_written_file_has_the_permissions_open_would_give(tmp_path, umask):
+    """A checkpoint written through a private temporary is not left private (0600) on a shared
+    machine: its mode is what a plain open() gives under the process's umask."""
+    old = os.umask(umask)
+    try:
+        written = weights_io.save_atomic({"w": torch.ones(2)}, tmp_path / "checkpoint.pt")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert os.umask(old) == old  # the umask is left as it was

@@ -207,6 +207,13 @@ def temporaries(path: PathLike) -> List[Path]:
     return sorted(p for p in path.parent.glob(pattern) if p.is_file())
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it back at once: Python 3.11 has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb",
                  temporary: Optional[PathLike] = None) -> Path:
     """``write(file)`` into a temporary file beside ``path`` (``.<name>.*.tmp``, or
@@ -219,6 +226,8 @@ def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb",
     if temporary is None:
         handle, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX.format(name=path.name), suffix=_TMP_SUFFIX,
                                        dir=path.parent)
+        # mkstemp makes the file private (0600); the written file gets what open() would give.
+        os.fchmod(handle, 0o666 & ~_umask())
     else:
         tmp = Path(temporary)
         handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
