@@ -46,8 +46,9 @@ METHOD_DEFAULTED = ("arch", "ibn", "height", "width", "lr", "weight_decay", "epo
 class TrainingHook:
     """Work at fixed points of the training loop; every point does nothing unless overridden.
     The engine's hooks and the methods' derive from it; ``engine.hooks`` says when each point
-    is called and in which order the hooks run. ``progress`` in [0, 1) is ``iteration /
-    total_iterations`` of the step (0-based: the fraction of training done before it)."""
+    is called and in which order the hooks run. ``epoch`` counts from 0 (the log's "epoch 1" is
+    epoch 0 here); ``progress`` in [0, 1) is ``iteration / total_iterations`` of the step
+    (0-based: the fraction of training done before it)."""
 
     def before_train(self) -> None:
         """Once, when training starts (after a resume has restored the state, for every hook
