@@ -78,12 +78,13 @@ def test_another_architecture_is_refused_naming_the_keys(trained, data_dir, tmp_
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
 
 
-def test_a_file_that_is_not_a_checkpoint_is_refused(data_dir, tmp_path):
+def test_a_file_that_is_not_a_checkpoint_is_refused_before_the_data_is_read(data_dir, tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("not weights\n")
     message = one_line_error(["train", *COMMON, *TINY["transmatcher"], "--data-dir", data_dir,
                               "--exp-dir", tmp_path / "run", *RUN, "--init-from", text])
-    assert message.endswith(f"{text}: is a text file, not a checkpoint")
+    assert f"--init-from {text}: is a text file, not a checkpoint" in message
+    assert "Loaded" not in capsys.readouterr().out and not (tmp_path / "run").exists()
 
 
 def test_a_resumed_run_continues_from_its_own_checkpoint(trained, data_dir, tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import one_line_error
-from transmatcher_fast import cli
+from transmatcher_fast import cli, weights_io
 from transmatcher_fast.cli import build_parser
 from transmatcher_fast.engine import onnx_export
 from transmatcher_fast.engine.evaluate import load_trained
@@ -149,7 +149,7 @@ def test_export_json_says_how_to_feed_the_model(exported):
     assert record["input"]["resize"] == {"height": HEIGHT, "width": WIDTH, "interpolation": "bilinear"}
     assert record["input"]["shape"] == ["batch", 3, HEIGHT, WIDTH]
     assert record["side_inputs"] == ["cam_label", "view_label"]
-    assert record["checkpoint"]["sha256"] == onnx_export.file_sha256(checkpoint)
+    assert record["checkpoint"]["sha256"] == weights_io.file_sha256(checkpoint)
     assert record["versions"]["torch"] == str(torch.__version__)
     assert set(record["files"]) == {"features.onnx"}
     for name, info in record["files"].items():

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from transmatcher_fast import cli
 from transmatcher_fast.data import generate_synthetic
 from transmatcher_fast.engine import evaluate, validate
 from transmatcher_fast.engine.matching import TopK, match
+from transmatcher_fast.engine.features import Features
 from transmatcher_fast.engine.search import GalleryIndex, merge_topk, stream_topk, write_ranking
 
 from helpers import one_line_error
@@ -313,3 +313,55 @@ def test_an_index_of_another_format_is_rebuilt(tmp_path, photos, checkpoints):
     (tmp_path / "index.json").write_text(json.dumps({"format": "something else"}))
     index = GalleryIndex(tmp_path, {"checkpoint_sha256": "x"})
     assert index.changed([str(p) for p in sorted((photos / "gallery").rglob("*.jpg"))[:2]])
+
+
+def _fake_features(paths):
+    rows = torch.arange(len(paths), dtype=torch.float32)[:, None].repeat(1, 4)
+    zeros = torch.zeros(len(paths), dtype=torch.int64)
+    return Features(rows, zeros, zeros, paths=list(paths))
+
+
+def test_an_image_rewritten_while_it_is_extracted_is_extracted_again(tmp_path):
+    """Its size and time are taken before it is read: features of the old bytes are never
+    stored under the new file's fingerprint."""
+    images = [tmp_path / f"{name}.jpg" for name in "abc"]
+    for image in images:
+        image.write_bytes(b"old")
+    paths = [str(p) for p in images]
+
+    def extract_while_b_changes(chunk):
+        images[1].write_bytes(b"new bytes")  # rewritten while the shard is being extracted
+        os.utime(images[1], ns=(images[1].stat().st_atime_ns, images[1].stat().st_mtime_ns + 10 ** 9))
+        return _fake_features(chunk)
+
+    index = GalleryIndex(tmp_path / "index", {"checkpoint_sha256": "x"})
+    index.update(paths, extract_while_b_changes, per_shard=3)
+    again = GalleryIndex(tmp_path / "index", {"checkpoint_sha256": "x"})
+    assert again.changed(paths) == [paths[1]]
+
+
+def test_two_updates_of_one_index_never_share_a_shard_name(tmp_path):
+    images = [tmp_path / f"{name}.jpg" for name in "ab"]
+    for image in images:
+        image.write_bytes(b"x")
+    first = GalleryIndex(tmp_path / "index", {"checkpoint_sha256": "x"})
+    second = GalleryIndex(tmp_path / "index", {"checkpoint_sha256": "x"})  # read the same state
+    first.update([str(images[0])], _fake_features, per_shard=1)
+    second.update([str(images[1])], _fake_features, per_shard=1)
+    shards = sorted(p.name for p in (tmp_path / "index").glob("shard-*.pt"))
+    assert len(shards) == 2  # the second did not overwrite the first's shard
+    last = GalleryIndex(tmp_path / "index", {"checkpoint_sha256": "x"})
+    assert last.changed([str(images[1])]) == []  # the last index.json names its own shard
+
+
+def test_search_refuses_outputs_that_would_be_ranked_or_replace_the_checkpoint(checkpoints, photos, tmp_path):
+    ckpt, queries, gallery = checkpoints["transreid"], photos / "queries", tmp_path / "gallery"
+    shutil.copytree(photos / "gallery", gallery)
+    base = ["search", "--query", queries, "--gallery", gallery, *QUIET]
+    for flag in ("--index", "--pictures"):
+        message = one_line_error([*base, "--checkpoint", ckpt, "--out", tmp_path / "r.csv", flag, gallery / "kept"])
+        assert message.endswith(f"{flag} {gallery / 'kept'}: is inside --gallery {gallery}; choose a folder outside it")
+    copy = tmp_path / "copy.pt"
+    shutil.copy(ckpt, copy)
+    message = one_line_error([*base, "--checkpoint", copy, "--out", copy])
+    assert message.endswith(f"--out {copy}: is the checkpoint; choose another file")

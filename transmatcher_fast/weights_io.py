@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -121,6 +122,16 @@ def _load_safetensors(path: Path, map_location) -> Dict[str, Tensor]:
     except Exception as error:  # a cut or altered header
         raise WeightsFileError(path, f"the checkpoint is truncated or corrupt ({type(error).__name__} "
                                "while reading it)", "corrupt") from None
+
+
+def file_sha256(path: PathLike, block: int = 2 ** 20) -> str:
+    """The SHA-256 of a file's bytes: a checkpoint's fingerprint (a copy or a move of the same
+    file keeps it, a retrained one does not)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --- state_dict layouts -----------------------------------------------------------------------

@@ -15,15 +15,24 @@ def _check_inputs(args):
     from ..engine import validate
     from ..engine.reid import image_files
 
-    validate.check_output_file(args.out, "--out")
-    for flag, folder in (("--index", args.index), ("--pictures", args.pictures)):
-        if folder:
-            validate.check_output_dir(folder, flag)
+    # The checked paths (``~`` expanded) are the ones used from here on.
+    args.checkpoint = str(Path(args.checkpoint).expanduser())
+    args.out = str(validate.check_output_file(args.out, "--out"))
+    for flag in ("index", "pictures"):
+        if getattr(args, flag):
+            setattr(args, flag, str(validate.check_output_dir(getattr(args, flag), f"--{flag}")))
     gallery = Path(args.gallery).expanduser()
     if not gallery.exists():
         raise UserError(f"--gallery {gallery}: no such folder")
     if not gallery.is_dir():
         raise UserError(f"--gallery {gallery}: is a file, not a folder of images")
+    args.gallery = str(gallery)
+    for flag in ("index", "pictures"):  # what is written there would be ranked by the next search
+        folder = getattr(args, flag)
+        if folder and Path(folder).resolve().is_relative_to(gallery.resolve()):
+            raise UserError(f"--{flag} {folder}: is inside --gallery {gallery}; choose a folder outside it")
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UserError(f"--out {args.out}: is the checkpoint; choose another file")
     queries = image_files(args.query, "--query")
     gallery_files = image_files(str(gallery), "--gallery")
     validate.check_device(args.device)
@@ -59,7 +68,7 @@ def run_search(args: argparse.Namespace) -> int:
     queries = _unreadable_queries(queries, args)
     reid = ReID.load(args.checkpoint, device=args.device, height=args.height, width=args.width,
                      amp=args.amp, batch_size=args.batch_size, workers=args.workers, progress=args.progress)
-    ranking = reid.rank(queries, str(Path(args.gallery).expanduser()), topk=args.topk, index=args.index,
+    ranking = reid.rank(queries, args.gallery, topk=args.topk, index=args.index,
                         skip_bad_images=args.skip_bad_images)
     update = ranking.index_update
     if args.index:

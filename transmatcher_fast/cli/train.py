@@ -65,6 +65,8 @@ def _check_train_paths(config) -> None:
     validate.check_output_dir(config.exp_dir, "--exp-dir")
     if config.pretrained is not None:
         validate.check_input_file(config.pretrained, "--pretrained")
+    if config.init_from and not config.resume:  # (a resumed run continues from its own checkpoint)
+        validate.read_checkpoint(config.init_from, "--init-from")
     if config.workers < 0:
         raise validate.UserError(f"-j/--workers {config.workers}: must be 0 (load in the main process) or more")
 

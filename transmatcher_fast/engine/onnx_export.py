@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import importlib
 import io
 import json
@@ -70,14 +69,6 @@ def check_requirements(opset: int) -> None:
     if not MIN_OPSET <= opset <= max_opset():
         raise UserError(f"--opset {opset}: unsupported; choose {MIN_OPSET} to {max_opset()} "
                         f"(default {DEFAULT_OPSET})")
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_transform(transform) -> Dict[str, Any]:
@@ -267,6 +258,10 @@ def export_onnx(checkpoint, out_dir, *, opset: int = DEFAULT_OPSET, dynamic_batc
     model, matcher, config = load_trained(checkpoint, "cpu")
     height, width = int(config["height"]), int(config["width"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A re-export into the same folder must not leave new and old files side by side when a
+    # later step fails: the set is removed first, and export.json (written last) marks it done.
+    for stale in ("export.json", "matcher.onnx", "features.onnx"):
+        (out_dir / stale).unlink(missing_ok=True)
 
     features = _export_features(model, out_dir / "features.onnx", height, width, opset=opset,
                                 dynamic_batch=dynamic_batch, batch_size=batch_size)
@@ -299,7 +294,7 @@ def export_onnx(checkpoint, out_dir, *, opset: int = DEFAULT_OPSET, dynamic_batc
         "comparison": comparison,
         "matcher_blocks": {"query": query_block, "gallery": gallery_block} if fused else None,
         "files": files,
-        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint),
+        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": weights_io.file_sha256(checkpoint),
                        "bytes": Path(checkpoint).stat().st_size},
         "versions": {"transmatcher_fast": __version__, "torch": str(torch.__version__),
                      "onnx": onnx.__version__, "python": platform.python_version()},

@@ -15,6 +15,7 @@ changed images extracted; a temporary one without ``index``) shard by shard, in 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -28,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.images import find_unreadable
 from ..data.multicrop import list_images
+from ..weights_io import file_sha256
 from . import evaluate
-from .features import Features, extract_features, skipped_summary
-from .search import GalleryIndex, IndexUpdate, Ranking, file_sha256, shard_images, stream_topk
+from .features import Features, extract_features, parse_dtype, skipped_summary
+from .search import GalleryIndex, IndexUpdate, Ranking, shard_images, stream_topk
 from .validate import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -170,9 +172,22 @@ class ReID:
         """What the stored features of an index depend on: the checkpoint's bytes, the input
         size and the autocast."""
         if self._fingerprint is None:
-            self._fingerprint = file_sha256(self.checkpoint) if self.checkpoint else "unsaved model"
+            self._fingerprint = file_sha256(self.checkpoint) if self.checkpoint else self._weights_sha256()
+        # "auto" extracts in bfloat16 on CUDA and float32 on the CPU: key on what actually runs.
+        amp = parse_dtype(self.amp, "amp") if self.amp is not None else (
+            torch.bfloat16 if torch.device(self.device).type == "cuda" else None)
         return {"checkpoint_sha256": self._fingerprint, "height": self.height, "width": self.width,
-                "amp": None if self.amp is None else str(self.amp)}
+                "amp": None if amp is None else str(amp)}
+
+    def _weights_sha256(self) -> str:
+        """A model given without its checkpoint file: the SHA-256 of its weights (names and
+        bytes), so that two models never share an index."""
+        digest = hashlib.sha256()
+        for part in (self.model, self.matcher):
+            for name, tensor in part.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return "weights " + digest.hexdigest()
 
     def index(self, gallery: Union[PathLike, Sequence[PathLike]], folder: PathLike, *,
               skip_bad_images: bool = False, shard_bytes: Optional[int] = None

@@ -21,9 +21,9 @@ elsewhere cannot run code).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -41,16 +41,6 @@ INDEX_NAME = "index.json"
 # A shard holds about this many bytes of features (one is loaded at a time while ranking).
 SHARD_BYTES = 256 * 2 ** 20
 DISTANCE_COLUMN = "distance"
-
-
-def file_sha256(path: PathLike, block: int = 2 ** 20) -> str:
-    """The SHA-256 of a file's bytes (a checkpoint's fingerprint: a copy or a move of the same
-    file keeps its index valid, a retrained one does not)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_images(bytes_per_image: int, limit: int = SHARD_BYTES) -> int:
@@ -192,6 +182,9 @@ class GalleryIndex:
             if _key(path) in current:
                 self._entries[_key(path)] = self._entry(path, error=error)
         todo = [p for p in todo if p not in bad]
+        # Each image's size and time as they were before it was read: an image rewritten while
+        # it is being extracted does not match them, and is extracted again next time.
+        seen = {path: _stat(path) if os.path.exists(path) else (-1, -1) for path in todo}
         self.folder.mkdir(parents=True, exist_ok=True)
         if callable(per_shard):
             per_shard = per_shard() if todo else 1
@@ -199,15 +192,18 @@ class GalleryIndex:
             chunk = todo[start:start + per_shard]
             features = extract(chunk)
             for path, error in features.skipped:
-                self._entries[_key(path)] = self._entry(path, error=error)
+                self._entries[_key(path)] = self._entry(path, error=error, stat=seen.get(path))
             if len(features):
-                name = f"shard-{self._next_shard:05d}.pt"
+                # A name no other process can also choose: two searches updating one index
+                # never overwrite each other's shards (the last index.json names its own).
+                name = f"shard-{self._next_shard:05d}-{uuid.uuid4().hex[:8]}.pt"
                 self._next_shard += 1
                 weights_io.save_atomic({"features": features.features.contiguous()}, self.folder / name)
                 self._shards[name] = len(features)
                 rows = range(len(chunk)) if features.indices is None else features.indices.tolist()
                 for row, position in enumerate(rows):
-                    self._entries[_key(chunk[position])] = self._entry(chunk[position], shard=name, row=row)
+                    self._entries[_key(chunk[position])] = self._entry(chunk[position], shard=name, row=row,
+                                                                       stat=seen[chunk[position]])
             report.extracted += len(features)
             report.skipped += list(features.skipped)
             self._write()
@@ -221,8 +217,11 @@ class GalleryIndex:
         return report
 
     @staticmethod
-    def _entry(path: str, shard: Optional[str] = None, row: int = 0, error: Optional[str] = None):
-        size, mtime = _stat(path) if os.path.exists(path) else (-1, -1)
+    def _entry(path: str, shard: Optional[str] = None, row: int = 0, error: Optional[str] = None,
+               stat: Optional[Tuple[int, int]] = None):
+        if stat is None:
+            stat = _stat(path) if os.path.exists(path) else (-1, -1)
+        size, mtime = stat
         entry = {"size": size, "mtime_ns": mtime, "shard": shard, "row": row}
         if error is not None:
             entry["error"] = error
