@@ -268,6 +268,27 @@ def test_float32_precision_follows_torch():
     assert k.input_precision(torch.float16, False) == "tf32"  # 16-bit dots ignore it
 
 
+def check_nan_forward(k, query, gallery, embed, variant):
+    """The ``variant`` forward (block_k 32, ieee) of inputs holding NaNs: maxima with NaN where the
+    reference has them (some) and equal elsewhere, argmax bit for bit; returns its outputs."""
+    (num_q, length_q, _), (num_g, length_g, _) = query.shape, gallery.shape
+    config = k.ForwardConfig(block_k=32, variant=variant)
+    outs = k.forward(query, gallery, torch.sigmoid(embed).contiguous(),
+                     tuple(dispatch.new_output((num_q, num_g, length), dt, query.device)
+                           for length, dt in ((length_q, torch.float32), (length_g, torch.float32),
+                                              (length_q, torch.int32), (length_g, torch.int32))),
+                     config, "ieee")
+    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()),
+                                 return_indices=True)
+    for ours, theirs in zip(outs[:2], expected[:2]):
+        ours = ours.cpu()
+        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+        assert rel_err(ours[~theirs.isnan()], theirs[~theirs.isnan()]) < 1e-5
+    for ours, theirs in zip(outs[2:], expected[2:]):
+        assert torch.equal(ours.cpu(), theirs.int())
+    return outs
+
+
 @pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
 @pytest.mark.parametrize("length", [64, 192])
 def test_nan_and_ties_in_full_blocks(rng, variant, length):
@@ -282,20 +303,7 @@ def test_nan_and_ties_in_full_blocks(rng, variant, length):
     query[0] = 0.0  # every score of query image 0 ties at 0 (and -0.0 ties with +0.0)
     query[0, 7] = -query[0, 7]
     gallery[0, 3] = 0.0
-    config = k.ForwardConfig(block_k=32, variant=variant)
-    outs = k.forward(query, gallery, torch.sigmoid(embed).contiguous(),
-                     tuple(dispatch.new_output(t.shape, t.dtype, query.device) for t in (
-                         torch.empty(2, 3, length), torch.empty(2, 3, length),
-                         torch.empty(2, 3, length, dtype=torch.int32),
-                         torch.empty(2, 3, length, dtype=torch.int32))), config, "ieee")
-    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()),
-                                 return_indices=True)
-    for ours, theirs in zip(outs[:2], expected[:2]):
-        ours = ours.cpu()
-        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
-        assert rel_err(ours[~theirs.isnan()], theirs[~theirs.isnan()]) < 1e-5
-    for ours, theirs in zip(outs[2:], expected[2:]):
-        assert torch.equal(ours.cpu(), theirs.int())
+    check_nan_forward(k, query, gallery, embed, variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -409,19 +417,7 @@ def test_g_best_fold_across_query_blocks_keeps_the_first_nan_and_the_lowest_tie(
     query[1, 10, 2] = query[1, 150, 3] = float("nan")  # image 1: blocks 0 and 2
     gallery[1] = 0.0  # query image 2 (no NaN) ties at 0 with gallery image 1 everywhere
     gallery[1, 5] = -0.0
-    config = k.ForwardConfig(block_k=32, variant=variant)
-    outs = k.forward(query, gallery, torch.sigmoid(embed).contiguous(),
-                     tuple(dispatch.new_output(shape, dt, query.device) for shape, dt in (
-                         ((3, 2, 192), torch.float32), ((3, 2, 64), torch.float32),
-                         ((3, 2, 192), torch.int32), ((3, 2, 64), torch.int32))), config, "ieee")
-    expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()),
-                                 return_indices=True)
-    for ours, theirs in zip(outs[:2], expected[:2]):
-        ours = ours.cpu()
-        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
-        assert rel_err(ours[~theirs.isnan()], theirs[~theirs.isnan()]) < 1e-5
-    for ours, theirs in zip(outs[2:], expected[2:]):
-        assert torch.equal(ours.cpu(), theirs.int())
+    outs = check_nan_forward(k, query, gallery, embed, variant)
     assert (outs[3][2, 1] == 0).all()  # the ties: the lowest query location
 
 
