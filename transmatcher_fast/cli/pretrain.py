@@ -56,8 +56,6 @@ def add_pretrain_parser(commands) -> argparse.ArgumentParser:
                     "--pretrain-hw-ratio 2 (the pre-training size's height/width; "
                     "configs/transreid_ssl_*.yaml).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pretrain.add_argument("--config", help="YAML file of options (keys as below, e.g. batch_size: 32); "
-                          "command-line flags override it")
     add_training_options(pretrain, "pretrain")
     helps = {"method": "the self-supervised method", "dataset": "images: any folder tree of unlabelled "
              "images; or a labelled dataset (its training images)",

@@ -89,10 +89,13 @@ def add_training_options(parser: argparse.ArgumentParser, command: str) -> None:
     """The training options' flags, generated from TrainConfig's fields (help, types, choices
     beside each field): the engine's groups, then those of the options of the methods that
     ``command`` trains (``Method.command``); an option whose default is the method's says each
-    method's value in its help."""
+    method's value in its help. ``--config`` (a YAML file of them) comes first."""
     from ..engine.config import TRAIN_GROUPS, TrainConfig
     from ..methods import METHOD_DEFAULTED, get_method, method_names
     from ..options import add_arguments
+
+    parser.add_argument("--config", help="YAML file of options (keys as below, e.g. batch_size: 32); "
+                        "command-line flags override it")
 
     groups = list(TRAIN_GROUPS)
     for name in method_names():
@@ -122,8 +125,6 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                     "changes are logged), and refuses other differences. Multi-GPU: torchrun "
                     "--nproc_per_node N -m transmatcher_fast.cli train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--config", help="YAML file of options (keys as below, e.g. batch_size: 32); "
-                       "command-line flags override it")
     add_training_options(train, "train")
     for action in train._actions:
         if action.dest == "method":
