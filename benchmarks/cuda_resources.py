@@ -3,9 +3,14 @@ architecture, what ptxas says (registers, static shared memory, stack, spills), 
 SASS uses tensor cores (HMMA / HGMMA instruction counts), and for every forward candidate the
 static measures of issue 24, read off the SASS with benchmarks/sass_measure.py:
 
-  epilogue_instructions_per_score  thread-instructions of the tile loop that are neither
-      tensor-core nor load/store, inner loops weighted by their trip counts, x threads per block,
-      / score elements per tile (budget at MMA parity on an H100, D = 512: about 32)
+  epilogue_instructions_per_score  thread-instructions of the tile loop less its K loop that
+      are neither tensor-core nor load/store, inner loops (the scans) weighted by their trip
+      counts, x threads per block, / score elements per tile: the figure triton_resources.py
+      reports under the same name (budget at MMA parity on an H100, D = 512: about 32)
+  k_loop_instructions_per_score    the same for the K loop, times its trips (loads, barriers,
+      descriptors: apart, as in triton_resources.py)
+  tile_loop_instructions_per_score the two together: every non-MMA, non-memory instruction of
+      the tile loop
   mma_instructions_per_score       the same for the math instructions (HMMA/HGMMA; FFMA for the
       exact-fp32 kernel)
   l2_bytes_per_flop                analytic operand bytes the tiling moves from L2 per FLOP
@@ -15,7 +20,7 @@ at the reference shape L = 192, D = 512 (REFERENCE), with the tensor-core family
 the same entry. Trip counts: the K loop runs (math instructions per tile) / (math instructions in
 its body); the mma.sync kernel's serial scans run (values per thread) / (shared loads in the
 body), on half of the threads each (rows / columns), over 1 + 127/L segments per tile row on
-average; the wgmma kernel's column fold runs 96 / (shared loads in its body) times.
+average; each of the wgmma kernel's two column folds runs 48 / (shared loads in its body) times.
 
     python benchmarks/cuda_resources.py                 # table for sm_80 and sm_90a
     python benchmarks/cuda_resources.py --arch 90a --json out.json --txt out.txt
@@ -115,6 +120,8 @@ class Kernel:
     target: str = ""
     tensor_core_family: str = ""  # forward kernels: "wgmma", "mma" (mma.sync) or "none"
     epilogue_instructions_per_score: float | None = None
+    k_loop_instructions_per_score: float | None = None
+    tile_loop_instructions_per_score: float | None = None
     mma_instructions_per_score: float | None = None
     l2_bytes_per_flop: dict | None = None
     measure_notes: str = ""
@@ -203,7 +210,8 @@ def tile_spec(name: str) -> TileSpec | None:
         else:
             l_g = l
         rows, k_steps = 192, -(-d // 16)
-        return TileSpec("wgmma", 384, rows * n, k_steps, "HGMMA", 96, 1.0, 1.0,
+        # Each of its two column folds reads 48 entries a thread (96 a column, 2 threads).
+        return TileSpec("wgmma", 384, rows * n, k_steps, "HGMMA", 48, 1.0, 1.0,
                         (rows + n) * d * 2, rows * l_g * 4 if m.group(3) == "true" else 0,
                         2.0 * rows * n * d)
     m = re.match(r"max_sim_forward_kernel<(\w+), (\d), (\w+)>", name)
@@ -238,7 +246,9 @@ def forward_measure(sass: str, spec: TileSpec) -> dict:
     if not parents:
         return {"notes": "the K loop has no enclosing tile loop"}
     tile = parents[0]
-    trips = {k_loop.start: spec.math_per_tile / math(k_loop)}
+    # Math instructions of the tile outside the K loop (a peeled last group of steps) run once.
+    peeled = math(tile) - math(k_loop)
+    trips = {k_loop.start: (spec.math_per_tile - peeled) / math(k_loop)}
     fraction = {}
     notes = []
     for nest in tile.inner:
@@ -263,6 +273,7 @@ def forward_measure(sass: str, spec: TileSpec) -> dict:
     # x the share of threads that run it.
     nested = [lp for lp in loops if tile.contains(lp)]
     counts = dict.fromkeys(sm.KINDS, 0.0)
+    in_k_loop = 0.0  # of counts[OTHER]
     math_count = 0.0
     for i in tile.instructions:
         w = 1.0
@@ -272,11 +283,15 @@ def forward_measure(sass: str, spec: TileSpec) -> dict:
         share = min([fraction[lp.start] for lp in nested
                      if lp.start in fraction and lp.start <= i.address <= lp.end] or [1.0])
         counts[i.kind] += w * share
+        if i.kind == sm.OTHER and k_loop.start <= i.address <= k_loop.end:
+            in_k_loop += w * share
         if i.base == spec.math_opcode:
             math_count += w * share
     per = dict(threads=spec.threads, scores=spec.scores)
     return {
-        "epilogue_instructions_per_score": round(sm.per_score(counts[sm.OTHER], **per), 2),
+        "epilogue_instructions_per_score": round(sm.per_score(counts[sm.OTHER] - in_k_loop, **per), 2),
+        "k_loop_instructions_per_score": round(sm.per_score(in_k_loop, **per), 2),
+        "tile_loop_instructions_per_score": round(sm.per_score(counts[sm.OTHER], **per), 2),
         "mma_instructions_per_score": round(sm.per_score(math_count, **per), 3),
         "tile_loop": f"{tile.start:#x}-{tile.end:#x}",
         "k_loop_trips_per_tile": round(trips[k_loop.start], 2),
@@ -314,6 +329,8 @@ def compile_one(source: str, arch: str, outdir: str, nvcc: str, cuobjdump: str |
                 continue
             m = forward_measure(text, spec)
             k.epilogue_instructions_per_score = m.get("epilogue_instructions_per_score")
+            k.k_loop_instructions_per_score = m.get("k_loop_instructions_per_score")
+            k.tile_loop_instructions_per_score = m.get("tile_loop_instructions_per_score")
             k.mma_instructions_per_score = m.get("mma_instructions_per_score")
             k.l2_bytes_per_flop = m.get("l2_bytes_per_flop")
             k.measure_notes = "; ".join(x for x in (f"tile loop {m.get('tile_loop')}, K loop "
@@ -335,7 +352,7 @@ def compile_all(archs=ARCHS, outdir: str | None = None, jobs: int = 2) -> list[C
 
 def table(results: list[Compiled]) -> str:
     rows = [f"{'arch':6} {'kernel':58} {'regs':>4} {'smem':>5} {'stack':>5} {'spill st/ld':>11} "
-            f"{'HMMA':>5} {'HGMMA':>5} {'FFMA':>5} {'family':>6} {'epi/sc':>6} {'mma/sc':>6} "
+            f"{'HMMA':>5} {'HGMMA':>5} {'FFMA':>5} {'family':>6} {'epi/sc':>6} {'kloop':>6} {'mma/sc':>6} "
             f"{'L2B/FLOP':>8}"]
     for c in results:
         if c.returncode != 0:
@@ -344,12 +361,13 @@ def table(results: list[Compiled]) -> str:
         for k in sorted(c.kernels, key=lambda k: k.name):
             sc = k.sass_counts
             epi = "-" if k.epilogue_instructions_per_score is None else f"{k.epilogue_instructions_per_score:.1f}"
+            kloop = "-" if k.k_loop_instructions_per_score is None else f"{k.k_loop_instructions_per_score:.1f}"
             mma = "-" if k.mma_instructions_per_score is None else f"{k.mma_instructions_per_score:.2f}"
             l2 = "-" if not k.l2_bytes_per_flop else f"{k.l2_bytes_per_flop['with_gate']:.4f}"
             rows.append(f"sm_{k.arch:4} {k.name[:58]:58} {k.registers:4d} {k.smem:5d} {k.stack:5d} "
                         f"{k.spill_stores:5d}/{k.spill_loads:<5d} {sc.get('HMMA', '-'):>5} "
                         f"{sc.get('HGMMA', '-'):>5} {sc.get('FFMA', '-'):>5} "
-                        f"{k.tensor_core_family or '-':>6} {epi:>6} {mma:>6} {l2:>8}")
+                        f"{k.tensor_core_family or '-':>6} {epi:>6} {kloop:>6} {mma:>6} {l2:>8}")
     return "\n".join(rows)
 
 
@@ -363,9 +381,10 @@ def main(argv=None) -> int:
     text = "\n".join([
         table(results),
         "smem = static shared memory; dynamic: mma.sync forward 66048 B per block, wgmma forward "
-        "4*(192+N)*64 + 96*(N+8)*5 + 384*2*40 B (N = 192: 225024), backward "
+        "4*(192+N)*64 + 96*(N+8)*5 + 4*N + 384*2*24 + 24 B (N = 192: 213528), backward "
         "4*L*32*V + sizeof(T)*128*32*V B (V = 2 for L <= 256, else 1)",
-        f"epi/sc, mma/sc: thread-instructions per score element of the tile loop (other / math), "
+        f"epi/sc, kloop, mma/sc: thread-instructions per score element of the tile loop less its "
+        f"K loop (other), of the K loop (other), of the tile loop (math); "
         f"L2B/FLOP: operand + gate bytes from L2 per FLOP; at L = {REFERENCE['l']}, "
         f"D = {REFERENCE['d']} (benchmarks/cuda_resources.py docstring)",
         f"nvcc: {nvcc_version()}"])

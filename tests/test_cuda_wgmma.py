@@ -3,6 +3,8 @@ the float64 reference, on an sm_90 GPU only (skipped elsewhere; tests/test_cuda_
 what it compiles to without a GPU). Covers the three tile widths (Lg <= 64, 128, 192), query
 images longer than one 192-row pass, D not a multiple of the 32-feature stage, with and without
 the gate, exact ties (lowest location wins) and NaN (propagates, lowest NaN location wins).
+The kernel takes D % 128 == 0 (other D run the mma.sync kernel: checked here too), and its
+padding rows and columns repeat location 0 (exact ties prove they never win an index).
 """
 
 import pytest
@@ -59,9 +61,10 @@ def _check(q, g, e, outs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [
     (3, 5, 192, 192, 512),   # TransMatcher's maps: one pass, N = 192
-    (2, 3, 200, 150, 64),    # two passes (Lq > 192), N = 192 with masked columns
-    (4, 3, 50, 60, 96),      # N = 64, three warpgroups of which two idle
-    (2, 2, 7, 100, 40),      # N = 128, D not a multiple of 32
+    (2, 3, 200, 150, 128),   # two passes (Lq > 192), N = 192 with padding columns
+    (4, 3, 50, 60, 256),     # N = 64, three warpgroups of which two idle
+    (2, 2, 7, 100, 384),     # N = 128
+    (2, 2, 7, 100, 40),      # D not a multiple of 128: the mma.sync kernel
 ])
 @pytest.mark.parametrize("gated", [True, False])
 def test_wgmma_matches_reference(dtype, shape, gated):
@@ -74,16 +77,17 @@ def test_wgmma_matches_reference(dtype, shape, gated):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wgmma_ties_and_nan(dtype):
+@pytest.mark.parametrize("lq, lg", [(192, 192), (200, 150)], ids=["one-pass", "padding"])
+def test_wgmma_ties_and_nan(dtype, lq, lg):
     """Small integer features: every product and sum is exact in fp32 and float64, so the scores
     are equal to the reference's bit for bit, ties are plentiful and exact, and the indices must
     be the reference's (the lowest location among equal maxima). A NaN query row gives NaN
     maxima, at location 0 along its row and at its own location down every column."""
-    nq, ng, lq, lg, d = 2, 3, 192, 192, 128
+    nq, ng, d = 2, 3, 128
     gen = torch.Generator(device="cuda").manual_seed(7)
     q = torch.randint(-2, 3, (nq, lq, d), device="cuda", generator=gen).to(dtype)
     g = torch.randint(-2, 3, (ng, lg, d), device="cuda", generator=gen).to(dtype)
-    g[:, 100:] = g[:, 37:37 + 92]  # repeated gallery locations: ties across far columns
+    g[:, 100:] = g[:, 37:37 + lg - 100]  # repeated gallery locations: ties across far columns
     q[1, 77] = float("nan")
     q_best, g_best, q_index, g_index = [t.cpu() for t in _run(q, g, None)]
     r = reference.max_sim(q.double().cpu(), g.double().cpu(), None, return_indices=True)

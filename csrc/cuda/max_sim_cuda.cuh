@@ -28,7 +28,7 @@ struct ForwardArgs {
   int32_t* g_index;     // [nq, ng, lg]
   bool allow_tf32;      // float32 inputs: TF32 tensor cores, else exact FP32 FMA
   float* gate_t;        // workspace of wgmma_gate_floats(shape) floats (the wgmma kernel's
-                        // sigmoid(score_embed)^T [lq, lg] plus padding), or null
+                        // sigmoid(score_embed)^T, [lq, N] with padding columns), or null
   int64_t query_group;  // >= 0: the mma.sync kernel, query regions per gallery strip (0 =
                         // default); kForwardWgmma: the sm_90a wgmma kernel
   int ablation;         // kAblationFull, except in the GPU suite's ncu ablations (below)
@@ -67,12 +67,13 @@ struct BackwardArgs {
   float* partials;             // score_embed_partials(shape) * lg * lq floats, zeroed, or null
 };
 
-// out [cols, rows] = in [rows, cols]^T, float32.
-cudaError_t launch_transpose(const float* in, float* out, int64_t rows, int64_t cols,
-                             cudaStream_t stream);
+// out [cols, stride] = in [rows, cols]^T, float32, with out[c, r] = in[0, c] for rows <= r < stride
+// (the wgmma kernel's gate: its padding gallery columns repeat gallery location 0).
+cudaError_t launch_gate_transpose(const float* in, float* out, int64_t rows, int64_t cols,
+                                  int64_t stride, cudaStream_t stream);
 
-// Floats of ForwardArgs::gate_t the wgmma kernel needs with a gate: lq * lg plus one tile row of
-// padding (its masked columns read past the last row).
+// Floats of ForwardArgs::gate_t the wgmma kernel needs with a gate: lq rows of its tile width N
+// (Lg rounded up to 64, 128 or 192).
 int64_t wgmma_gate_floats(const Shape& shape);
 
 // gate[k] = sigmoid(logits[k]) for k < n, in float32, once per call (not per pair).

@@ -515,7 +515,8 @@ bool forward_ablation_supported(const ForwardArgs& a) {
   const bool known = a.ablation == kAblationMaxOnly || a.ablation == kAblationMmaOnly;
   const bool aligned = (sh.d * 2) % 16 == 0 && reinterpret_cast<uintptr_t>(a.query) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(a.gallery) % 16 == 0;
-  const bool wgmma_shape = a.query_group != kForwardWgmma || (sh.lg > 128 && sh.lg <= 192);
+  const bool wgmma_shape =
+      a.query_group != kForwardWgmma || (sh.lg > 128 && sh.lg <= 192 && sh.d % 128 == 0);
   return known && a.dtype == DType::kBFloat16 && a.gate != nullptr && aligned && wgmma_shape;
 }
 

@@ -13,9 +13,8 @@
 // checkable by reading: operands are staged with cp.async (as in the mma.sync kernel) into the
 // no-swizzle core-matrix layout that wgmma reads through shared-memory descriptors (common.cuh:
 // interleave_offset, smem_descriptor, checked on the host by tests/test_cuda_build.py). TMA,
-// 128-byte swizzle and a producer warp with setmaxnreg (which would take the per-thread load
-// work out of the K loop, the largest part of this kernel's static measure) are the next step,
-// once a GPU has said this one is correct.
+// 128-byte swizzle and a producer warp with setmaxnreg are the next step, once a GPU has said
+// this one is correct.
 //
 // Work split: a tile is one query image i (a pass of up to 192 of its locations: one 64-row
 // slice per warpgroup, 3 warpgroups) against one whole gallery image j (N = Lg rounded up to 64,
@@ -27,14 +26,20 @@
 //
 // Pipeline: kStagesW stages of 32 features (two wgmma k16 steps) stream over every (pair, pass,
 // k) step of the block without a break at tile ends: while a tile's epilogue runs, the next
-// tile's first stages are already loading.
+// tile's first stages are already loading. Each thread copies one stage row whole (one pointer a
+// tile, four cp.async with immediate offsets a step) and the K loop is unrolled by the stage
+// count with every stage offset an immediate, so D must be a multiple of 128.
 //
-// Epilogue, in registers (no serial shared-memory scans): scores gated in place; per row, each
-// thread scans its own columns in increasing order (`beats` rule) and the 4 lanes of a quad
-// combine with better_candidate (common.cuh: lowest index among equal maxima, a NaN wins and the
-// lowest-index NaN stays); per column, each thread folds its two rows, writes (value, row) to a
-// shared scratch, and two threads per column fold 48 entries each, then combine by one shuffle.
+// Epilogue, two passes per direction and no serial scans: scores gated in place with one FMA
+// (+0.0 and the GPU's canonical NaN make equal scores bit-equal); the maximum with the
+// NaN-propagating max.NaN, then the index as the lowest location whose score has the maximum's
+// bits (one integer compare and one select a score). Rows: each thread's columns, then the quad.
+// Columns: through shared memory, two threads a column fold the per-(warp, lane row) maxima, the
+// maximum goes back to every thread, which marks its lower row holding it, and the two threads
+// take the lowest mark. The rules are those of every backend: among equal maxima the lowest
+// index; a NaN wins and the lowest-index NaN stays; -0.0 and +0.0 are equal.
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "common.cuh"
@@ -57,12 +62,17 @@ constexpr int kRowBytesW = kBkW * 2;  // bytes per stage row (16-bit features)
 template <int N>
 struct WgmmaShape {
   static constexpr int kStageBytes = (kRowsPerPass + N) * kRowBytesW;
-  static constexpr int kScratchEntries = kRowsPerPass / 2;  // 96 row pairs per column
-  static constexpr int kScratchStride = N + 8;  // conflict-free 8-byte writes of lanes g, tq
-  static constexpr int kScratchBytes = kScratchEntries * kScratchStride * 5;  // fp32 + uint8 row
-  // Each thread's load sources of the current and the next tile (registers are short).
-  static constexpr int kSrcBytes = kThreadsW * 2 * 48;
-  static constexpr int kSmemBytes = kStagesW * kStageBytes + kScratchBytes + kSrcBytes;
+  static constexpr int kEntries = kRowsPerPass / 2;  // (warp, g) entries of a column: 96
+  static constexpr int kScratchStride = N + 8;      // conflict-free 8-byte writes of lanes g, tq
+  // After the stages: each entry's column maxima (fp32), the column maxima, each entry's marks
+  // (the lowest of its two rows holding the column max: 0, 8 or kNoRow; one byte).
+  static constexpr int kScratchOffset = kStagesW * kStageBytes;
+  static constexpr int kColumnMaxOffset = kScratchOffset + kEntries * kScratchStride * 4;
+  static constexpr int kScratchRowOffset = kColumnMaxOffset + N * 4;
+  // Then each thread's load sources: [0] the tile being loaded, [1] the one after.
+  static constexpr int kSourceOffset = (kScratchRowOffset + kEntries * kScratchStride + 15) / 16 * 16;
+  static constexpr int kDescOffset = kSourceOffset + kThreadsW * 2 * 24;  // A's, per warpgroup
+  static constexpr int kSmemBytes = kDescOffset + kWarpgroups * 8;
 };
 
 template <typename T>
@@ -77,7 +87,7 @@ struct WgParams {
   int64_t nq, ng;
   int lq, lg, d;
   int64_t query_group;  // images per band of the launch order
-  int k_steps;          // ceil(d / kBkW) >= kAhead
+  int k_steps;          // d / kBkW: a multiple of kStagesW (wgmma_forward_supports)
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -169,47 +179,37 @@ struct Wgmma<__half, 192> {
 // END GENERATED WGMMA WRAPPERS
 #endif  // TMF_WGMMA_ENABLED
 
-// Source rows of one tile for this thread, kept in shared memory (registers are short). Chunk c
-// (16 bytes) of a stage: row c / 4, chunk c % 4 of the row's 32 features; the thread copies chunks
-// tid and tid + 384 of the query slice (rows tid / 4 and 96 + tid / 4 of the pass) and of the
-// gallery image (where the row is < N). Rows past Lq / Lg point at the image's row 0 (a valid
-// address) and copy zeros; features past D too.
+// The stage row this thread copies, whole (its four 16-byte chunks: 32 features): query row
+// tid of the pass (tid < 192) or gallery row tid - 192 (< N; threads past N copy nothing). Kept
+// in shared memory (registers are short across the epilogue); a K step reads it and issues four
+// cp.async at immediate offsets. Rows past Lq / Lg copy the image's row 0 (why: the epilogue).
 template <typename T, int N>
-struct TileSrc {
-  const T* src[4];  // query rows tid / 4, +96; gallery rows tid / 4, +96
-  int64_t pair;     // i * ng + j: where the tile's outputs go
-  uint32_t ok;      // bit r: src[r] is a real row
+struct RowSource {
+  const T* row;    // features 0.. of the row
+  int64_t pair;    // i * ng + j: where the tile's outputs go
+  uint32_t dst;    // byte offset of the row's first chunk in a stage (interleave layout)
+  uint32_t unused;
 
   __device__ __forceinline__ void set(const WgParams<T>& p, int64_t i, int64_t j, int t0) {
-    int row = threadIdx.x / 4;
-    const int part = threadIdx.x % 4;
-    // Opaque to the compiler: otherwise it hoists the tile-invariant parts out of the tile loop
-    // and keeps them in registers the accumulators need (measured: spills at N = 192).
-    asm volatile("" : "+r"(row));
+    const int r = threadIdx.x;
+    const bool query = r < kRowsPerPass;
+    const int at = query ? t0 + r : r - kRowsPerPass;
+    const bool real = at < (query ? p.lq : p.lg);
+    const int64_t image_row = query ? i * p.lq : j * p.lg;
     pair = i * p.ng + j;
-    const T* a = p.query + i * p.lq * p.d + part * 8;
-    const T* b = p.gallery + j * p.lg * p.d + part * 8;
-    const bool oks[4] = {t0 + row < p.lq, t0 + row + 96 < p.lq, row < p.lg, row + 96 < N && row + 96 < p.lg};
-    const int rows[4] = {t0 + row, t0 + row + 96, row, row + 96};
-    ok = 0;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      src[r] = (r < 2 ? a : b) + (oks[r] ? static_cast<int64_t>(rows[r]) * p.d : 0);
-      ok |= oks[r] ? 1u << r : 0u;
-    }
+    row = (query ? p.query : p.gallery) + (image_row + (real ? at : 0)) * p.d;
+    dst = (query ? 0 : kRowsPerPass * kRowBytesW) +
+          interleave_offset(query ? r : r - kRowsPerPass, 0, kRowBytesW);
   }
-  // Features k*32 .. k*32+31 into `stage`, in the interleave layout.
-  __device__ __forceinline__ void issue(const WgParams<T>& p, unsigned char* stage, int k) const {
-    const int row = threadIdx.x / 4, part = threadIdx.x % 4;
-    const uint32_t f_ok = k * kBkW + part * 8 < p.d ? 0xfu : 0u;
-    const uint32_t live = ok & f_ok;
-    constexpr uint32_t kFar = 96 / 8 * 8 * kRowBytesW;  // interleave offset of 96 more rows
-    unsigned char* sa = stage + interleave_offset(row, part, kRowBytesW);
-    unsigned char* sb = sa + kRowsPerPass * kRowBytesW;
-    cp_async_16(sa, src[0] + k * kBkW, live & 1u ? 16 : 0);
-    cp_async_16(sa + kFar, src[1] + k * kBkW, live & 2u ? 16 : 0);
-    if (row < N) cp_async_16(sb, src[2] + k * kBkW, live & 4u ? 16 : 0);
-    if (row + 96 < N) cp_async_16(sb + kFar, src[3] + k * kBkW, live & 8u ? 16 : 0);
+  // Features k*32 .. k*32+31 into the stage at shared address `stage`.
+  __device__ __forceinline__ void issue(uint32_t stage, int k) const {
+    if (kRowsPerPass + N < kThreadsW && threadIdx.x >= kRowsPerPass + N) return;
+    const T* src = row + k * kBkW;
+#pragma unroll
+    for (int c = 0; c < kRowBytesW / 16; ++c) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(stage + dst + c * 128),
+                   "l"(src + c * 8));
+    }
   }
 };
 
@@ -220,13 +220,17 @@ struct TileId {
 };
 
 #ifdef TMF_WGMMA_ENABLED  // device helpers of the kernel body (unused, and flagged, elsewhere)
-constexpr uint8_t kNoRow = 0xff;  // scratch: no valid row (passes have < 255 rows)
+constexpr uint32_t kNoRow = 0xff;  // a mark: no row of the entry holds the column maximum
 
-// Keeps the better of two candidates (better_candidate, common.cuh), branch-free.
-__device__ __forceinline__ void combine(float v, int x, float& best, int& best_x) {
-  const bool take = better_candidate(v, x, best, best_x);
-  best = take ? v : best;
-  best_x = take ? x : best_x;
+// The NaN-propagating maximum (PTX max.NaN: a NaN operand gives the canonical NaN).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float out;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(out) : "f"(a), "f"(b));
+  return out;
+}
+
+__device__ __forceinline__ bool same_bits(float a, float b) {
+  return __float_as_uint(a) == __float_as_uint(b);
 }
 
 // kIndex false (kAblationMaxOnly): the value alone.
@@ -234,20 +238,6 @@ template <bool kIndex>
 __device__ __forceinline__ void store_now(float* value_out, int32_t* index_out, float v, int x) {
   asm volatile("st.global.f32 [%0], %1;\n" ::"l"(value_out), "f"(v) : "memory");
   if constexpr (kIndex) asm volatile("st.global.s32 [%0], %1;\n" ::"l"(index_out), "r"(x) : "memory");
-}
-
-// better_candidate for the column fold with rows 0..254 and kNoRow (255) as the empty row:
-// (v, row) replaces (best, best_row) if it is valid and larger, or a NaN over a number, or equal
-// (both NaN included) at a lower row. An empty best (-inf, kNoRow) loses to any valid entry.
-__device__ __forceinline__ bool column_take(float v, uint32_t row, float best, uint32_t best_row) {
-  const bool greater = !(v <= best) && best == best;  // v > best, or v NaN over a number
-  const bool tie = (v == best || (v != v && best != best)) && row < best_row;
-  return row != kNoRow && (greater || tie);
-}
-
-// `beats` (common.cuh) in two compares: v > best or v is NaN, and best is not NaN.
-__device__ __forceinline__ bool beats_fast(float v, float best) {
-  return !(v <= best) && best == best;
 }
 #endif
 
@@ -257,29 +247,29 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
 #ifdef TMF_WGMMA_ENABLED
   constexpr bool kIndex = kAbl != kAblationMaxOnly;
   using S = WgmmaShape<N>;
-  static_assert(sizeof(TileSrc<T, N>) * 2 * kThreadsW == S::kSrcBytes, "load sources area");
-  static_assert(S::kScratchBytes % 8 == 0, "load sources follow the scratch, 8-byte aligned");
   static_assert(S::kSmemBytes <= 227 * 1024, "more than an sm_90 block's shared memory");
   extern __shared__ __align__(128) unsigned char smem[];
   // Shared-memory areas as functions of the `smem` symbol: pointers held in registers across the
   // tile loop would cost registers the accumulators need.
-  auto scratch_v = [&]() { return reinterpret_cast<float*>(smem + kStagesW * S::kStageBytes); };
-  auto scratch_r = [&]() {
-    return reinterpret_cast<uint8_t*>(smem + kStagesW * S::kStageBytes +
-                                      S::kScratchEntries * S::kScratchStride * 4);
-  };
-  // This thread's load sources: [0] the tile being loaded, [1] the one after (8-byte aligned).
-  auto srcs = [&](int which) -> TileSrc<T, N>& {
-    return reinterpret_cast<TileSrc<T, N>*>(
-        smem + kStagesW * S::kStageBytes + ((S::kScratchBytes + 7) / 8) * 8)[2 * threadIdx.x + which];
+  auto scratch_v = [&]() { return reinterpret_cast<float*>(smem + S::kScratchOffset); };
+  auto column_max = [&]() { return reinterpret_cast<float*>(smem + S::kColumnMaxOffset); };
+  auto scratch_r = [&]() { return smem + S::kScratchRowOffset; };
+  auto desc_a_of = [&]() { return reinterpret_cast<uint64_t*>(smem + S::kDescOffset); };
+  auto srcs = [&](int which) -> RowSource<T, N>& {
+    static_assert(sizeof(RowSource<T, N>) == 24, "load sources area");
+    return reinterpret_cast<RowSource<T, N>*>(smem + S::kSourceOffset)[2 * threadIdx.x + which];
   };
 
   const int64_t pairs = p.nq * p.ng;
   const int64_t my_pairs =
       pairs > blockIdx.x ? (pairs - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   // Pair n of this block in the grouped order (blockIdx / gridDim re-read: registers are short).
+  // 32-bit: exact since pairs < 2**31 (wgmma_forward_supports), and no 64-bit division call.
   auto region = [&](int64_t n) {
-    return grouped_block_region<int64_t>(blockIdx.x + n * gridDim.x, p.nq, p.ng, p.query_group);
+    const BlockRegion<uint32_t> r = grouped_block_region<uint32_t>(
+        static_cast<uint32_t>(blockIdx.x + n * gridDim.x), static_cast<uint32_t>(p.nq),
+        static_cast<uint32_t>(p.ng), static_cast<uint32_t>(p.query_group));
+    return BlockRegion<int64_t>{r.gi, r.gj};
   };
   auto next_tile = [&](TileId t) {
     t.t0 += kRowsPerPass;
@@ -289,20 +279,21 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
     }
     return t;
   };
-  auto set_src = [&](TileSrc<T, N>& src, TileId t) {
+  auto set_source = [&](RowSource<T, N>& src, TileId t) {
     if (t.n >= my_pairs) return;
     const BlockRegion<int64_t> r = region(t.n);
     src.set(p, r.gi, r.gj, t.t0);
   };
   // Steps run over (tile, k), the loads kAhead steps ahead of the math across tile ends
   // (k_steps >= kAhead, wgmma_forward_supports checks): a step's load is of this tile or of the
-  // next one, whose sources are set before the K loop.
+  // next one, whose source is set before the K loop.
   TileId tile{0, 0};
-  set_src(srcs(0), tile);
+  const uint32_t smem_base = smem_addr(smem);
+  set_source(srcs(0), tile);
   if (my_pairs > 0) {
 #pragma unroll
     for (int st = 0; st < kAhead; ++st) {
-      srcs(0).issue(p, smem + st * S::kStageBytes, st);
+      srcs(0).issue(smem_base + st * S::kStageBytes, st);
       cp_async_commit();
     }
   }
@@ -311,40 +302,55 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
 #pragma unroll
   for (int e = 0; e < N / 2; ++e) acc[e] = 0.0f;  // warpgroups past Lq read, but never use, them
   float kept = 0.0f;  // kAblationMmaOnly: every accumulator added up
-  const uint32_t smem_base = smem_addr(smem);
-  int stage_idx = 0;  // the math's stage
+  // Stage 0's descriptors: B (the gallery rows) is the same for all; A (the query rows) is each
+  // warpgroup's 64-row slice, read back from shared memory at every step (held in registers,
+  // the compiler rebuilds it from threadIdx.x each time: the accumulators need the registers).
+  const uint64_t desc_b = smem_descriptor(smem_base + kRowsPerPass * kRowBytesW, 128, 8 * kRowBytesW);
+  if (threadIdx.x < kWarpgroups)
+    desc_a_of()[threadIdx.x] = smem_descriptor(smem_base + threadIdx.x * 64 * kRowBytesW, 128, 8 * kRowBytesW);
+  __syncthreads();
   for (; tile.n < my_pairs; tile = next_tile(tile)) {
     const TileId after = next_tile(tile);
     const bool has_next = after.n < my_pairs;
-    set_src(srcs(1), after);
+    set_source(srcs(1), after);
     const int t0 = tile.t0;
     const int wg = threadIdx.x / kWgThreads;
     const bool active = t0 + 64 * wg < p.lq;  // warpgroups past Lq skip the math
-#pragma unroll 1
-    for (int k = 0; k < p.k_steps; ++k) {
+    // Step k of the tile uses stage k % kStagesW (k_steps is a multiple of kStagesW: each tile
+    // starts at stage 0), so the loop is unrolled by kStagesW and every stage offset is an
+    // immediate. Step k loads step k + kAhead: of this tile, or of the next one.
+    auto k_step = [&](int k, auto stage_constant) {
+      constexpr int stage = decltype(stage_constant)::value;
+      constexpr uint32_t load_bytes = ((stage + kAhead) % kStagesW) * S::kStageBytes;
+      constexpr uint32_t desc_step = stage * (S::kStageBytes >> 4);  // the address field, >> 4
       cp_async_wait<kAhead - 1>();
       fence_proxy_async();
       __syncthreads();  // step k landed for all; the wgmma two steps back is done everywhere
-      int load_stage = stage_idx + kAhead;
-      load_stage -= load_stage >= kStagesW ? kStagesW : 0;
-      const bool same = k + kAhead < p.k_steps;
-      if (same || has_next)
-        srcs(same ? 0 : 1).issue(p, smem + load_stage * S::kStageBytes,
-                                 same ? k + kAhead : k + kAhead - p.k_steps);
+      const int ahead = k + kAhead;
+      const bool same = ahead < p.k_steps;
+      if (same || has_next) {
+        const RowSource<T, N> src = srcs(same ? 0 : 1);  // in registers for the four copies
+        src.issue(smem_base + load_bytes, same ? ahead : ahead - p.k_steps);
+      }
       cp_async_commit();
       if (active) {
         // LBO 128: the next 16-byte chunk along K; SBO: the next 8 rows. Stages differ in the
-        // address field only (no carry: shared addresses < 256 KB): one add per stage.
-        const uint64_t step = static_cast<uint64_t>(stage_idx * (S::kStageBytes >> 4));
-        const uint64_t da = smem_descriptor(smem_base + wg * 64 * kRowBytesW, 128, 8 * kRowBytesW) + step;
-        const uint64_t db = smem_descriptor(smem_base + kRowsPerPass * kRowBytesW, 128, 8 * kRowBytesW) + step;
+        // address field only (no carry: shared addresses < 256 KB).
+        const uint64_t desc_a = desc_a_of()[threadIdx.x / kWgThreads];
         wgmma_fence();
-        Wgmma<T, N>::run(acc, da, db, k == 0 ? 0 : 1);
-        Wgmma<T, N>::run(acc, da + (256 >> 4), db + (256 >> 4), 1);  // chunks 2, 3: +256 bytes
-        wgmma_commit();
+        Wgmma<T, N>::run(acc, desc_a + desc_step, desc_b + desc_step, stage == 0 && k == 0 ? 0 : 1);
+        Wgmma<T, N>::run(acc, desc_a + desc_step + (256 >> 4), desc_b + desc_step + (256 >> 4), 1);
+        wgmma_commit();  // chunks 2, 3 (+256 bytes) above
       }
       wgmma_wait<1>();
-      stage_idx = stage_idx + 1 == kStagesW ? 0 : stage_idx + 1;
+    };
+    static_assert(kStagesW == 4, "the unrolled steps below");
+#pragma unroll 1
+    for (int k = 0; k < p.k_steps; k += kStagesW) {
+      k_step(k, std::integral_constant<int, 0>{});
+      k_step(k + 1, std::integral_constant<int, 1>{});
+      k_step(k + 2, std::integral_constant<int, 2>{});
+      k_step(k + 3, std::integral_constant<int, 3>{});
     }
     wgmma_wait<0>();
     if constexpr (kAbl == kAblationMmaOnly) {  // no epilogue: one add a score
@@ -354,149 +360,162 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
       continue;
     }
 
-    // ---- epilogue of tile (pair, t0) ----
+    // ---- epilogue of tile (pair, t0): max first, then the lowest index with the max's bits ----
     // Thread coordinates from an opaque copy of threadIdx.x: computed here, not hoisted out of
-    // the tile loop into registers the accumulators need (measured: spills at N = 192).
+    // the tile loop into registers the accumulators need.
     int tid = threadIdx.x;
     asm volatile("" : "+r"(tid));
     const int wi = (tid % kWgThreads) / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
     const int row0 = 64 * wg + 16 * wi + g;  // this thread's rows of the pass: row0, row0 + 8
     const bool ok0 = active && t0 + row0 < p.lq, ok1 = active && t0 + row0 + 8 < p.lq;
-    // Gate row of each row from the thread's first column, then immediate offsets. Masked rows
-    // read row 0; masked columns (col >= lg) read into the next row or the padding.
-    const float* gate0 = p.gate_t + (ok0 ? t0 + row0 : 0) * p.lg + 2 * tq;
-    const float* gate1 = p.gate_t + (ok1 ? t0 + row0 + 8 : 0) * p.lg + 2 * tq;
-    // Row scans: each thread scans its columns 8 nb + 2 tq + e in increasing order; positions are
-    // kept as 8 nb + e (immediates) and 2 tq is added at the end. The first column is taken as
-    // it is (2 tq < lg unless lg <= 6; then none of the thread's columns is valid: -1).
-    float best0 = 0.0f, best1 = 0.0f;
-    int at0 = -1, at1 = -1;
-#pragma unroll
-    for (int nb = 0; nb < N / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        // Columns below N - 64 are always < Lg (N is the smallest of 64, 128, 192 >= Lg).
-        const bool col_ok = 8 * nb + 8 <= N - 64 || 8 * nb + 2 * tq + e < p.lg;
-        float& v0 = acc[4 * nb + e];
-        float& v1 = acc[4 * nb + 2 + e];
-        if constexpr (kGate) {
-          v0 *= __ldg(gate0 + 8 * nb + e);
-          v1 *= __ldg(gate1 + 8 * nb + e);
-        }
-        if (nb == 0 && e == 0) {
-          best0 = v0;
-          best1 = v1;
-          at0 = at1 = col_ok ? 0 : -1;
-        } else {
-          const bool take0 = col_ok && beats_fast(v0, best0);
-          const bool take1 = col_ok && beats_fast(v1, best1);
-          best0 = take0 ? v0 : best0;
-          best1 = take1 ? v1 : best1;
-          if constexpr (kIndex) {
-            at0 = take0 ? 8 * nb + e : at0;
-            at1 = take1 ? 8 * nb + e : at1;
-          }
-        }
-      }
-    }
-    at0 = at0 < 0 ? -1 : at0 + 2 * tq;
-    at1 = at1 < 0 ? -1 : at1 + 2 * tq;
-    // The pair's outputs (read here: not live across the K loop and the gate reads).
-    const int64_t pair = srcs(0).pair;
-    // Rows: the quad (tq = 0..3) holds the row's columns; lane tq = 0 writes.
-#pragma unroll
-    for (int m = 1; m <= 2; m <<= 1) {
-      if constexpr (kIndex) {
-        combine(__shfl_xor_sync(0xffffffffu, best0, m), __shfl_xor_sync(0xffffffffu, at0, m), best0, at0);
-        combine(__shfl_xor_sync(0xffffffffu, best1, m), __shfl_xor_sync(0xffffffffu, at1, m), best1, at1);
-      } else {  // Lg > 128 here (forward_ablation_supported): every thread has valid columns
-        const float o0 = __shfl_xor_sync(0xffffffffu, best0, m);
-        const float o1 = __shfl_xor_sync(0xffffffffu, best1, m);
-        best0 = beats_fast(o0, best0) ? o0 : best0;
-        best1 = beats_fast(o1, best1) ? o1 : best1;
-      }
-    }
-    // Stored now (volatile asm keeps them before the column stores; sunk, they spill).
-    if (tq == 0 && ok0)
-      store_now<kIndex>(p.q_best + pair * p.lq + t0 + row0, p.q_index + pair * p.lq + t0 + row0, best0, at0);
-    if (tq == 0 && ok1)
-      store_now<kIndex>(p.q_best + pair * p.lq + t0 + row0 + 8, p.q_index + pair * p.lq + t0 + row0 + 8, best1, at1);
-    // Column candidates (after the row results, so the row state is dead: registers are short):
-    // for columns 8 nb + 2 tq + {0, 1}, the better of rows row0 and row0 + 8 (row0 first: the
-    // lower location; row0 + 8 is valid only if row0 is; no valid row: kNoRow).
+    const int64_t pair = srcs(0).pair;  // (a 64-bit division here would spill around its call)
+    // Scores: acc[4 nb + e] is (row0, column 8 nb + 2 tq + e), acc[4 nb + 2 + e] the same column
+    // of row0 + 8. Gated with one FMA (+0.0 turns -0.0 into +0.0, and NVIDIA GPUs write every NaN
+    // result as the canonical 0x7FFFFFFF), so equal scores have equal bits and an index is found
+    // by one integer compare. Padding needs no mask: padding rows (past Lq) and columns (past Lg)
+    // copied the image's location 0 and read its gate (gate_t repeats column 0), so they hold
+    // exactly location 0's scores: equal to a real score at a lower index, they can neither raise
+    // a maximum nor win its index. (In a pass t0 > 0 location 0 is in an earlier pass, whose
+    // stored column result they can only tie, and ties keep the stored one.) Warpgroups wholly
+    // past Lq skip the MMA; their column entries are -inf instead.
     {
-      float* sv = scratch_v() + ((wg * 4 + wi) * 8 + g) * S::kScratchStride + 2 * tq;
-      uint8_t* sr = scratch_r() + ((wg * 4 + wi) * 8 + g) * S::kScratchStride + 2 * tq;
-      const uint32_t row_lo = ok0 ? row0 : kNoRow, row_hi = row0 + 8;
+      const float* gate0 = p.gate_t + (ok0 ? t0 + row0 : 0) * N + 2 * tq;
+      const float* gate1 = p.gate_t + (ok1 ? t0 + row0 + 8 : 0) * N + 2 * tq;
 #pragma unroll
       for (int nb = 0; nb < N / 8; ++nb) {
-        float cand[2];
-        uint32_t crow[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float v0 = acc[4 * nb + e], v1 = acc[4 * nb + 2 + e];
-          const bool lower = ok1 && beats_fast(v1, v0);
-          cand[e] = lower ? v1 : v0;
-          crow[e] = lower ? row_hi : row_lo;
-          if constexpr (!kIndex) cand[e] = ok0 ? cand[e] : -INFINITY;  // no valid row: no value
+          float& v0 = acc[4 * nb + e];
+          float& v1 = acc[4 * nb + 2 + e];
+          v0 = kGate ? fmaf(v0, __ldg(gate0 + 8 * nb + e), 0.0f) : v0 + 0.0f;
+          v1 = kGate ? fmaf(v1, __ldg(gate1 + 8 * nb + e), 0.0f) : v1 + 0.0f;
         }
-        // volatile asm: stored here, in order (plain stores are sunk to the end and spill).
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(sv + 8 * nb)),
-                     "f"(cand[0]), "f"(cand[1]) : "memory");
-        if constexpr (!kIndex) continue;
-        asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb)), "r"(crow[0]) : "memory");
-        asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(smem_addr(sr + 8 * nb + 1)), "r"(crow[1]) : "memory");
+        // The gate in groups of 32 loads: all 96 hoisted at once need registers the scores hold.
+        if (kGate && nb % 8 == 7) asm volatile("" ::: "memory");
       }
     }
-    __syncthreads();  // scratch complete
-    // Columns: thread (col, half) folds its half's 48 entries, then the two halves combine.
-    // Entries are not in row order, so ties compare rows: column_take (kNoRow = empty).
+    // Rows (best gallery location of each query location): the max over the thread's columns,
+    // then over the quad (tq = 0..3 hold the row's columns); the index: the lowest column with
+    // the max's bits, scanned from the highest (positions 8 nb + e are immediates; 2 tq is added
+    // after), then the lowest over the quad.
     {
-      const int col = tid / 2, half = tid % 2;
-      float cv = -INFINITY;
-      uint32_t cr = kNoRow;
-      if (col < N) {
-        const int e0 = half * S::kScratchEntries / 2;
-#pragma unroll 8
-        for (int e = e0; e < e0 + S::kScratchEntries / 2; ++e) {
-          const float v = scratch_v()[e * S::kScratchStride + col];
-          if constexpr (!kIndex) {
-            cv = beats_fast(v, cv) ? v : cv;
-            continue;
+      float best0 = acc[0], best1 = acc[2];
+#pragma unroll
+      for (int nb = 0; nb < N / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (nb == 0 && e == 0) continue;
+          best0 = max_nan(best0, acc[4 * nb + e]);
+          best1 = max_nan(best1, acc[4 * nb + 2 + e]);
+        }
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m <<= 1) {
+        best0 = max_nan(best0, __shfl_xor_sync(0xffffffffu, best0, m));
+        best1 = max_nan(best1, __shfl_xor_sync(0xffffffffu, best1, m));
+      }
+      int at0 = 0, at1 = 0;
+      if constexpr (kIndex) {
+        at0 = at1 = 0x7fff;
+#pragma unroll
+        for (int nb = N / 8 - 1; nb >= 0; --nb) {
+#pragma unroll
+          for (int e = 1; e >= 0; --e) {
+            at0 = same_bits(acc[4 * nb + e], best0) ? 8 * nb + e : at0;
+            at1 = same_bits(acc[4 * nb + 2 + e], best1) ? 8 * nb + e : at1;
           }
-          const uint32_t row = scratch_r()[e * S::kScratchStride + col];
-          const bool take = column_take(v, row, cv, cr);
-          cv = take ? v : cv;
-          cr = take ? row : cr;
         }
-      }
-      const float ov = __shfl_xor_sync(0xffffffffu, cv, 1);
-      if constexpr (!kIndex) {
-        cv = beats_fast(ov, cv) ? ov : cv;
-        if (half == 0 && col < p.lg) {
-          const int64_t out = pair * p.lg + col;
-          if (t0 == 0 || beats(cv, p.g_best[out])) p.g_best[out] = cv;
+        at0 += 2 * tq;
+        at1 += 2 * tq;
+#pragma unroll
+        for (int m = 1; m <= 2; m <<= 1) {
+          at0 = min(at0, __shfl_xor_sync(0xffffffffu, at0, m));
+          at1 = min(at1, __shfl_xor_sync(0xffffffffu, at1, m));
         }
-        srcs(0) = srcs(1);
-        continue;
+        at0 = min(at0, p.lg - 1);  // in range even if a NaN came with another payload
+        at1 = min(at1, p.lg - 1);
       }
-      const uint32_t orow = __shfl_xor_sync(0xffffffffu, cr, 1);
-      if (column_take(ov, orow, cv, cr)) {
-        cv = ov;
-        cr = orow;
+      if (tq == 0 && ok0)
+        store_now<kIndex>(p.q_best + pair * p.lq + t0 + row0, p.q_index + pair * p.lq + t0 + row0, best0, at0);
+      if (tq == 0 && ok1)
+        store_now<kIndex>(p.q_best + pair * p.lq + t0 + row0 + 8, p.q_index + pair * p.lq + t0 + row0 + 8, best1, at1);
+    }
+
+    // Columns (best query location of each gallery location), through shared memory: entry
+    // (warp, g) of a column holds the max of its rows row0 and row0 + 8; two threads a column
+    // fold the 96 entries, and the max goes back to every thread, which marks its lowest row
+    // holding it; the same two threads then take the lowest marked row.
+    const int entry = (wg * 4 + wi) * 8 + g;
+    {
+      float* sv = scratch_v() + entry * S::kScratchStride + 2 * tq;
+      if (active) {
+#pragma unroll
+        for (int nb = 0; nb < N / 8; ++nb) {
+          *reinterpret_cast<float2*>(sv + 8 * nb) = make_float2(
+              max_nan(acc[4 * nb], acc[4 * nb + 2]), max_nan(acc[4 * nb + 1], acc[4 * nb + 3]));
+        }
+      } else {
+#pragma unroll
+        for (int nb = 0; nb < N / 8; ++nb)
+          *reinterpret_cast<float2*>(sv + 8 * nb) = make_float2(-INFINITY, -INFINITY);
       }
-      if (half == 0 && col < p.lg && cr != kNoRow) {
+    }
+    __syncthreads();  // entries complete
+    const int col = tid / 2, half = tid % 2;  // entries half, half + 2, ...: no bank conflict
+    float cmax = -INFINITY;
+    if (col < N) {
+#pragma unroll
+      for (int e = half; e < S::kEntries; e += 2) cmax = max_nan(cmax, scratch_v()[e * S::kScratchStride + col]);
+    }
+    cmax = max_nan(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
+    if constexpr (!kIndex) {
+      if (half == 0 && col < p.lg) {
         const int64_t out = pair * p.lg + col;
-        const int ci = t0 + static_cast<int>(cr);
-        // A later pass holds higher query locations: the stored value wins ties.
-        if (t0 == 0 || better_candidate(cv, ci, p.g_best[out], p.g_index[out])) {
-          p.g_best[out] = cv;
+        p.g_best[out] = t0 == 0 ? cmax : max_nan(cmax, p.g_best[out]);
+      }
+      srcs(0) = srcs(1);
+      continue;  // the next epilogue rewrites the scratch only after the next K loop's barriers
+    }
+    if (half == 0 && col < N) column_max()[col] = cmax;
+    __syncthreads();  // column maxima complete
+    {
+      uint8_t* sr = scratch_r() + entry * S::kScratchStride + 2 * tq;
+      const uint32_t row_lo = static_cast<uint32_t>(row0), row_hi = row_lo + 8;  // < kNoRow
+#pragma unroll
+      for (int nb = 0; nb < N / 8; ++nb) {
+        const float2 m = *reinterpret_cast<const float2*>(column_max() + 8 * nb + 2 * tq);
+        uint32_t r0 = same_bits(acc[4 * nb + 2], m.x) ? row_hi : kNoRow;
+        uint32_t r1 = same_bits(acc[4 * nb + 3], m.y) ? row_hi : kNoRow;
+        r0 = same_bits(acc[4 * nb], m.x) ? row_lo : r0;
+        r1 = same_bits(acc[4 * nb + 1], m.y) ? row_lo : r1;
+        sr[8 * nb] = static_cast<uint8_t>(r0);
+        sr[8 * nb + 1] = static_cast<uint8_t>(r1);
+      }
+    }
+    __syncthreads();  // marks complete
+    {
+      uint32_t best_row = kNoRow;
+      if (col < N) {
+#pragma unroll
+        for (int e = half; e < S::kEntries; e += 2)
+          best_row = min(best_row, static_cast<uint32_t>(scratch_r()[e * S::kScratchStride + col]));
+      }
+      best_row = min(best_row, __shfl_xor_sync(0xffffffffu, best_row, 1));
+      if (half == 0 && col < p.lg) {
+        const int64_t out = pair * p.lg + col;
+        const int ci = t0 + static_cast<int>(min(best_row, static_cast<uint32_t>(p.lq - 1 - t0)));
+        // A later pass holds higher query locations: the stored maximum wins ties and keeps
+        // a NaN; it is replaced only where the NaN-propagating max changes its bits.
+        const float merged = t0 == 0 ? cmax : max_nan(cmax, p.g_best[out]);
+        if (t0 == 0 || !same_bits(merged, p.g_best[out])) {
+          p.g_best[out] = cmax;
           p.g_index[out] = ci;
         }
       }
     }
-    // The next epilogue rewrites the scratch only after the next K loop's barriers.
-    srcs(0) = srcs(1);  // the next tile's sources (its first loads were issued from [1])
+    // The next tile's source (its first loads were issued from [1]). The next epilogue rewrites
+    // the scratch only after the next K loop's barriers.
+    srcs(0) = srcs(1);
   }
   if constexpr (kAbl == kAblationMmaOnly) {
     const int64_t at = static_cast<int64_t>(blockIdx.x) * kThreadsW + threadIdx.x;
@@ -548,7 +567,7 @@ cudaError_t launch_wgmma_typed(const ForwardArgs& a, cudaStream_t stream, bool* 
   TMF_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t blocks = std::min<int64_t>(sh.nq * sh.ng, sms);
   if (kGate)
-    TMF_CUDA_RETURN_IF_ERROR(launch_transpose(a.gate, a.gate_t, sh.lg, sh.lq, stream));
+    TMF_CUDA_RETURN_IF_ERROR(launch_gate_transpose(a.gate, a.gate_t, sh.lg, sh.lq, N, stream));
   TMF_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WgmmaShape<N>::kSmemBytes));
   kernel<<<static_cast<unsigned>(blocks), kThreadsW, WgmmaShape<N>::kSmemBytes, stream>>>(p);
@@ -577,14 +596,19 @@ cudaError_t launch_wgmma_dtype(const ForwardArgs& a, cudaStream_t stream, bool* 
 
 }  // namespace
 
-int64_t wgmma_gate_floats(const Shape& shape) { return shape.lq * shape.lg + kMaxN; }
+int64_t wgmma_gate_floats(const Shape& shape) {
+  const int64_t n = shape.lg <= 64 ? 64 : shape.lg <= 128 ? 128 : std::max<int64_t>(shape.lg, 192);
+  return shape.lq * n;
+}
 
 bool wgmma_forward_supports(const ForwardArgs& a) {
   const Shape& sh = a.shape;
   if (a.gate != nullptr && a.gate_t == nullptr) return false;
-  // At least kAhead k steps per tile (the loads run that far ahead); whole 16-byte chunks.
-  return a.dtype != DType::kFloat32 && sh.lg <= kMaxN && sh.d % 8 == 0 &&
-         sh.d > (kAhead - 1) * kBkW &&
+  // Whole groups of kStagesW stages (D % 128 == 0: the K loop copies whole rows with no feature
+  // bound, and each tile starts at stage 0; other D run the mma.sync kernel), so at least kAhead
+  // k steps; fewer than 2**31 pairs (32-bit launch order).
+  return a.dtype != DType::kFloat32 && sh.lg <= kMaxN && sh.d % (kBkW * kStagesW) == 0 &&
+         sh.d >= kAhead * kBkW && sh.nq * sh.ng < (int64_t{1} << 31) &&
          reinterpret_cast<uintptr_t>(a.query) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(a.gallery) % 16 == 0;
 }
