@@ -99,6 +99,31 @@ def test_wgmma_ties_and_nan(dtype, lq, lg):
     assert not torch.isnan(g_best[0]).any()
 
 
+@pytest.mark.parametrize("lq, lg", [(200, 60), (50, 150)])
+@pytest.mark.parametrize("side", ["query", "gallery"])
+def test_padding_never_wins_an_index(lq, lg, side):
+    """The kernel does not mask its padding rows (Lq past a 192-row pass) and columns (Lg below
+    N): they repeat location 0, gate included, and must score exactly as location 0 does, at a
+    higher index, whatever their position in the wgmma tile. Random gated scores with location
+    0 of one side made the strict maximum of every row (or column): the index must be 0."""
+    gen = torch.Generator(device="cuda").manual_seed(lq * 1000 + lg)
+    common = torch.full((128,), 0.5, device="cuda")  # shared by the other side's locations
+    q = torch.randn(2, lq, 128, device="cuda", generator=gen) * 0.1
+    g = torch.randn(3, lg, 128, device="cuda", generator=gen) * 0.1
+    e = torch.randn(lg, lq, device="cuda", generator=gen)
+    if side == "query":  # query location 0 scores ~127 against every gallery location, others ~1
+        g += common
+        q[:, 0] = 4 * common
+        e[:, 0] = 6.0
+    else:  # gallery location 0 against every query location
+        q += common
+        g[:, 0] = 4 * common
+        e[0, :] = 6.0
+    q_best, g_best, q_index, g_index = [t.cpu() for t in _run(q.bfloat16(), g.bfloat16(), e)]
+    index = g_index if side == "query" else q_index
+    assert (index == 0).all(), index.unique()
+
+
 def test_wgmma_agrees_with_mma_sync():
     """Both CUDA kernels on one input: the same maxima (at the scale of the scores)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -123,8 +148,8 @@ def test_benchmark_ablations_inside_both_forward_kernels(query_group):
     if ablation_op is None:
         pytest.skip("transmatcher_fast._C has no CUDA forward ablations")
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(3, 200, 64, generator=g).to("cuda", torch.bfloat16)
-    gal = torch.randn(4, 192, 64, generator=g).to("cuda", torch.bfloat16)
+    q = torch.randn(3, 200, 128, generator=g).to("cuda", torch.bfloat16)  # the wgmma kernel: D % 128
+    gal = torch.randn(4, 192, 128, generator=g).to("cuda", torch.bfloat16)
     e = torch.randn(192, 200, generator=g).cuda()
 
     def run(ablation, q=q, gal=gal):

@@ -133,7 +133,7 @@ void forward_cuda(const at::Tensor& query, const at::Tensor& gallery,
   TORCH_CHECK(cuda::forward_ablation_supported(args),
               "max_sim_forward_ablation: max_only / mma_only are built for bfloat16 features with "
               "a score_embed, 16-byte aligned rows, and for the wgmma kernel (query_group ",
-              cuda::kForwardWgmma, ") 128 < Lg <= 192");
+              cuda::kForwardWgmma, ") 128 < Lg <= 192 and D % 128 == 0");
   C10_CUDA_CHECK(cuda::launch_forward(args, stream));
 }
 

@@ -39,6 +39,7 @@
 // take the lowest mark. The rules are those of every backend: among equal maxima the lowest
 // index; a NaN wins and the lowest-index NaN stays; -0.0 and +0.0 are equal.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -92,6 +93,14 @@ struct WgParams {
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define TMF_WGMMA_ENABLED 1
+#endif
+
+// 1 in device code built for sm_90a (the kernel), 0 elsewhere (sm_80, or plain sm_90: its
+// binaryVersion is 90 as well, but its kernel body is a trap). Read once per device.
+#ifdef TMF_WGMMA_ENABLED
+__device__ int wgmma_kernel_built = 1;
+#else
+__device__ int wgmma_kernel_built = 0;
 #endif
 
 #ifdef TMF_WGMMA_ENABLED
@@ -353,6 +362,9 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
       k_step(k + 3, std::integral_constant<int, 3>{});
     }
     wgmma_wait<0>();
+    // The accumulators are final only now: keep every use of them below this point.
+#pragma unroll
+    for (int e = 0; e < N / 2; ++e) asm volatile("" : "+f"(acc[e])::"memory");
     if constexpr (kAbl == kAblationMmaOnly) {  // no epilogue: one add a score
 #pragma unroll
       for (int e = 0; e < N / 2; ++e) kept += acc[e];
@@ -372,7 +384,9 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
     // Scores: acc[4 nb + e] is (row0, column 8 nb + 2 tq + e), acc[4 nb + 2 + e] the same column
     // of row0 + 8. Gated with one FMA (+0.0 turns -0.0 into +0.0, and NVIDIA GPUs write every NaN
     // result as the canonical 0x7FFFFFFF), so equal scores have equal bits and an index is found
-    // by one integer compare. Padding needs no mask: padding rows (past Lq) and columns (past Lg)
+    // by one integer compare. (A nonzero product below 2**-149 in magnitude still rounds to a
+    // signed zero: such a -0.0 can lose a tie with +0.0 to a higher index; one more add a score
+    // would close that, for scores of ~1e-45.) Padding needs no mask: padding rows (past Lq) and columns (past Lg)
     // copied the image's location 0 and read its gate (gate_t repeats column 0), so they hold
     // exactly location 0's scores: equal to a real score at a lower index, they can neither raise
     // a maximum nor win its index. (In a pass t0 > 0 location 0 is in an earlier pass, whose
@@ -524,7 +538,7 @@ __device__ __forceinline__ void wgmma_forward_body(const WgParams<T>& p) {
   cp_async_wait<0>();
 #else
   (void)p;
-  __trap();  // built without sm_90a: launch_forward_wgmma never launches this
+  __trap();  // built without sm_90a: launch_forward_wgmma never launches this (wgmma_kernel_built)
 #endif
 }
 
@@ -539,13 +553,30 @@ __global__ void __launch_bounds__(kThreadsW, 1) max_sim_forward_wgmma_ablation_k
   wgmma_forward_body<T, 192, true, kAbl>(p);
 }
 
+// Whether the device's loaded code is the sm_90a build (wgmma_kernel_built), cached per device.
+cudaError_t wgmma_built_for_device(bool* built) {
+  constexpr int kDevices = 64;
+  static std::atomic<int8_t> known[kDevices] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  TMF_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if (device < kDevices && known[device].load() != 0) {
+    *built = known[device].load() == 2;
+    return cudaSuccess;
+  }
+  int flag = 0;
+  TMF_CUDA_RETURN_IF_ERROR(cudaMemcpyFromSymbol(&flag, wgmma_kernel_built, sizeof(flag)));
+  *built = flag == 1;
+  if (device < kDevices) known[device].store(*built ? 2 : 1);
+  return cudaSuccess;
+}
+
 template <typename T, int N, bool kGate, int kAbl = kAblationFull>
 cudaError_t launch_wgmma_typed(const ForwardArgs& a, cudaStream_t stream, bool* launched) {
   auto kernel = max_sim_forward_wgmma_kernel<T, N, kGate>;
   if constexpr (kAbl != kAblationFull) kernel = max_sim_forward_wgmma_ablation_kernel<T, kAbl>;
-  cudaFuncAttributes attr{};
-  TMF_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, kernel));
-  if (attr.binaryVersion != 90) return cudaSuccess;  // no sm_90a code for this device
+  bool built = false;
+  TMF_CUDA_RETURN_IF_ERROR(wgmma_built_for_device(&built));
+  if (!built) return cudaSuccess;  // no sm_90a code for this device: the mma.sync kernel runs
   const Shape& sh = a.shape;
   WgParams<T> p;
   p.query = static_cast<const T*>(a.query);
@@ -606,9 +637,10 @@ bool wgmma_forward_supports(const ForwardArgs& a) {
   if (a.gate != nullptr && a.gate_t == nullptr) return false;
   // Whole groups of kStagesW stages (D % 128 == 0: the K loop copies whole rows with no feature
   // bound, and each tile starts at stage 0; other D run the mma.sync kernel), so at least kAhead
-  // k steps; fewer than 2**31 pairs (32-bit launch order).
+  // k steps; fewer than 2**31 pairs (32-bit launch order) and gate floats (32-bit offsets).
   return a.dtype != DType::kFloat32 && sh.lg <= kMaxN && sh.d % (kBkW * kStagesW) == 0 &&
          sh.d >= kAhead * kBkW && sh.nq * sh.ng < (int64_t{1} << 31) &&
+         sh.lq * kMaxN < (int64_t{1} << 31) &&  // 32-bit gate offsets
          reinterpret_cast<uintptr_t>(a.query) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(a.gallery) % 16 == 0;
 }
