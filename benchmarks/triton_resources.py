@@ -72,24 +72,32 @@ def _cuobjdump() -> str:
 
 
 def _signature(fn, pointer_types: dict, constexprs: dict) -> dict:
-    """Triton signature: pointers get their element type, constexprs 'constexpr', the rest i32."""
+    """Triton signature: pointers get their element type (or a full ``tensordesc<...>`` type:
+    TMA descriptors), constexprs 'constexpr', the rest i32."""
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + pointer_types.get(name, "fp32")
+            kind = pointer_types.get(name, "fp32")
+            signature[name] = kind if kind.startswith("tensordesc") else "*" + kind
         else:
             signature[name] = "i32"
     return signature
 
 
-def _launch_attrs(fn, constexprs: dict, ints: dict) -> dict:
+def _descriptor_type(dtype: torch.dtype, block: list) -> str:
+    """The signature type of a TMA descriptor argument, as a launch would mangle it."""
+    from triton.runtime.jit import mangle_type
+    return mangle_type(kernels._descriptor(torch.empty(1, 16, 512, dtype=dtype), *block))
+
+
+def _launch_attrs(fn, constexprs: dict, ints: dict, descriptors=()) -> dict:
     """The divisibility a launch specialises on: every pointer (torch allocations are aligned)
-    and every integer argument divisible by 16."""
+    and every integer argument divisible by 16; none for TMA descriptors."""
     attrs = {}
     for index, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in constexprs or name in descriptors:
             continue
         if name.endswith("_ptr") or ints.get(name, 1) % 16 == 0:
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -111,16 +119,20 @@ def kernel_specs(dtype: torch.dtype, precision: str, geometry: dict, ablation: s
         constexprs = dict(HAS_GATE=ablation != "gate_off", BLOCK_S=fwd.block_s,
                           BLOCK_T=fwd.block_t, BLOCK_K=fwd.block_k, INPUT_PRECISION=precision,
                           ABLATION=code)
+        pointers = {"q_ptr": feature, "g_ptr": feature, **ints}
         if fwd.variant == "pairs":  # as kernels.forward launches it
             fn = kernels._max_sim_forward_pairs_kernel
-            constexprs.update(kernels.pairs_constexprs(fwd, len_q, len_g, dim))
+            constexprs.update(kernels.pairs_constexprs(fwd, len_q, len_g, dim), TMA=fwd.tma)
+            if fwd.tma:
+                pointers.update(q_ptr=_descriptor_type(dtype, [fwd.block_t, fwd.block_k]),
+                                g_ptr=_descriptor_type(dtype, [fwd.block_s, fwd.block_k]))
         elif fwd.variant == "strip":
             fn = kernels._max_sim_forward_strip_kernel
             constexprs.update(NUM_S=num_s, GROUP_Q=fwd.group_q)
         else:
             fn = kernels._max_sim_forward_kernel
             constexprs.update(GROUP_Q=fwd.group_q)
-        yield ("forward", fn, {"q_ptr": feature, "g_ptr": feature, **ints}, constexprs,
+        yield ("forward", fn, pointers, constexprs,
                fwd.num_warps, fwd.num_stages, fwd.name + (f"-{ablation}" if ablation else ""),
                fwd, {"group_g": fwd.group_g})
     if ablation:
@@ -245,8 +257,9 @@ def _resource_usage(cubin: bytes) -> dict:
 def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16) -> dict:
     name, fn, pointers, constexprs, warps, stages, label, config, values = spec
     ints = dict(geometry, **values)  # the integer arguments a launch passes, for divisibility
+    descriptors = [n for n, kind in pointers.items() if kind.startswith("tensordesc")]
     source = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs),
-                       constexprs=constexprs, attrs=_launch_attrs(fn, constexprs, ints))
+                       constexprs=constexprs, attrs=_launch_attrs(fn, constexprs, ints, descriptors))
     compiled = triton.compile(source, target=target,
                               options={"num_warps": warps, "num_stages": stages})
     ptx = compiled.asm["ptx"]
@@ -255,6 +268,7 @@ def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16
            "wgmma": "wgmma.mma_async" in ptx,
            "mma": bool(re.search(r"\bmma\.sync\.aligned", ptx)),
            "cp_async": "cp.async" in ptx,
+           "tma": "cp.async.bulk.tensor" in ptx,
            **_resource_usage(compiled.asm["cubin"])}
     row["spills"] = row["local_bytes"] > 0 or row["stack_bytes"] > 0
     row["has_dot"] = name == "forward"  # the backward gathers rows: no tensor cores
@@ -264,7 +278,9 @@ def compile_one(target, geometry: dict, spec, dtype: torch.dtype = torch.float16
         num_s = triton.cdiv(geometry["len_g"], config.block_s)
         scores = config.block_s * config.block_t * (num_s if config.variant != "tiled" else 1)
         row["variant"] = config.variant
-        row.update(tile_loop_measure(_cuobjdump_output(compiled.asm["cubin"], "-sass"),
+        sass = _cuobjdump_output(compiled.asm["cubin"], "-sass")
+        row["tma_loads_in_sass"] = sass.count("UTMALDG")  # TMA tile loads (sm_90)
+        row.update(tile_loop_measure(sass,
                                      triton.cdiv(geometry["dim"], config.block_k),
                                      32 * warps, scores))
         row["l2_bytes_per_flop"] = round(l2_bytes_per_flop(config, geometry, dtype.itemsize), 5)
@@ -311,13 +327,14 @@ def table(rows) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [f"{'target':6} {'precision':9} {'geometry':8} {'kernel':20} {'config':28} "
-             f"{'regs':>4} {'smem':>6} {'spill':>5} {'cp.async':>8} {'tensor-cores':12} "
+             f"{'regs':>4} {'smem':>6} {'spill':>5} {'cp.async':>8} {'tma':>3} {'tensor-cores':12} "
              f"{'epi/score':>9} {'kloop/score':>11} {'mma/score':>9} {'L2 B/FLOP':>9}"]
     for r in rows:
         lines.append(f"{r['target']:6} {r['precision']:9} {r['geometry']:8} {r['kernel']:20} "
                      f"{r['config']:28} {r['registers']:>4} {r['shared_bytes']:>6} "
                      f"{('yes' if r['spills'] else 'no'):>5} "
-                     f"{('yes' if r['cp_async'] else 'no'):>8} {r['tensor_cores'] or 'none':12} "
+                     f"{('yes' if r['cp_async'] else 'no'):>8} {('yes' if r['tma'] else 'no'):>3} "
+                     f"{r['tensor_cores'] or 'none':12} "
                      f"{number(r.get('epilogue_instructions_per_score'), 1):>9} "
                      f"{number(r.get('k_loop_instructions_per_score'), 1):>11} "
                      f"{number(r.get('mma_instructions_per_score'), 2):>9} "

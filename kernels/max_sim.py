@@ -36,6 +36,11 @@ import triton.language as tl
 
 from . import max_sim_gather, max_sim_score_embed
 
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older triton: the "pairs" variant loads through pointers
+    TensorDescriptor = None
+
 # Benchmark-only ablations inside each forward kernel's own structure (the GPU suite's ncu
 # section, benchmarks/gpu_suite_ncu.py; the op never passes one): "gate_off" is the no-gate
 # specialisation (HAS_GATE=False), "max_only" keeps both maxima but no argmax (the index
@@ -334,7 +339,9 @@ def _max_nan(a, b):
 @triton.jit
 def _pairs_scores(acc, sig, s_in, t_in, HAS_GATE: tl.constexpr, EVEN_L: tl.constexpr):
     """A score tile in which equal numbers have equal bits, so the argmax can compare bits:
-    + 0.0 turns -0.0 into +0.0 (fused into the gate's multiply: one FFMA), and NVIDIA GPUs
+    + 0.0 turns -0.0 into +0.0 (fused into the gate's multiply: one FFMA; a nonzero product
+    below 2**-149 in magnitude still rounds to -0.0, which can then lose a tie with +0.0 to a
+    higher index: scores of ~1e-45 only), and NVIDIA GPUs
     write every NaN result as the canonical 0x7FFFFFFF, as max.NaN does (the NaN tests of
     tests/test_triton_kernels.py check it on the GPU; in the interpreter the NaNs of one call
     share numpy's payload). Padding is -inf."""
@@ -414,6 +421,28 @@ def _pairs_block(score, q_at, offs_s, s_in, offs_t, first, g_offs, t0, len_q, g_
 
 
 @triton.jit
+def _pairs_dots_tma(q_desc, g_desc, q_row, g_row, dim, acc0, acc1, acc2, acc3,
+                    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, NUM_S: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """One pair's dot products with the tiles loaded by TMA (tensor descriptors over the
+    [N * L, D] features): no address arithmetic in the loop, out-of-range rows and features
+    read as zeros (rows past an image's L read the next image: masked in the epilogue)."""
+    for k0 in range(0, dim, BLOCK_K):
+        q_t = tl.trans(q_desc.load([q_row, k0]))
+        acc0 = tl.dot(g_desc.load([g_row, k0]), q_t, acc0, input_precision=INPUT_PRECISION)
+        if NUM_S > 1:
+            acc1 = tl.dot(g_desc.load([g_row + BLOCK_S, k0]), q_t, acc1,
+                          input_precision=INPUT_PRECISION)
+        if NUM_S > 2:
+            acc2 = tl.dot(g_desc.load([g_row + 2 * BLOCK_S, k0]), q_t, acc2,
+                          input_precision=INPUT_PRECISION)
+        if NUM_S > 3:
+            acc3 = tl.dot(g_desc.load([g_row + 3 * BLOCK_S, k0]), q_t, acc3,
+                          input_precision=INPUT_PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _max_sim_forward_pairs_kernel(
     q_ptr, g_ptr, sig_ptr,
     q_best_ptr, g_best_ptr, q_index_ptr, g_index_ptr,
@@ -421,8 +450,9 @@ def _max_sim_forward_pairs_kernel(
     HAS_GATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NUM_S: tl.constexpr,
     EVEN_L: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ABLATION: tl.constexpr = FULL,
+    ABLATION: tl.constexpr = FULL, TMA: tl.constexpr = False,
 ):
+    # TMA: q_ptr and g_ptr are tensor descriptors (_pairs_dots_tma), not pointers.
     # Persistent: the grid is about one program per SM, each takes work items (query image i,
     # group_g consecutive gallery images) in turn. Within one, a query block of BLOCK_T
     # locations and its gate columns [Lg, BLOCK_T] stay fixed (the gate in registers) while the
@@ -447,7 +477,8 @@ def _max_sim_forward_pairs_kernel(
         i = work // num_chunks
         j_first = (work % num_chunks) * group_g
         j_end = tl.minimum(j_first + group_g, num_gallery)
-        q_image = q_ptr + i.to(tl.int64) * len_q * dim
+        if not TMA:
+            q_image = q_ptr + i.to(tl.int64) * len_q * dim
         for t0 in range(0, len_q, BLOCK_T):
             offs_t = t0 + arange_t
             t_in = offs_t < len_q
@@ -458,33 +489,39 @@ def _max_sim_forward_pairs_kernel(
                                                       s_in0, s_in1, s_in2, s_in3, offs_t, t_in,
                                                       len_q, NUM_S, EVEN_L)
             # Advanced per gallery image (in the interpreter the loop index is a Python int).
-            g_image = g_ptr + j_first.to(tl.int64) * len_g * dim
+            if not TMA:
+                g_image = g_ptr + j_first.to(tl.int64) * len_g * dim
             pair = i.to(tl.int64) * num_gallery + j_first
-            for _ in range(j_first, j_end):
+            for j in range(j_first, j_end):
                 acc0 = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
                 acc1, acc2, acc3 = acc0, acc0, acc0
                 if HAS_ASSUME:  # no zero-trip guard, so no second zeroing of the accumulators
                     tl.assume(dim > 0)
-                for k0 in range(0, dim, BLOCK_K):
-                    offs_k = k0 + arange_k
-                    k_in = offs_k < dim
-                    q_ptrs = q_image + offs_t[:, None] * dim + offs_k[None, :]
-                    if EVEN_L and EVEN_K:
-                        q = tl.load(q_ptrs)
-                    else:
-                        q = tl.load(q_ptrs, mask=t_in[:, None] & k_in[None, :], other=0.0)
-                    q_t = tl.trans(q)
-                    acc0 = _pairs_dot(g_image, offs_s0, s_in0, offs_k, k_in, q_t, acc0, dim,
-                                      EVEN_L, EVEN_K, INPUT_PRECISION)
-                    if NUM_S > 1:
-                        acc1 = _pairs_dot(g_image, offs_s1, s_in1, offs_k, k_in, q_t, acc1, dim,
+                if TMA:
+                    acc0, acc1, acc2, acc3 = _pairs_dots_tma(
+                        q_ptr, g_ptr, i * len_q + t0, j * len_g, dim, acc0, acc1, acc2, acc3,
+                        BLOCK_S, BLOCK_K, NUM_S, INPUT_PRECISION)
+                else:
+                    for k0 in range(0, dim, BLOCK_K):
+                        offs_k = k0 + arange_k
+                        k_in = offs_k < dim
+                        q_ptrs = q_image + offs_t[:, None] * dim + offs_k[None, :]
+                        if EVEN_L and EVEN_K:
+                            q = tl.load(q_ptrs)
+                        else:
+                            q = tl.load(q_ptrs, mask=t_in[:, None] & k_in[None, :], other=0.0)
+                        q_t = tl.trans(q)
+                        acc0 = _pairs_dot(g_image, offs_s0, s_in0, offs_k, k_in, q_t, acc0, dim,
                                           EVEN_L, EVEN_K, INPUT_PRECISION)
-                    if NUM_S > 2:
-                        acc2 = _pairs_dot(g_image, offs_s2, s_in2, offs_k, k_in, q_t, acc2, dim,
-                                          EVEN_L, EVEN_K, INPUT_PRECISION)
-                    if NUM_S > 3:
-                        acc3 = _pairs_dot(g_image, offs_s3, s_in3, offs_k, k_in, q_t, acc3, dim,
-                                          EVEN_L, EVEN_K, INPUT_PRECISION)
+                        if NUM_S > 1:
+                            acc1 = _pairs_dot(g_image, offs_s1, s_in1, offs_k, k_in, q_t, acc1, dim,
+                                              EVEN_L, EVEN_K, INPUT_PRECISION)
+                        if NUM_S > 2:
+                            acc2 = _pairs_dot(g_image, offs_s2, s_in2, offs_k, k_in, q_t, acc2, dim,
+                                              EVEN_L, EVEN_K, INPUT_PRECISION)
+                        if NUM_S > 3:
+                            acc3 = _pairs_dot(g_image, offs_s3, s_in3, offs_k, k_in, q_t, acc3, dim,
+                                              EVEN_L, EVEN_K, INPUT_PRECISION)
                 if ABLATION == MMA_ONLY:
                     keep = _kept(keep, acc0, acc1, acc2, acc3, NUM_S)
                 else:
@@ -518,7 +555,8 @@ def _max_sim_forward_pairs_kernel(
                                          len_q, g_best_ptr, g_index_ptr, ABLATION)
                     _store_best(q_best_ptr, q_index_ptr, pair * len_q + offs_t, t_in, q_max,
                                 tl.minimum(tl.min(first, 0), len_g - 1), ABLATION)
-                g_image += len_g * dim
+                if not TMA:
+                    g_image += len_g * dim
                 pair += 1
             # The next query block reads back the g_best just written, maybe by other threads.
             tl.debug_barrier()
@@ -538,7 +576,8 @@ class ForwardConfig:
     """A forward launch. ``variant``: "tiled" (one score tile at a time), "strip" (a query
     tile against every gallery block of the image at once; needs Lg <= 4 * block_s) or "pairs"
     (persistent: a query tile and its gate held while the program walks ``group_g`` gallery
-    images, each met whole as in "strip"; ``group_q`` does not apply)."""
+    images, each met whole as in "strip"; ``group_q`` does not apply). ``tma``: "pairs" loads
+    its feature tiles through TMA tensor descriptors (UTMALDG on sm_90) instead of pointers."""
     block_s: int = 64
     block_t: int = 64
     block_k: int = 64
@@ -547,12 +586,13 @@ class ForwardConfig:
     num_stages: int = 3
     variant: str = "tiled"
     group_g: int = 16
+    tma: bool = False
 
     @property
     def name(self) -> str:
         group = f"G{self.group_g}" if self.variant == "pairs" else f"g{self.group_q}"
         return (f"{self.variant}-{self.block_s}x{self.block_t}x{self.block_k}-{group}"
-                f"-w{self.num_warps}-s{self.num_stages}")
+                f"-w{self.num_warps}-s{self.num_stages}" + ("-tma" if self.tma else ""))
 
 
 @dataclass(frozen=True)
@@ -582,6 +622,8 @@ def _fitted(config: ForwardConfig, len_q: int, len_g: int, dim: int,
     too_long = triton.cdiv(len_g, config.block_s) > MAX_STRIP_BLOCKS
     if config.variant in ("strip", "pairs") and (too_long or dim % 16 != 0):
         config = replace(config, variant="tiled", group_g=ForwardConfig.group_g)
+    if config.variant != "pairs":
+        config = replace(config, tma=False)
     return config
 
 
@@ -616,7 +658,7 @@ def forward_candidates(len_q: int, len_g: int, dim: int, dtype: torch.dtype) -> 
     raw += [replace(tiled, num_warps=8), replace(tiled, block_t=128, block_k=32, num_warps=8)]
     raw += [strip, replace(strip, num_stages=3), replace(strip, block_k=32, num_stages=3)]
     raw += [pairs, replace(pairs, num_stages=3), replace(pairs, block_k=32, num_stages=3),
-            replace(pairs, group_g=64)]
+            replace(pairs, tma=True)]
     unique = []
     for config in raw:
         config = _fitted(config, len_q, len_g, dim, dtype)
@@ -653,6 +695,20 @@ def _persistent_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 3
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tma_ready(query: torch.Tensor, gallery: torch.Tensor) -> bool:
+    """Whether TMA descriptors can cover the features: 16-byte aligned starts and rows (the
+    fitted "pairs" variant already has D % 16 == 0) and row counts within TMA's int32."""
+    return (TensorDescriptor is not None
+            and all(t.data_ptr() % 16 == 0 and t.shape[0] * t.shape[1] < 2 ** 31
+                    for t in (query, gallery)))
+
+
+def _descriptor(features: torch.Tensor, block_rows: int, block_k: int):
+    """A TMA descriptor over the [N * L, D] rows of ``features``, loading [block_rows, block_k]
+    tiles (out-of-range rows and features read as zeros)."""
+    return TensorDescriptor.from_tensor(features.view(-1, features.shape[-1]), [block_rows, block_k])
 
 
 def _on_device(t: torch.Tensor):
@@ -700,18 +756,24 @@ def forward(query: torch.Tensor, gallery: torch.Tensor, sig: Optional[torch.Tens
               else forward_config(len_q, len_g, dim, query.dtype))
     num_s = triton.cdiv(len_g, config.block_s)
     grid, args, extra = (num_query * num_gallery,), (), {"GROUP_Q": config.group_q}
+    features = (query, gallery)
+    if config.tma and not _tma_ready(query, gallery):
+        config = replace(config, tma=False)
     if config.variant == "strip":
         kernel, extra["NUM_S"] = _max_sim_forward_strip_kernel, num_s
     elif config.variant == "pairs":
         kernel, args = _max_sim_forward_pairs_kernel, (config.group_g,)
         work = num_query * triton.cdiv(num_gallery, config.group_g)
         grid = (min(work, _persistent_programs(query.device)),)
-        extra = pairs_constexprs(config, len_q, len_g, dim)
+        extra = dict(pairs_constexprs(config, len_q, len_g, dim), TMA=config.tma)
+        if config.tma:
+            features = (_descriptor(query, config.block_t, config.block_k),
+                        _descriptor(gallery, config.block_s, config.block_k))
     else:
         kernel = _max_sim_forward_kernel
     with _on_device(query):
         kernel[grid](
-            query, gallery, sig if sig is not None else query,
+            *features, sig if sig is not None else query,
             q_best, g_best, q_index, g_index,
             num_query, num_gallery, len_q, len_g, dim, *args,
             HAS_GATE=sig is not None,

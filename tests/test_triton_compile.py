@@ -116,6 +116,18 @@ def test_pairs_epilogue_issues_fewer_instructions_than_the_default(hopper):
         assert pairs < default["epilogue_instructions_per_score"], (pairs, default)
 
 
+def test_the_tma_candidate_loads_its_tiles_through_tma_on_hopper(hopper):
+    """The "pairs" candidate with tensor descriptors compiles to TMA loads (UTMALDG in the
+    sm_90 SASS, cp.async.bulk.tensor in the PTX) in every tensor-core precision; the others
+    have none."""
+    forward = [r for r in hopper if r["kernel"] == "forward" and r["geometry"] == "aligned"
+               and r["precision"] != "fp32-ieee"]
+    tma = [r for r in forward if r["config"].endswith("-tma")]
+    assert {r["precision"] for r in tma} == {"fp16", "fp32-tf32"}  # those the fixture compiles
+    for row in forward:
+        assert row["tma"] == (row in tma) == (row["tma_loads_in_sass"] > 0), row
+
+
 def test_the_measure_reads_the_tile_loop_off_the_back_branches():
     """A listing with a tile loop around a K loop (HGMMA inside), a forward branch and the
     trailing self-branch: the K loop counts per iteration, the rest of the tile loop once."""

@@ -38,10 +38,17 @@ def kernels():
 # Small tiles exercise the multi-block paths (running maxima across gallery blocks, the g_best
 # read-back across query blocks, several feature blocks, several chunks of routes per gather);
 # None is the default configuration.
+def variant_fields(variant: str) -> dict:
+    """ForwardConfig fields of a test's variant name: "tiled", "strip", "pairs" or "pairs-tma"
+    (the pairs forward loading through TMA descriptors)."""
+    name, _, tma = variant.partition("-")
+    return {"variant": name, "tma": tma == "tma"}
+
+
 def small_configs(variant="tiled"):
     k = kernels()
     return (k.ForwardConfig(block_s=16, block_t=16, block_k=16, group_q=2, num_warps=4,
-                            variant=variant, group_g=2),
+                            group_g=2, **variant_fields(variant)),
             k.BackwardConfig(block_s=16, block_t=16, block_d=16, chunk=4,
                              score_embed_partials=2))
 
@@ -272,7 +279,7 @@ def check_nan_forward(k, query, gallery, embed, variant):
     """The ``variant`` forward (block_k 32, ieee) of inputs holding NaNs: maxima with NaN where the
     reference has them (some) and equal elsewhere, argmax bit for bit; returns its outputs."""
     (num_q, length_q, _), (num_g, length_g, _) = query.shape, gallery.shape
-    config = k.ForwardConfig(block_k=32, variant=variant)
+    config = k.ForwardConfig(block_k=32, **variant_fields(variant))
     outs = k.forward(query, gallery, torch.sigmoid(embed).contiguous(),
                      tuple(dispatch.new_output((num_q, num_g, length), dt, query.device)
                            for length, dt in ((length_q, torch.float32), (length_g, torch.float32),
@@ -289,7 +296,7 @@ def check_nan_forward(k, query, gallery, embed, variant):
     return outs
 
 
-@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
+@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs", "pairs-tma"])
 @pytest.mark.parametrize("length", [64, 192])
 def test_nan_and_ties_in_full_blocks(rng, variant, length):
     """Default 64-location tiles that are full (L = 64, and 192 = 3 x 64 as in the paper): a NaN
@@ -315,6 +322,7 @@ def test_every_forward_candidate_matches_the_reference(rng, dtype):
     expected = reference.max_sim(*as64(query.cpu(), gallery.cpu(), embed.cpu()))
     candidates = k.forward_candidates(70, 66, 48, dtype)
     assert {c.variant for c in candidates} == {"tiled", "strip", "pairs"}
+    assert any(c.tma for c in candidates)  # TMA descriptors over rows that cross images
     for config in candidates:
         outs = tuple(dispatch.new_output(shape, dt, query.device) for shape, dt in (
             ((2, 3, 70), torch.float32), ((2, 3, 66), torch.float32),
@@ -405,7 +413,7 @@ def test_float64_on_the_triton_device_falls_back_to_reference():
                     torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE))
 
 
-@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
+@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs", "pairs-tma"])
 def test_g_best_fold_across_query_blocks_keeps_the_first_nan_and_the_lowest_tie(rng, variant):
     """Three full 64-location query blocks (L = 192): g_best is folded across blocks. A NaN
     only in the second block's query locations must replace the first block's number, a NaN
@@ -421,7 +429,7 @@ def test_g_best_fold_across_query_blocks_keeps_the_first_nan_and_the_lowest_tie(
     assert (outs[3][2, 1] == 0).all()  # the ties: the lowest query location
 
 
-@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs"])
+@pytest.mark.parametrize("variant", ["tiled", "strip", "pairs", "pairs-tma"])
 @pytest.mark.parametrize("ablation", ["gate_off", "max_only", "mma_only"])
 def test_forward_ablations(rng, variant, ablation):
     """The GPU suite's ncu ablations (kernels.forward(..., ablation=...), never from the op):
