@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from . import max_sim_gather, max_sim_score_embed
-from .max_sim_common import (_ABLATION_CODES, ABLATIONS, FULL, MAX_ONLY, MMA_ONLY, _kept,
-                             _max_nan, _store_best, _store_kept)
+from .max_sim_common import (_ABLATION_CODES, ABLATIONS, FULL, MAX_ONLY, MMA_ONLY,
+                             _gallery_blocks, _kept, _max_nan, _store_best, _store_kept)
 from .max_sim_pairs import _max_sim_forward_pairs_kernel
 
 try:  # host-side TMA descriptors (triton >= 3.3)
@@ -226,11 +226,7 @@ def _max_sim_forward_strip_kernel(
     pair = i.to(tl.int64) * num_gallery + j
     arange_t = tl.arange(0, BLOCK_T)
     arange_k = tl.arange(0, BLOCK_K)
-    offs_s0 = tl.arange(0, BLOCK_S)
-    offs_s1 = offs_s0 + BLOCK_S
-    offs_s2 = offs_s1 + BLOCK_S
-    offs_s3 = offs_s2 + BLOCK_S
-    s_in0, s_in1, s_in2, s_in3 = offs_s0 < len_g, offs_s1 < len_g, offs_s2 < len_g, offs_s3 < len_g
+    offs_s0, offs_s1, offs_s2, offs_s3, s_in0, s_in1, s_in2, s_in3 = _gallery_blocks(len_g, BLOCK_S)
     g_run0 = tl.full((BLOCK_S,), float("-inf"), tl.float32)
     g_run1, g_run2, g_run3 = g_run0, g_run0, g_run0
     g_arg0 = tl.zeros((BLOCK_S,), tl.int32)

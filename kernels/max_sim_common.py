@@ -51,3 +51,15 @@ def _store_kept(q_best_ptr, offs, mask, keep):
 def _max_nan(a, b):
     """max that propagates NaN (max.NaN on the GPU, numpy's maximum in the interpreter)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _gallery_blocks(len_g, BLOCK_S: tl.constexpr):
+    """The row offsets of the (up to 4) gallery blocks a strip or pairs program holds, and
+    which of their rows are real locations."""
+    offs_s0 = tl.arange(0, BLOCK_S)
+    offs_s1 = offs_s0 + BLOCK_S
+    offs_s2 = offs_s1 + BLOCK_S
+    offs_s3 = offs_s2 + BLOCK_S
+    return (offs_s0, offs_s1, offs_s2, offs_s3,
+            offs_s0 < len_g, offs_s1 < len_g, offs_s2 < len_g, offs_s3 < len_g)

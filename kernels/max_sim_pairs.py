@@ -7,8 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .max_sim_common import (FULL, HAS_ASSUME, MAX_ONLY, MMA_ONLY, _kept, _max_nan, _store_best,
-                             _store_kept)
+from .max_sim_common import (FULL, HAS_ASSUME, MAX_ONLY, MMA_ONLY, _gallery_blocks, _kept,
+                             _max_nan, _store_best, _store_kept)
 
 
 @triton.jit
@@ -142,11 +142,7 @@ def _max_sim_forward_pairs_kernel(
     num_chunks = tl.cdiv(num_gallery, group_g)
     arange_t = tl.arange(0, BLOCK_T)
     arange_k = tl.arange(0, BLOCK_K)
-    offs_s0 = tl.arange(0, BLOCK_S)
-    offs_s1 = offs_s0 + BLOCK_S
-    offs_s2 = offs_s1 + BLOCK_S
-    offs_s3 = offs_s2 + BLOCK_S
-    s_in0, s_in1, s_in2, s_in3 = offs_s0 < len_g, offs_s1 < len_g, offs_s2 < len_g, offs_s3 < len_g
+    offs_s0, offs_s1, offs_s2, offs_s3, s_in0, s_in1, s_in2, s_in3 = _gallery_blocks(len_g, BLOCK_S)
     keep = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # MMA_ONLY's running tile
     for work in range(pid, num_query * num_chunks, tl.num_programs(0)):
         i = work // num_chunks
