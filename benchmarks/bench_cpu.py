@@ -217,13 +217,8 @@ def print_table(rows, summary):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = benchmarking.pyplot()
+    if plt is None:
         return
     dtype_order = {d: k for k, d in enumerate(DEFAULT_DTYPES)}
     groups = sorted({(r["nq"], r["ng"], r["l"], r["d"], r["dtype"]) for r in rows},
@@ -246,8 +241,7 @@ def plot(rows, path):
         ax.set_ylim(0, 1.35 * max(r["gflops"] for r in rows if r["mode"] == mode))
         ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    benchmarking.save_figure(fig, path)
 
 
 def cpu_description():

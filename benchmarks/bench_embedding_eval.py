@@ -259,13 +259,10 @@ def summarise(dim, ours_full, ours_same, upstream, analytic, full_queries) -> di
 
 
 def plot(result: dict, path: str) -> None:
-    try:
-        import matplotlib
+    from transmatcher_fast import benchmarking
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = benchmarking.pyplot()
+    if plt is None:
         return
     nq, ng = result["sizes"]["queries"], result["sizes"]["gallery"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -304,9 +301,7 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"Embedding evaluation at MSMT17 size ({nq:,} x {ng:,}), CPU, {env['threads']} threads: "
                  f"ours (top-{result['topk']}) vs upstream TransReID (full matrix)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    benchmarking.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

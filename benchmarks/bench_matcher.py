@@ -123,13 +123,8 @@ def print_result(result, args) -> None:
 
 
 def plot(result, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = benchmarking.pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     panels = [("seconds", "time per step (s)", 1.0)]
@@ -144,8 +139,7 @@ def plot(result, path) -> None:
         ax.set_ylim(0, 1.2 * max(values))
     fig.suptitle("TransMatcher training step (fwd+bwd, CPU fp32)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    benchmarking.save_figure(fig, path)
 
 
 def positive(text: str) -> int:

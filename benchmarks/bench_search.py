@@ -163,13 +163,10 @@ def run_child(args, checkpoint: str, gallery: str, index: str, queries: str) -> 
 # ----------------------------------------------------------------------------- parent
 
 def plot(result: dict, path: str) -> None:
-    try:
-        import matplotlib
+    from transmatcher_fast import benchmarking
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = benchmarking.pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     labels = [f"{r['method']}\n{r['gallery']:,} images" for r in rows]
@@ -197,9 +194,7 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"transmatcher-fast search on the CPU ({env['cpu']}, {result['threads']} threads), "
                  f"{HEIGHT}x{WIDTH} images, top-{result['topk']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    benchmarking.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

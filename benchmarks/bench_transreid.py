@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the upstream reference
 
 import upstream_transreid as upstream  # noqa: E402
 
-from transmatcher_fast.benchmarking import environment, median_seconds, peak_extra_bytes, write_result  # noqa: E402
+from transmatcher_fast.benchmarking import (  # noqa: E402
+    environment, median_seconds, peak_extra_bytes, pyplot, save_figure, write_result)
 from transmatcher_fast.models import TransReID  # noqa: E402
 
 TARGETS = {"train_speedup": 1.3, "train_memory_ratio": 0.6}
@@ -225,10 +226,9 @@ def run_stride(args, stride: int, device: torch.device) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     rows = result["rows"]
     labels = [f"stride {r['stride']}\n{r['grid'][0]}x{r['grid'][1]}" for r in rows]
@@ -257,9 +257,7 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"TransReID JPM+SIE, {cfg['arch']}, batch {cfg['batch']}, 256x128, {cfg['amp']} AMP, {where}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transmatcher_fast.benchmarking import environment, write_result
+from transmatcher_fast.benchmarking import environment, pyplot, save_figure, write_result
 from transmatcher_fast.data import build_dataset, generate_synthetic
 from transmatcher_fast.engine import attention_pictures, checkpoint
 from transmatcher_fast.engine.evaluate import eval_transform, evaluate, load_trained
@@ -221,10 +221,9 @@ def _stack(paths, out: Path) -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     dino = result["dino"]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
@@ -258,9 +257,7 @@ def plot(result: dict, path: str) -> None:
                  f"train images), DINO {cfg['pretrain_epochs']} epochs then TransReID {cfg['finetune_epochs']} epochs; "
                  f"{env['cpu']}, {env['threads']} threads, {result['seconds']['total'] / 60:.1f} min", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path, dpi=110)
 
 
 def summarise(result: dict) -> dict:

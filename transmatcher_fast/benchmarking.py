@@ -139,3 +139,26 @@ def write_result(result: dict, out_dir: str, name: str) -> str:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")
     return path
+
+
+def pyplot(say: Callable[[str], None] = print):
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (said) when matplotlib is not
+    installed: a benchmark writes its JSON either way."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """Writes ``fig`` to ``path``, frees it, and says where."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {path}")
