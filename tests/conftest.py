@@ -43,3 +43,14 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(root, ids=16, cams=2, images_per_cam=4, seed=3, height=64, width=32)
     return root
+
+
+@pytest.fixture(scope="session")
+def market_root(tmp_path_factory):
+    """A ``--data-dir`` holding a tiny synthetic ``market1501`` (8 ids, 2 cameras, 3 images per
+    camera, 64x32) that the command-line tests read (and never write)."""
+    from transmatcher_fast.data import generate_synthetic
+
+    root = tmp_path_factory.mktemp("market") / "data"
+    generate_synthetic(root / "market1501", ids=8, cams=2, images_per_cam=3, seed=1, height=64, width=32)
+    return root

@@ -65,10 +65,8 @@ def assert_short_error(result, *needles, status=1):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli") / "data"
-    generate_synthetic(root / "market1501", ids=8, cams=2, images_per_cam=3, seed=1, height=64, width=32)
-    return root
+def data_dir(market_root):
+    return market_root
 
 
 @pytest.fixture(scope="module")

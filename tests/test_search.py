@@ -18,7 +18,6 @@ from PIL import Image
 
 import transmatcher_fast as tmf
 from transmatcher_fast import cli
-from transmatcher_fast.data import generate_synthetic
 from transmatcher_fast.engine import evaluate, validate
 from transmatcher_fast.engine.matching import TopK, match
 from transmatcher_fast.engine.features import Features
@@ -39,10 +38,8 @@ QUIET = ["-j", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search") / "data"
-    generate_synthetic(root / "market1501", ids=8, cams=2, images_per_cam=3, seed=1, height=64, width=32)
-    return root
+def data_dir(market_root):
+    return market_root
 
 
 @pytest.fixture(scope="module")
